@@ -1,0 +1,1 @@
+"""API keys, OAuth tokens, quotas and the usage ledger."""

@@ -1,0 +1,1 @@
+"""The HTTP side: a Litestar app with one module per API dialect. Never imports torch."""

@@ -1,0 +1,75 @@
+"""Running the app under uvicorn with a graceful drain on SIGTERM/SIGINT.
+
+On the first signal the engine stops admitting work (new requests get the dialect's 503 and
+``/ready`` turns 503), queued and running work may finish within ``--drain-timeout-s``, what is
+still queued after that is answered with a clear shutdown error, and only then does uvicorn stop.
+A second SIGINT exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from types import FrameType
+
+import uvicorn
+from litestar import Litestar
+
+from gateway.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server whose first exit signal drains the engine before shutting down."""
+
+    def __init__(self, config: uvicorn.Config, app: Litestar, drain_timeout: float) -> None:
+        super().__init__(config)
+        self._app = app
+        self._drain_timeout = drain_timeout
+        self._draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:  # noqa: ANN001 - uvicorn's signature
+        """Remember the loop so the signal handler can schedule the drain on it."""
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """First signal: drain, then exit. Later signals: uvicorn's own behaviour."""
+        if self._draining or self._loop is None:
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+        logger.info("signal %s: draining (up to %.0fs) before exit",
+                    signal.Signals(sig).name, self._drain_timeout)
+        self._loop.call_soon_threadsafe(self._start_drain, sig)
+
+    def _start_drain(self, sig: int) -> None:
+        task = asyncio.ensure_future(self._drain_then_exit(sig))
+        task.add_done_callback(lambda _: None)
+        self._drain_task = task
+
+    async def _drain_then_exit(self, sig: int) -> None:
+        engine = self._app.state.ctx.engine
+        try:
+            await engine.drain(self._drain_timeout)
+        finally:
+            # Give the responses of just-finished or just-failed requests a moment to be written.
+            await asyncio.sleep(0.2)
+            self.should_exit = True
+
+
+def run(settings: Settings, app: Litestar) -> None:
+    """Serve ``app`` until a signal drains and stops it."""
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        lifespan="on",
+    )
+    DrainingServer(config, app, settings.drain_timeout_s).run()

@@ -1,0 +1,159 @@
+"""Server settings: one object, built from CLI flags and ``IMAGEGATE_*`` environment variables.
+
+Every field is a flag (``--max-batch-images``) and an env var (``IMAGEGATE_MAX_BATCH_IMAGES``);
+a flag given on the command line wins over the environment, which wins over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from inference import EngineConfig
+
+ENV_PREFIX = "IMAGEGATE_"
+
+
+def _size_list(text: str) -> tuple[tuple[int, int], ...]:
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        w, _, h = part.lower().partition("x")
+        out.append((int(w), int(h)))
+    return tuple(out)
+
+
+class Settings(msgspec.Struct, kw_only=True):
+    """Every server setting. Field docs become ``--help`` text."""
+
+    model: Annotated[str, Meta(description="Model: a diffusers folder, a .safetensors file, a cached hub id, or tiny-sdxl.")] = "tiny-sdxl"
+    refiner: Annotated[str | None, Meta(description="SDXL refiner, in any form MODEL accepts (tiny-sdxl brings its own).")] = None
+    host: Annotated[str, Meta(description="Address to bind.")] = "127.0.0.1"
+    port: Annotated[int, Meta(description="Port to bind.")] = 8000
+    device: Annotated[str, Meta(description="torch device: auto, cuda, cuda:N or cpu.")] = "auto"
+    dtype: Annotated[str, Meta(description="auto (CUDA: bf16 or fp16; CPU: fp32), bfloat16, float16 or float32.")] = "auto"
+    compile: Annotated[bool | None, Meta(description="torch.compile the UNet and VAE decoder (default: on for CUDA, off for CPU).")] = None
+    compile_mode: Annotated[str, Meta(description="torch.compile mode.")] = "default"
+    allow_download: Annotated[bool, Meta(description="Allow fetching a hub id that is not in the local cache.")] = False
+    single_file_config: Annotated[str | None, Meta(description="Diffusers SDXL folder or hub id that supplies component configs for a single-file checkpoint.")] = None
+    cache_dir: Annotated[str, Meta(description="Where the built-in model and other caches live.")] = "~/.cache/imagegate"
+    data_dir: Annotated[str, Meta(description="Where served images (URL mode) and stores live.")] = "~/.local/share/imagegate"
+    api_keys: Annotated[str, Meta(description="Comma-separated API keys (plain text; prefer --keys-file).")] = ""
+    keys_file: Annotated[str | None, Meta(description="JSON keys file holding only SHA-256 hashes of keys.")] = None
+    insecure_no_auth: Annotated[bool, Meta(description="Allow serving on a non-loopback address with no keys.")] = False
+    public_url: Annotated[str | None, Meta(description="Base URL clients reach this server at, used in image URLs (default: from the request).")] = None
+    url_ttl_s: Annotated[int, Meta(description="How long URL-mode images stay downloadable, in seconds.")] = 3600
+    max_body_bytes: Annotated[int, Meta(description="Largest accepted request body, in bytes.")] = 25 * 1024 * 1024
+    default_steps: Annotated[int, Meta(description="Steps when a request does not say (OpenAI quality=auto).")] = 25
+    quality_steps: Annotated[str, Meta(description="Steps for OpenAI quality levels, as name=steps pairs.")] = "low=15,medium=25,high=40,standard=25,hd=40"
+    default_guidance: Annotated[float, Meta(description="Guidance scale when a request does not say.")] = 5.0
+    min_size: Annotated[int, Meta(description="Smallest width or height, in pixels.")] = 64
+    max_size: Annotated[int, Meta(description="Largest width or height, in pixels.")] = 2048
+    max_steps: Annotated[int, Meta(description="Largest number of denoising steps a request may ask for.")] = 150
+    max_batch_images: Annotated[int, Meta(description="Most images in one pipeline call.")] = 8
+    max_wait_ms: Annotated[float, Meta(description="How long an idle executor waits for a batch to fill (0: start at once).")] = 0.0
+    max_queue_images: Annotated[int, Meta(description="Most images waiting in the queue; past it requests are refused with an overload error.")] = 64
+    request_timeout_s: Annotated[float, Meta(description="Deadline of one request, queue time included.")] = 300.0
+    drain_timeout_s: Annotated[float, Meta(description="On SIGTERM, how long queued work may still run before it is failed.")] = 30.0
+    png_compress_level: Annotated[int, Meta(ge=0, le=9, description="zlib level for PNG output (1: fast, 6: Pillow's default).")] = 1
+    encode_workers: Annotated[int, Meta(description="Threads that encode images.")] = 2
+    warmup_sizes: Annotated[str, Meta(description="WxH sizes to warm up before ready (default: the model's native size).")] = ""
+    warmup_batch_sizes: Annotated[str, Meta(description="Batch sizes to warm up for each warm-up size.")] = "1"
+    log_level: Annotated[str, Meta(description="Log level.")] = "info"
+    log_format: Annotated[str, Meta(description="text or json.")] = "text"
+
+    @property
+    def cache_path(self) -> Path:
+        """``cache_dir`` with ``~`` expanded."""
+        return Path(self.cache_dir).expanduser()
+
+    @property
+    def data_path(self) -> Path:
+        """``data_dir`` with ``~`` expanded."""
+        return Path(self.data_dir).expanduser()
+
+    @property
+    def keys_path(self) -> Path | None:
+        """``keys_file`` with ``~`` expanded, if set."""
+        return Path(self.keys_file).expanduser() if self.keys_file else None
+
+    @classmethod
+    def from_sources(
+        cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Defaults, then ``IMAGEGATE_*`` variables from ``environ``, then explicit ``overrides``."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name in cls.__struct_fields__:
+            env = environ.get(ENV_PREFIX + name.upper())
+            if env is not None:
+                values[name] = env
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        return msgspec.convert(values, cls, strict=False)
+
+    def quality_table(self) -> dict[str, int]:
+        """``quality_steps`` parsed to a dict."""
+        pairs = (p.split("=", 1) for p in self.quality_steps.split(",") if "=" in p)
+        return {k.strip(): int(v) for k, v in pairs}
+
+    def is_loopback(self) -> bool:
+        """True when bound to a loopback address only."""
+        return self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
+
+    def engine_config(self) -> EngineConfig:
+        """The slice of the settings the engine needs."""
+        return EngineConfig(
+            model=self.model,
+            refiner=self.refiner,
+            cache_dir=self.cache_path,
+            device=self.device,
+            dtype=self.dtype,
+            compile=self.compile,
+            compile_mode=self.compile_mode,
+            allow_download=self.allow_download,
+            single_file_config=self.single_file_config,
+            max_batch_images=self.max_batch_images,
+            max_wait_ms=self.max_wait_ms,
+            max_queue_images=self.max_queue_images,
+            request_timeout_s=self.request_timeout_s,
+            png_compress_level=self.png_compress_level,
+            encode_workers=self.encode_workers,
+            min_size=self.min_size,
+            max_size=self.max_size,
+            max_steps=self.max_steps,
+            warmup_sizes=_size_list(self.warmup_sizes),
+            warmup_batch_sizes=tuple(int(b) for b in self.warmup_batch_sizes.split(",") if b.strip()),
+        )
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, *, skip: Sequence[str] = ()) -> None:
+    """Add one ``--flag`` per settings field; defaults stay ``None`` so env vars can fill in."""
+    hints = Settings.__annotations__
+    for name in Settings.__struct_fields__:
+        if name in skip:
+            continue
+        flag = "--" + name.replace("_", "-")
+        annotation = str(hints[name])
+        help_text = _help_for(name)
+        env = ENV_PREFIX + name.upper()
+        default = getattr(Settings(), name)
+        shown = f" [env {env}; default {default}]"
+        if annotation.startswith("Annotated[bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text + shown)
+        else:
+            parser.add_argument(flag, default=None, metavar=name.upper(), help=help_text + shown)
+
+
+def _help_for(name: str) -> str:
+    resolved = typing.get_type_hints(Settings, include_extras=True)[name]
+    for meta in getattr(resolved, "__metadata__", ()):
+        if isinstance(meta, Meta) and meta.description:
+            return meta.description
+    return ""

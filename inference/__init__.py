@@ -1,0 +1,26 @@
+"""Model loading, samplers, the executor and the batch scheduler. Knows nothing of HTTP or dialects."""
+
+from inference.engine import Engine, EngineConfig, EngineState, ModelInfo
+from inference.request import (
+    GeneratedImage,
+    GenerationRequest,
+    GenerationResult,
+    InitImage,
+    Lora,
+    Refine,
+    Timings,
+)
+
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "EngineState",
+    "GeneratedImage",
+    "GenerationRequest",
+    "GenerationResult",
+    "InitImage",
+    "Lora",
+    "ModelInfo",
+    "Refine",
+    "Timings",
+]

@@ -1,0 +1,113 @@
+"""What the scheduler queues and the executor runs: tickets, image slots and batches."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from inference.request import GenerationRequest, InitImage, Lora, Refine
+
+
+class BatchKey(msgspec.Struct, frozen=True):
+    """Everything that must be equal for images to share one pipeline call.
+
+    Prompts, negative prompts, seeds, init images and ``n`` may differ within a batch.
+    """
+
+    model: str
+    width: int
+    height: int
+    steps: int
+    sampler: str
+    guidance: float
+    clip_skip: int | None
+    img2img_strength: float | None
+    refine: Refine | None
+    loras: tuple[Lora, ...]
+
+    @classmethod
+    def of(cls, request: GenerationRequest, model: str, sampler: str) -> BatchKey:
+        """The compatibility key of a (validated, normalised) request."""
+        return cls(
+            model=model,
+            width=request.width,
+            height=request.height,
+            steps=request.steps,
+            sampler=sampler,
+            guidance=request.guidance,
+            clip_skip=request.clip_skip,
+            img2img_strength=request.init_image.strength if request.init_image else None,
+            refine=request.refine,
+            loras=request.loras,
+        )
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One admitted request and the state of its images."""
+
+    request: GenerationRequest
+    key: BatchKey
+    seed: int
+    future: asyncio.Future[Any]
+    enqueued_at: float = field(default_factory=time.monotonic)
+    # Indices of images not yet handed to the executor.
+    pending: list[int] = field(default_factory=list)
+    # Decoded arrays (H, W, 3 floats in [0, 1]) by image index, filled by the executor.
+    outputs: dict[int, Any] = field(default_factory=dict)
+    abandoned: bool = False
+    failed: bool = False
+    started_at: float | None = None
+    inference_seconds: float = 0.0
+    batch_images: int = 0
+    prompt_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.pending and not self.outputs:
+            self.pending = list(range(self.request.n))
+
+    @property
+    def prompt(self) -> str:
+        """The prompt that reaches the model (styles already applied)."""
+        return self.request.prompt
+
+    @property
+    def init_image(self) -> InitImage | None:
+        """The request's init image, if any."""
+        return self.request.init_image
+
+
+@dataclass(eq=False)
+class Slot:
+    """One image of one ticket inside a batch."""
+
+    ticket: Ticket
+    index: int
+
+    @property
+    def seed(self) -> int:
+        """Image ``i`` of a request with seed ``s`` uses ``s + i``."""
+        return self.ticket.seed + self.index
+
+
+@dataclass(eq=False)
+class Batch:
+    """Image slots that run in one pipeline call."""
+
+    key: BatchKey
+    slots: list[Slot]
+
+    def tickets(self) -> list[Ticket]:
+        """Distinct tickets in slot order."""
+        seen: dict[int, Ticket] = {}
+        for slot in self.slots:
+            seen.setdefault(id(slot.ticket), slot.ticket)
+        return list(seen.values())
+
+    def all_abandoned(self) -> bool:
+        """True when nobody is waiting for any image of this batch any more."""
+        return all(slot.ticket.abandoned or slot.ticket.failed for slot in self.slots)

@@ -1,0 +1,331 @@
+"""The engine: the one object the gateway talks to.
+
+It loads the model (off the event loop, so health checks answer while it loads), warms up,
+validates canonical requests, and runs them through the scheduler and executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+
+from inference.batch import BatchKey, Ticket
+from inference.encoder import EncoderPool
+from inference.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    FeatureUnavailable,
+    InvalidRequest,
+    NotReady,
+    ShuttingDown,
+)
+from inference.executor import Executor
+from inference.request import GenerationRequest, GenerationResult
+from inference.runner import BatchRunner
+from inference.samplers import SamplerRegistry
+from inference.scheduler import Scheduler
+from inference.styles import StyleBook
+from inference.tiny import NOISE_WARNING, TINY_MODEL_ID, TINY_REFINER_ID
+from observability.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+MAX_SEED = 2**32 - 1
+
+
+class EngineConfig(msgspec.Struct, kw_only=True):
+    """Everything the engine needs to know, passed explicitly (no globals)."""
+
+    model: str = TINY_MODEL_ID
+    refiner: str | None = None
+    cache_dir: Path = Path("~/.cache/imagegate").expanduser()
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool | None = None
+    compile_mode: str = "default"
+    allow_download: bool = False
+    single_file_config: str | None = None
+    max_batch_images: int = 8
+    max_wait_ms: float = 0.0
+    max_queue_images: int = 64
+    request_timeout_s: float = 300.0
+    png_compress_level: int = 1
+    encode_workers: int = 2
+    min_size: int = 64
+    max_size: int = 2048
+    max_steps: int = 150
+    warmup_sizes: tuple[tuple[int, int], ...] = ()
+    warmup_batch_sizes: tuple[int, ...] = (1,)
+
+
+class EngineState(enum.Enum):
+    """Lifecycle: loading → warming → ready → draining → stopped (or failed)."""
+
+    LOADING = "loading"
+    WARMING = "warming"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class ModelInfo(msgspec.Struct, kw_only=True):
+    """What the server says about its model."""
+
+    id: str
+    source: str
+    description: str
+    makes_noise: bool
+    default_width: int
+    default_height: int
+    has_refiner: bool
+    created: int
+
+
+RunnerFactory = Callable[["EngineConfig"], tuple[BatchRunner, "ModelInfo"]]
+
+
+def diffusers_runner_factory(config: EngineConfig) -> tuple[BatchRunner, ModelInfo]:
+    """Load the configured model (and refiner) into a :class:`DiffusersRunner`."""
+    from inference import loader
+    from inference.runner import DiffusersRunner
+
+    loader.hub_offline_by_default(config.allow_download)
+    choice = loader.choose_device(config.device, config.dtype)
+    source = loader.resolve(config.model, cache_dir=config.cache_dir,
+                            allow_download=config.allow_download)
+    base = loader.load_base(source, choice, single_file_config=config.single_file_config)
+    refiner = None
+    refiner_name = config.refiner
+    if refiner_name is None and source.kind == "tiny":
+        refiner_name = TINY_REFINER_ID
+    if refiner_name:
+        ref_source = loader.resolve(refiner_name, cache_dir=config.cache_dir,
+                                    allow_download=config.allow_download)
+        refiner = loader.load_refiner(ref_source, base, choice)
+    compile_on = config.compile if config.compile is not None else choice.device.startswith("cuda")
+    if compile_on:
+        import torch
+
+        base.unet = torch.compile(base.unet, mode=config.compile_mode, fullgraph=True, dynamic=False)
+        base.vae.decode = torch.compile(base.vae.decode, mode=config.compile_mode, fullgraph=True,
+                                        dynamic=False)
+    samplers = SamplerRegistry.standard()
+    runner = DiffusersRunner(base, samplers, refiner=refiner, device=choice.device)
+    sample = base.unet.config.sample_size * base.vae_scale_factor
+    makes_noise = source.kind == "tiny"
+    info = ModelInfo(
+        id=source.name,
+        source=f"{source.kind}:{source.path}",
+        description=NOISE_WARNING if makes_noise else f"SDXL from {source.path}",
+        makes_noise=makes_noise,
+        default_width=sample,
+        default_height=sample,
+        has_refiner=refiner is not None,
+        created=int(time.time()),
+    )
+    return runner, info
+
+
+class Engine:
+    """Validates, queues and runs generations; owns the scheduler, executor and encoder pool."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        metrics: Metrics,
+        *,
+        runner_factory: RunnerFactory = diffusers_runner_factory,
+        samplers: SamplerRegistry | None = None,
+        styles: StyleBook | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.samplers = samplers or SamplerRegistry.standard()
+        self.styles = styles or StyleBook.builtin()
+        self._runner_factory = runner_factory
+        self.state = EngineState.LOADING
+        self.info: ModelInfo | None = None
+        self.error: str | None = None
+        self._scheduler: Scheduler | None = None
+        self._executor: Executor | None = None
+        self._encoder: EncoderPool | None = None
+        self._runner: BatchRunner | None = None
+        self._ready = asyncio.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the model on the executor thread, warm up, and start accepting work."""
+        started = time.perf_counter()
+        self._encoder = EncoderPool(self.config.encode_workers,
+                                    png_level=self.config.png_compress_level)
+        try:
+            loop = asyncio.get_running_loop()
+            runner, info = await loop.run_in_executor(None, self._runner_factory, self.config)
+        except Exception as exc:
+            self.state = EngineState.FAILED
+            self.error = str(exc)
+            raise
+        self._runner, self.info = runner, info
+        if info.makes_noise:
+            logger.warning(NOISE_WARNING)
+        self.metrics.model_loaded.set(1)
+        self.metrics.load_seconds.set(time.perf_counter() - started)
+        self._executor = Executor(runner)
+        self._scheduler = Scheduler(
+            self._executor, self._encoder, self.metrics, model=info.id,
+            max_batch_images=self.config.max_batch_images,
+            max_wait_ms=self.config.max_wait_ms,
+            max_queue_images=self.config.max_queue_images,
+        )
+        self.state = EngineState.WARMING
+        await self._warm_up()
+        self._scheduler.start()
+        self.state = EngineState.READY
+        self.metrics.ready.set(1)
+        self._ready.set()
+        logger.info("ready in %.1fs", time.perf_counter() - started)
+
+    async def _warm_up(self) -> None:
+        """Run every configured (size × batch size) shape once, so compile happens before ready."""
+        assert self.info is not None and self._scheduler is not None
+        sizes = self.config.warmup_sizes or ((self.info.default_width, self.info.default_height),)
+        shapes = [(w, h, b) for (w, h) in sizes for b in self.config.warmup_batch_sizes]
+        started = time.perf_counter()
+        for i, (w, h, b) in enumerate(shapes, 1):
+            t0 = time.perf_counter()
+            request = GenerationRequest(prompt="warm-up", n=b, width=w, height=h, steps=2, seed=0)
+            ticket = self._ticket(self.prepare(request), asyncio.get_running_loop().create_future())
+            from inference.batch import Batch, Slot
+
+            batch = Batch(ticket.key, [Slot(ticket, j) for j in range(b)])
+            outcome = await self._executor.run(batch)  # type: ignore[union-attr]
+            if outcome.failures:
+                raise RuntimeError(f"warm-up {w}x{h} batch {b} failed: {outcome.failures[0][1]}")
+            logger.info("warm-up %d/%d: %dx%d batch %d in %.2fs", i, len(shapes), w, h, b,
+                        time.perf_counter() - t0)
+        took = time.perf_counter() - started
+        self.metrics.warmup_seconds.set(took)
+        compiled = self.config.compile or (self.config.compile is None and self._on_cuda())
+        self.metrics.compile_seconds.set(took if compiled else 0.0)
+
+    @staticmethod
+    def _on_cuda() -> bool:
+        import torch
+
+        return torch.cuda.is_available()
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until the engine is ready (used by tests and the CLI)."""
+        await asyncio.wait_for(self._ready.wait(), timeout)
+
+    async def drain(self, timeout: float) -> None:
+        """Stop admitting, finish or fail what is queued within ``timeout``, then stop the threads."""
+        if self.state in (EngineState.DRAINING, EngineState.STOPPED):
+            return
+        self.state = EngineState.DRAINING
+        self.metrics.ready.set(0)
+        if self._scheduler is not None:
+            await self._scheduler.drain(timeout)
+        if self._executor is not None:
+            self._executor.shutdown()
+        if self._encoder is not None:
+            self._encoder.shutdown()
+        self.state = EngineState.STOPPED
+
+    def sample_accelerator_memory(self) -> None:
+        """Refresh the GPU memory gauges (no-op without CUDA)."""
+        import torch
+
+        if torch.cuda.is_available():
+            self.metrics.gpu_memory.set(torch.cuda.memory_allocated())
+            self.metrics.gpu_memory_peak.set(torch.cuda.max_memory_allocated())
+
+    @property
+    def ready(self) -> bool:
+        """True when requests are accepted."""
+        return self.state is EngineState.READY
+
+    @property
+    def queued_images(self) -> int:
+        """Images currently waiting in the queue."""
+        return self._scheduler.queued_images if self._scheduler else 0
+
+    # -- requests ----------------------------------------------------------------------------
+
+    def prepare(self, request: GenerationRequest) -> GenerationRequest:
+        """Validate a canonical request and normalise it (style applied, sampler name canonical).
+
+        Raises :class:`InvalidRequest` naming the canonical field at fault.
+        """
+        cfg = self.config
+        if not request.prompt.strip() and request.init_image is None:
+            raise InvalidRequest("prompt must not be empty", field="prompt")
+        if request.n < 1:
+            raise InvalidRequest("n must be at least 1", field="n")
+        for name, value in (("width", request.width), ("height", request.height)):
+            if value % 8:
+                raise InvalidRequest(f"{name} must be a multiple of 8, got {value}", field=name)
+            if not cfg.min_size <= value <= cfg.max_size:
+                raise InvalidRequest(
+                    f"{name} must be between {cfg.min_size} and {cfg.max_size}, got {value}",
+                    field=name,
+                )
+        if not 1 <= request.steps <= cfg.max_steps:
+            raise InvalidRequest(f"steps must be between 1 and {cfg.max_steps}", field="steps")
+        if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
+            raise InvalidRequest(f"seed must be between 0 and {MAX_SEED}", field="seed")
+        if request.refine is not None and self.info is not None and not self.info.has_refiner:
+            raise FeatureUnavailable(
+                "this request needs the SDXL refiner, but the server was started without --refiner",
+                field="refine",
+            )
+        if request.loras:
+            raise FeatureUnavailable("LoRA adapters are not configured on this server", field="loras")
+        sampler = self.samplers.canonical_name(request.sampler)
+        prompt, negative = self.styles.apply(request.style, request.prompt, request.negative_prompt)
+        return msgspec.structs.replace(
+            request, sampler=sampler, prompt=prompt, negative_prompt=negative, style=None
+        )
+
+    def _ticket(self, request: GenerationRequest, future: asyncio.Future) -> Ticket:
+        seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        model = self.info.id if self.info else self.config.model
+        key = BatchKey.of(request, model, request.sampler or self.samplers.default)
+        return Ticket(request=request, key=key, seed=seed, future=future)
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Validate, queue and run ``request``; cancelling the caller drops it from the queue."""
+        if self.state is EngineState.DRAINING or self.state is EngineState.STOPPED:
+            raise ShuttingDown("the server is shutting down and accepts no new requests")
+        if self.state is not EngineState.READY or self._scheduler is None:
+            raise NotReady(f"the model is {self.state.value}; retry shortly")
+        prepared = self.prepare(request)
+        loop = asyncio.get_running_loop()
+        ticket = self._ticket(prepared, loop.create_future())
+        self._scheduler.submit(ticket)
+        timeout = self.config.request_timeout_s
+        try:
+            return await asyncio.wait_for(asyncio.shield(ticket.future), timeout)
+        except TimeoutError:
+            self._scheduler.abandon(ticket)
+            raise DeadlineExceeded(
+                f"the request did not finish within {timeout:g}s and was dropped"
+            ) from None
+        except asyncio.CancelledError:
+            self._scheduler.abandon(ticket)
+            raise
+        finally:
+            if not ticket.future.done():
+                ticket.future.set_exception(Cancelled("request abandoned"))
+            # Retrieve any exception so asyncio does not log "never retrieved" for abandoned tickets.
+            if ticket.future.done() and not ticket.future.cancelled():
+                ticket.future.exception()

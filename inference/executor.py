@@ -1,0 +1,108 @@
+"""The executor: one thread per device that owns the pipeline and runs one batch at a time.
+
+diffusers pipelines and schedulers are not thread-safe, so nothing else ever touches the runner.
+The async side awaits :meth:`Executor.run` without blocking the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from inference.batch import Batch, Slot, Ticket
+from inference.errors import Cancelled, GenerationFailed, InferenceError, OutOfMemory
+from inference.runner import BatchRunner, StepTimes
+
+logger = logging.getLogger(__name__)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for an accelerator out-of-memory error (torch's type, or its message on old builds)."""
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _free_accelerator_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@dataclass
+class BatchOutcome:
+    """What came back from one dispatched batch, possibly run as several smaller calls."""
+
+    images: list[tuple[Slot, np.ndarray]] = field(default_factory=list)
+    failures: list[tuple[Ticket, InferenceError]] = field(default_factory=list)
+    calls: list[tuple[int, StepTimes]] = field(default_factory=list)
+    oom_splits: int = 0
+
+
+class Executor:
+    """Runs batches on a single dedicated thread."""
+
+    def __init__(self, runner: BatchRunner, *, name: str = "imagegate-executor") -> None:
+        self.runner = runner
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    async def run(self, batch: Batch) -> BatchOutcome:
+        """Run ``batch`` on the executor thread and return what each slot got."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._thread, self._run_sync, batch)
+
+    def call(self, fn, *args):  # noqa: ANN001, ANN201 - generic passthrough
+        """Run ``fn(*args)`` on the executor thread (for warm-up and anything touching the pipeline)."""
+        return self._thread.submit(fn, *args)
+
+    def shutdown(self) -> None:
+        """Stop the thread once the running batch (if any) is done."""
+        self._thread.shutdown(wait=True)
+
+    def _run_sync(self, batch: Batch) -> BatchOutcome:
+        outcome = BatchOutcome()
+        for ticket in batch.tickets():
+            if not ticket.prompt_tokens:
+                ticket.prompt_tokens = self.runner.count_tokens(
+                    ticket.prompt, ticket.request.negative_prompt
+                )
+        self._run_split(batch, outcome)
+        return outcome
+
+    def _run_split(self, batch: Batch, outcome: BatchOutcome) -> None:
+        """Run ``batch``; on OOM retry it as two halves, failing only single images that still OOM."""
+        if batch.all_abandoned():
+            return
+        try:
+            arrays, times = self.runner.run(batch)
+        except Cancelled:
+            return
+        except InferenceError as exc:
+            outcome.failures.extend((t, exc) for t in batch.tickets())
+            return
+        except Exception as exc:
+            if is_oom(exc):
+                _free_accelerator_memory()
+                if len(batch.slots) == 1:
+                    msg = (f"out of accelerator memory generating one {batch.key.width}x"
+                           f"{batch.key.height} image; try a smaller size")
+                    outcome.failures.append((batch.slots[0].ticket, OutOfMemory(msg)))
+                    return
+                outcome.oom_splits += 1
+                half = len(batch.slots) // 2
+                logger.warning("out of memory on a batch of %d images; retrying as %d + %d",
+                               len(batch.slots), half, len(batch.slots) - half)
+                self._run_split(Batch(batch.key, batch.slots[:half]), outcome)
+                self._run_split(Batch(batch.key, batch.slots[half:]), outcome)
+                return
+            logger.exception("pipeline call failed for a batch of %d images", len(batch.slots))
+            err = GenerationFailed(f"image generation failed: {type(exc).__name__}")
+            outcome.failures.extend((t, err) for t in batch.tickets())
+            return
+        outcome.calls.append((len(batch.slots), times))
+        outcome.images.extend(zip(batch.slots, arrays, strict=True))

@@ -1,0 +1,110 @@
+"""The canonical generation request and result.
+
+Every API dialect translates its wire format into :class:`GenerationRequest` and reads a
+:class:`GenerationResult` back. Nothing here knows which dialect made the request.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+
+
+class InitImage(msgspec.Struct, frozen=True, kw_only=True):
+    """An image to start from (img2img, edits, variations), already decoded to encoded bytes.
+
+    ``data`` is the encoded image file (PNG, JPEG, WebP…). Fetching from URLs happens in the
+    gateway, so the engine only ever sees bytes.
+    """
+
+    data: bytes
+    strength: float = 0.3
+    mask: bytes | None = None
+
+
+class Refine(msgspec.Struct, frozen=True, kw_only=True):
+    """How to run the SDXL refiner after (or instead of) the base model.
+
+    ``high_noise_frac`` set: ensemble of experts, the base stops at that fraction of its schedule
+    and the refiner continues from there for ``steps``. Unset: the refiner runs as img2img on the
+    base output at ``strength`` (worker-sdxl's behaviour).
+    """
+
+    steps: int = 50
+    strength: float = 0.3
+    high_noise_frac: float | None = None
+
+
+class Lora(msgspec.Struct, frozen=True, kw_only=True):
+    """One LoRA adapter by operator-configured name, with its weight."""
+
+    name: str
+    weight: float = 1.0
+
+
+class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """One generation, as every dialect describes it to the engine.
+
+    ``seed`` is the seed of image 0; image ``i`` uses ``seed + i``. ``None`` means the engine
+    draws one and reports it in the result.
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    n: int = 1
+    width: int = 1024
+    height: int = 1024
+    steps: int = 25
+    guidance: float = 5.0
+    sampler: str | None = None
+    seed: int | None = None
+    model: str | None = None
+    style: str | None = None
+    clip_skip: int | None = None
+    output_format: OutputFormat = "png"
+    # 0-100 quality for JPEG/WebP (100 = best); PNG is lossless and ignores it.
+    output_compression: int = 100
+    # Whether the encoder pool should also produce base64 text for each image.
+    want_base64: bool = False
+    init_image: InitImage | None = None
+    refine: Refine | None = None
+    loras: tuple[Lora, ...] = ()
+    # Who asked, for logs and the usage ledger; never used for batching decisions.
+    client_id: str | None = None
+    request_id: str | None = None
+
+
+class GeneratedImage(msgspec.Struct, kw_only=True):
+    """One encoded output image."""
+
+    data: bytes
+    media_type: str
+    seed: int
+    width: int
+    height: int
+    b64: str | None = None
+
+
+class Timings(msgspec.Struct, kw_only=True):
+    """Where the time went, in seconds."""
+
+    queued: float = 0.0
+    inference: float = 0.0
+    encode: float = 0.0
+    total: float = 0.0
+    batch_images: int = 1
+
+
+class GenerationResult(msgspec.Struct, kw_only=True):
+    """What the engine hands back for one request."""
+
+    images: list[GeneratedImage]
+    seed: int
+    prompt: str
+    negative_prompt: str
+    prompt_tokens: int
+    timings: Timings
+    model: str

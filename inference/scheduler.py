@@ -1,0 +1,282 @@
+"""The batch scheduler: groups queued requests by compatibility key and packs them into batches.
+
+Rules:
+- an idle executor takes the oldest waiting group at once (after ``max_wait_ms``, if set, so a
+  burst can coalesce); while the executor is busy, arrivals accumulate;
+- the oldest waiting group goes first, so no key starves;
+- a request's images may span several batches when ``n`` exceeds ``max_batch_images``;
+- the queue is bounded in images; past the bound a request is refused at once;
+- an abandoned request (deadline passed, client gone) leaves the queue and is never computed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+
+from inference.batch import Batch, BatchKey, Slot, Ticket
+from inference.encoder import EncoderPool
+from inference.errors import InferenceError, QueueFull, ShuttingDown
+from inference.executor import BatchOutcome, Executor
+from inference.request import GenerationResult, Timings
+from observability.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    """Asyncio side of the engine: admission, grouping, dispatch and delivery."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        encoder: EncoderPool,
+        metrics: Metrics,
+        *,
+        model: str,
+        max_batch_images: int = 8,
+        max_wait_ms: float = 0.0,
+        max_queue_images: int = 64,
+    ) -> None:
+        self.executor = executor
+        self.encoder = encoder
+        self.metrics = metrics
+        self.model = model
+        self.max_batch_images = max_batch_images
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queue_images = max_queue_images
+        self._groups: dict[BatchKey, deque[Ticket]] = {}
+        self._queued_images = 0
+        self._queued_requests = 0
+        self._wakeup = asyncio.Event()
+        self._running: Batch | None = None
+        self._accepting = True
+        self._task: asyncio.Task[None] | None = None
+        self._finishers: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the dispatch loop."""
+        self._task = asyncio.create_task(self._loop(), name="imagegate-scheduler")
+
+    @property
+    def queued_images(self) -> int:
+        """Images waiting for a batch."""
+        return self._queued_images
+
+    @property
+    def queued_requests(self) -> int:
+        """Requests with at least one image waiting for a batch."""
+        return self._queued_requests
+
+    @property
+    def busy(self) -> bool:
+        """True while a batch is on the executor."""
+        return self._running is not None
+
+    async def drain(self, timeout: float) -> None:
+        """Stop admitting; finish running and queued work for up to ``timeout`` seconds; fail the rest."""
+        self._accepting = False
+        deadline = time.monotonic() + timeout
+        while (self._queued_images or self._running) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for group in list(self._groups.values()):
+            for ticket in list(group):
+                self._fail(ticket, ShuttingDown(
+                    "the server is shutting down and this request was not started; retry it"
+                ))
+        while self._running is not None:
+            await asyncio.sleep(0.05)
+        if self._finishers:
+            await asyncio.gather(*self._finishers, return_exceptions=True)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    # -- admission ---------------------------------------------------------------------------
+
+    def submit(self, ticket: Ticket) -> None:
+        """Queue ``ticket`` or raise :class:`QueueFull` / :class:`ShuttingDown` at once."""
+        if not self._accepting:
+            raise ShuttingDown("the server is shutting down and accepts no new requests")
+        n = len(ticket.pending)
+        if self._queued_images + n > self.max_queue_images:
+            raise QueueFull(
+                f"the queue is full ({self._queued_images} of {self.max_queue_images} images "
+                "waiting); retry shortly",
+                retry_after=1.0,
+            )
+        self._groups.setdefault(ticket.key, deque()).append(ticket)
+        self._queued_images += n
+        self._queued_requests += 1
+        self._publish_depth()
+        self._wakeup.set()
+
+    def abandon(self, ticket: Ticket) -> None:
+        """Nobody waits for ``ticket`` any more: drop its queued images; running ones are discarded."""
+        if ticket.abandoned:
+            return
+        ticket.abandoned = True
+        self._dequeue(ticket)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _dequeue(self, ticket: Ticket) -> None:
+        group = self._groups.get(ticket.key)
+        if group is not None and ticket in group:
+            group.remove(ticket)
+            self._queued_images -= len(ticket.pending)
+            self._queued_requests -= 1
+            ticket.pending.clear()
+            if not group:
+                del self._groups[ticket.key]
+            self._publish_depth()
+
+    def _publish_depth(self) -> None:
+        self.metrics.queue_images.set(self._queued_images)
+        self.metrics.queue_requests.set(self._queued_requests)
+
+    def _oldest_group(self) -> BatchKey | None:
+        oldest: tuple[float, BatchKey] | None = None
+        for key, group in self._groups.items():
+            head = group[0].enqueued_at
+            if oldest is None or head < oldest[0]:
+                oldest = (head, key)
+        return oldest[1] if oldest else None
+
+    def _group_images(self, key: BatchKey) -> int:
+        return sum(len(t.pending) for t in self._groups.get(key, ()))
+
+    async def _wait_for_work(self) -> BatchKey:
+        while True:
+            key = self._oldest_group()
+            if key is None:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if self.max_wait > 0 and self._group_images(key) < self.max_batch_images:
+                ready_at = self._groups[key][0].enqueued_at + self.max_wait
+                delay = ready_at - time.monotonic()
+                if delay > 0:
+                    self._wakeup.clear()
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), delay)
+                    except TimeoutError:
+                        pass
+                    continue
+            return key
+
+    def _take_batch(self, key: BatchKey) -> Batch:
+        group = self._groups[key]
+        slots: list[Slot] = []
+        now = time.monotonic()
+        while group and len(slots) < self.max_batch_images:
+            ticket = group[0]
+            room = self.max_batch_images - len(slots)
+            take, ticket.pending = ticket.pending[:room], ticket.pending[room:]
+            slots.extend(Slot(ticket, i) for i in take)
+            self._queued_images -= len(take)
+            if ticket.started_at is None:
+                ticket.started_at = now
+                self.metrics.queue_wait.observe(now - ticket.enqueued_at)
+            if not ticket.pending:
+                group.popleft()
+                self._queued_requests -= 1
+        if not group:
+            del self._groups[key]
+        self._publish_depth()
+        return Batch(key, slots)
+
+    async def _loop(self) -> None:
+        while True:
+            key = await self._wait_for_work()
+            batch = self._take_batch(key)
+            self._running = batch
+            try:
+                outcome = await self.executor.run(batch)
+            except Exception:
+                logger.exception("executor failed outside the pipeline call")
+                outcome = BatchOutcome(failures=[
+                    (t, InferenceError("internal error running the batch")) for t in batch.tickets()
+                ])
+            finally:
+                self._running = None
+            self._deliver(batch, outcome)
+
+    def _deliver(self, batch: Batch, outcome: BatchOutcome) -> None:
+        for size, times in outcome.calls:
+            self.metrics.batches.inc()
+            self.metrics.images.inc(size)
+            self.metrics.batch_size.observe(size)
+            self.metrics.batch_seconds.observe(times.total)
+            if times.steps:
+                self.metrics.step_seconds.observe(times.denoise / times.steps)
+            self.metrics.decode_seconds.observe(times.decode)
+        if outcome.oom_splits:
+            self.metrics.oom_splits.inc(outcome.oom_splits)
+        total = sum(t.total for _, t in outcome.calls)
+        for ticket, exc in outcome.failures:
+            self._fail(ticket, exc)
+        for ticket in batch.tickets():
+            ticket.inference_seconds += total
+            ticket.batch_images = max(ticket.batch_images, len(batch.slots))
+        for slot, array in outcome.images:
+            ticket = slot.ticket
+            if ticket.abandoned or ticket.failed:
+                continue
+            ticket.outputs[slot.index] = array
+            if len(ticket.outputs) == ticket.request.n:
+                task = asyncio.create_task(self._finish(ticket))
+                self._finishers.add(task)
+                task.add_done_callback(self._finishers.discard)
+
+    def _fail(self, ticket: Ticket, exc: InferenceError) -> None:
+        if ticket.failed:
+            return
+        self._dequeue(ticket)
+        ticket.failed = True
+        if not ticket.future.done():
+            ticket.future.set_exception(exc)
+
+    async def _finish(self, ticket: Ticket) -> None:
+        """Encode a complete ticket's images in the pool and resolve its future."""
+        req = ticket.request
+        started = time.monotonic()
+        futures = [
+            asyncio.wrap_future(self.encoder.submit(
+                ticket.outputs[i], fmt=req.output_format, compression=req.output_compression,
+                seed=ticket.seed + i, want_base64=req.want_base64,
+            ))
+            for i in range(req.n)
+        ]
+        try:
+            encoded = await asyncio.gather(*futures)
+        except Exception as exc:
+            logger.exception("encoding failed")
+            self._fail(ticket, InferenceError(f"encoding the image failed: {type(exc).__name__}"))
+            return
+        ticket.outputs.clear()
+        for _image, seconds in encoded:
+            self.metrics.encode_seconds.labels(req.output_format).observe(seconds)
+        now = time.monotonic()
+        self.metrics.e2e_seconds.observe(now - ticket.enqueued_at)
+        result = GenerationResult(
+            images=[img for img, _ in encoded],
+            seed=ticket.seed,
+            prompt=ticket.prompt,
+            negative_prompt=req.negative_prompt,
+            prompt_tokens=ticket.prompt_tokens,
+            model=self.model,
+            timings=Timings(
+                queued=(ticket.started_at or now) - ticket.enqueued_at,
+                inference=ticket.inference_seconds,
+                encode=now - started,
+                total=now - ticket.enqueued_at,
+                batch_images=ticket.batch_images,
+            ),
+        )
+        if not ticket.future.done():
+            ticket.future.set_result(result)

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from tests import serving
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _model_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """One cache folder per run: tiny-sdxl is built once and reused by every server."""
+    serving.CACHE_DIR = tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[serving.LiveServer]:
+    """The default live server: tiny-sdxl, no auth, shared by read-only tests."""
+    with serving.live_server(tmp_path_factory.mktemp("srv")) as live:
+        yield live
+
+
+@pytest.fixture(scope="session")
+def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[serving.LiveServer]:
+    """A live server that requires the API key ``test-key``."""
+    with serving.live_server(tmp_path_factory.mktemp("keyed"), api_keys="test-key") as live:
+        yield live
