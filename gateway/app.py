@@ -15,11 +15,13 @@ from litestar.datastructures import MutableScopeHeaders
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from auth.keys import KeyStore
+from gateway.admin import admin_handlers
 from gateway.context import GatewayContext
 from gateway.dialects import discover
 from gateway.dialects.base import Dialect
 from gateway.disconnect import ClientDisconnected
 from gateway.errors import failure_from
+from gateway.jobs import JobRunner, job_store
 from gateway.media import MediaStore
 from gateway.settings import Settings
 from inference import Engine, EngineState
@@ -96,6 +98,10 @@ def create_app(
         media=MediaStore(settings.data_path / "media", settings.url_ttl_s),
         metrics=metrics,
     )
+    ctx.jobs = JobRunner(
+        job_store(settings.data_path, settings.results_dir or ""), engine,
+        concurrency=settings.job_concurrency, sweep_interval_s=settings.job_sweep_interval_s,
+    )
     dialects = [cls(ctx) for cls in discover()]
     router = DialectRouter(dialects)
 
@@ -152,15 +158,16 @@ def create_app(
                 loading.cancel()
             await asyncio.gather(loading, sweeper, return_exceptions=True)
             await engine.drain(settings.drain_timeout_s)
+            ctx.ledger.close()
 
-    handlers: list[Any] = [health, ready, metrics_route, media]
+    handlers: list[Any] = [health, ready, metrics_route, media, *admin_handlers(ctx)]
     for dialect in dialects:
         handlers.extend(dialect.route_handlers())
     app = Litestar(
         route_handlers=handlers,
         exception_handlers={Exception: on_error},
         middleware=[_metrics_middleware(metrics, router)],
-        lifespan=[lifespan],
+        lifespan=[lifespan, ctx.jobs.lifespan],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=None,
         debug=False,

@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from gateway.settings import Settings, add_settings_arguments
 
@@ -30,7 +31,115 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("model_arg", nargs="?", metavar="MODEL",
                        help="diffusers folder, .safetensors checkpoint, cached hub id, or tiny-sdxl")
     add_settings_arguments(serve)
+
+    keys = sub.add_parser("keys", help="create, list and revoke clients (API keys + OAuth secrets)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser(
+        "create", help="add a client; prints its API key and OAuth secret once",
+        description="Add a client to the keys file. Its API key (OpenAI-style bearer key) and "
+        "OAuth client secret (Baidu's Secret Key; the client id is its API Key) are printed "
+        "once; only their SHA-256 hashes are stored.",
+    )
+    create.add_argument("--id", required=True, help="client id (also the OAuth client_id)")
+    create.add_argument("--scopes", default="*",
+                        help="comma-separated dialect names the client may use, or * for all")
+    create.add_argument("--rps", type=float, default=None, help="requests per second limit")
+    create.add_argument("--daily", type=int, default=None, help="requests per UTC day limit")
+    create.add_argument("--admin", action="store_true", help="may read GET /admin/usage")
+    listing = keys_sub.add_parser("list", help="list clients (never secrets)")
+    revoke = keys_sub.add_parser("revoke", help="revoke a client: its key, secret and tokens")
+    revoke.add_argument("id", help="client id")
+    for p in (create, listing, revoke):
+        p.add_argument("--keys-file", default=None,
+                       help="keys file [env IMAGEGATE_KEYS_FILE]")
+
+    usage = sub.add_parser("usage", help="print the usage ledger (per client per UTC day)")
+    usage.add_argument("--client", default=None, help="only this client id")
+    usage.add_argument("--since", default=None, help="from this date on (YYYY-MM-DD)")
+    usage.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    usage.add_argument("--usage-db", default=None,
+                       help="ledger file [env IMAGEGATE_USAGE_DB; default DATA_DIR/usage.sqlite3]")
+    usage.add_argument("--data-dir", default=None, help="[env IMAGEGATE_DATA_DIR]")
     return parser
+
+
+def _keys_path(args: argparse.Namespace) -> Path | None:
+    settings = Settings.from_sources({"keys_file": args.keys_file})
+    return settings.keys_path
+
+
+def keys_command(args: argparse.Namespace) -> int:
+    """``imagegate keys create|list|revoke``."""
+    from auth.keys import load_keys_file, new_client, save_keys_file
+
+    path = _keys_path(args)
+    if path is None:
+        print("imagegate: no keys file; pass --keys-file or set IMAGEGATE_KEYS_FILE",
+              file=sys.stderr)
+        return 2
+    keys = load_keys_file(path)
+    if args.keys_command == "create":
+        if any(c.id == args.id for c in keys.clients):
+            print(f"imagegate: client {args.id!r} already exists", file=sys.stderr)
+            return 1
+        scopes = [s.strip() for s in args.scopes.split(",") if s.strip()] or ["*"]
+        record, api_key, secret = new_client(args.id, scopes=scopes, rps=args.rps,
+                                             daily=args.daily, admin=args.admin)
+        keys.clients.append(record)
+        save_keys_file(path, keys)
+        print(f"client_id:     {record.id}")
+        print(f"api_key:       {api_key}")
+        print(f"client_secret: {secret}")
+        print("These are shown once; only their hashes are stored in " + str(path),
+              file=sys.stderr)
+        return 0
+    if args.keys_command == "list":
+        print(f"{'id':<24} {'scopes':<20} {'rps':>6} {'daily':>8} admin  status")
+        for c in keys.clients:
+            print(f"{c.id:<24} {','.join(c.scopes):<20} {_num(c.rps):>6} {_num(c.daily):>8} "
+                  f"{'yes' if c.admin else 'no':<6} {'revoked' if c.revoked else 'active'}")
+        return 0
+    for c in keys.clients:
+        if c.id == args.id:
+            c.revoked = True
+            save_keys_file(path, keys)
+            print(f"revoked {args.id}")
+            return 0
+    print(f"imagegate: no client {args.id!r} in {path}", file=sys.stderr)
+    return 1
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def usage_command(args: argparse.Namespace) -> int:
+    """``imagegate usage [--client ID] [--since DATE]``."""
+    import msgspec
+
+    from auth.usage import UsageLedger
+
+    settings = Settings.from_sources({"usage_db": args.usage_db, "data_dir": args.data_dir})
+    if not settings.usage_path.exists():
+        print(f"imagegate: no usage ledger at {settings.usage_path}", file=sys.stderr)
+        return 1
+    ledger = UsageLedger(settings.usage_path)
+    try:
+        rows = ledger.rows(args.client, args.since)
+    except ValueError:
+        print(f"imagegate: --since must be YYYY-MM-DD, got {args.since!r}", file=sys.stderr)
+        return 2
+    finally:
+        ledger.close()
+    if args.json:
+        for row in rows:
+            print(msgspec.json.encode(row).decode())
+        return 0
+    print(f"{'day':<10} {'client':<24} {'requests':>8} {'images':>7} {'tokens':>8} {'exec_s':>9}")
+    for r in rows:
+        print(f"{r.day:<10} {r.client:<24} {r.requests:>8} {r.images:>7} {r.prompt_tokens:>8} "
+              f"{r.executor_seconds:>9.2f}")
+    return 0
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -77,6 +186,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
+    if args.command == "keys":
+        return keys_command(args)
+    if args.command == "usage":
+        return usage_command(args)
     return 2
 
 

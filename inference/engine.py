@@ -323,6 +323,7 @@ class Engine:
         except asyncio.CancelledError:
             self._scheduler.abandon(ticket)
             raise
+
         finally:
             if not ticket.future.done():
                 ticket.future.set_exception(Cancelled("request abandoned"))

@@ -23,6 +23,8 @@ class SamplerSpec(msgspec.Struct, frozen=True):
 
 _KARRAS = {"use_karras_sigmas": True}
 _SDE = {"algorithm_type": "sde-dpmsolver++"}
+# Stable Diffusion's own PNDM config: PLMS steps only (the Runge-Kutta warm-up needs many steps).
+_PLMS = {"skip_prk_steps": True}
 
 # AUTOMATIC1111 names (Baidu, Alibaba), following diffusers' own A1111 equivalence table.
 _A1111: dict[str, SamplerSpec] = {
@@ -48,14 +50,14 @@ _A1111: dict[str, SamplerSpec] = {
     # diffusers has no exact 2S ancestral; the single-step DPM-Solver++ is its documented stand-in.
     "DPM++ 2S a": SamplerSpec("DPMSolverSinglestepScheduler"),
     "DDIM": SamplerSpec("DDIMScheduler"),
-    "PLMS": SamplerSpec("PNDMScheduler"),
+    "PLMS": SamplerSpec("PNDMScheduler", _PLMS),
     "UniPC": SamplerSpec("UniPCMultistepScheduler"),
     "LCM": SamplerSpec("LCMScheduler"),
 }
 
 # RunPod worker-sdxl's scheduler names (its README and handler).
 _RUNPOD: dict[str, SamplerSpec] = {
-    "PNDM": SamplerSpec("PNDMScheduler"),
+    "PNDM": SamplerSpec("PNDMScheduler", _PLMS),
     "KLMS": SamplerSpec("LMSDiscreteScheduler"),
     "K_EULER": SamplerSpec("EulerDiscreteScheduler"),
     "K_EULER_ANCESTRAL": SamplerSpec("EulerAncestralDiscreteScheduler"),
@@ -97,6 +99,7 @@ class SamplerRegistry:
     def standard(cls, default: str = "EulerDiscreteScheduler") -> SamplerRegistry:
         """The registry with every name from the supported APIs."""
         specs: dict[str, SamplerSpec] = {name: SamplerSpec(name) for name in _DIFFUSERS_CLASSES}
+        specs["PNDMScheduler"] = SamplerSpec("PNDMScheduler", _PLMS)
         specs.update(_A1111)
         specs.update(_RUNPOD)
         return cls(specs, default)

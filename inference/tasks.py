@@ -1,0 +1,346 @@
+"""A durable store of asynchronous generation jobs.
+
+Dialect-neutral: a job carries its dialect's own request as an opaque JSON ``payload`` and, once
+done, the canonical result (image files on disk plus their seeds). Each task API (RunPod today;
+Alibaba and ModelsLab later) renders its own status bodies from a :class:`Job`.
+
+:class:`TaskStore` is the interface; :class:`SqliteTaskStore` keeps jobs in one SQLite file and
+result images in a folder next to it. A Redis store can implement the same protocol.
+
+Calls are short and synchronous (SQLite in WAL mode, one connection behind a lock); writing
+result images is the only slow one and callers run it off the event loop.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import msgspec
+
+QUEUED = "queued"
+RUNNING = "running"
+COMPLETED = "completed"
+FAILED = "failed"
+CANCELLED = "cancelled"
+TIMED_OUT = "timed_out"
+ACTIVE = (QUEUED, RUNNING)
+FINISHED = (COMPLETED, FAILED, CANCELLED, TIMED_OUT)
+
+INTERRUPTED_REASON = "the server restarted before this job finished; retry it"
+
+
+class StoredImage(msgspec.Struct, kw_only=True):
+    """One result image on disk (``file`` is relative to the job's result folder)."""
+
+    file: str
+    media_type: str
+    seed: int
+    width: int
+    height: int
+
+
+class StoredResult(msgspec.Struct, kw_only=True):
+    """The canonical result of a finished job."""
+
+    images: list[StoredImage]
+    seed: int
+    model: str = ""
+    prompt_tokens: int = 0
+
+
+class Job(msgspec.Struct, kw_only=True):
+    """One asynchronous job. Times are Unix seconds."""
+
+    id: str
+    dialect: str
+    # Who may see the job (the dialect decides: e.g. endpoint id and API key owner).
+    scope: str
+    payload: Any
+    status: str = QUEUED
+    created_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+    # The job and its result are deleted at this time, whatever its state.
+    expires_at: float = 0.0
+    execution_timeout_s: float = 600.0
+    webhook: str | None = None
+    error: str | None = None
+    result: StoredResult | None = None
+    worker_id: str | None = None
+    retries: int = 0
+    # Images the job will make, for admission control.
+    images: int = 1
+
+
+class TaskStore(Protocol):
+    """What the job runner and the task dialects need from a job store."""
+
+    def open(self) -> None:
+        """Create or open the store."""
+        ...
+
+    def close(self) -> None:
+        """Release the store."""
+        ...
+
+    def create(self, job: Job) -> None:
+        """Insert a new job."""
+        ...
+
+    def get(self, job_id: str, now: float | None = None) -> Job | None:
+        """The job, or ``None`` when unknown or expired."""
+        ...
+
+    def update(self, job_id: str, expect: Sequence[str] | None = None, **changes: Any) -> Job | None:
+        """Apply ``changes`` if the job's status is in ``expect`` (any when ``None``); return it."""
+        ...
+
+    def queued(self, limit: int) -> list[Job]:
+        """The oldest queued jobs, oldest first."""
+        ...
+
+    def count(self, statuses: Sequence[str], dialect: str | None = None,
+              scope: str | None = None) -> int:
+        """How many jobs are in ``statuses`` (optionally of one dialect and scope)."""
+        ...
+
+    def stats(self, dialect: str, scope: str) -> dict[str, int]:
+        """Counts by status, plus ``retried`` (jobs retried at least once)."""
+        ...
+
+    def purge_queued(self, dialect: str, scope: str) -> list[str]:
+        """Delete the queued jobs of one dialect and scope; return their ids."""
+        ...
+
+    def fail_interrupted(self, reason: str = INTERRUPTED_REASON) -> int:
+        """Mark every queued or running job failed (used at start-up); return how many."""
+        ...
+
+    def save_images(self, job_id: str, images: Sequence[tuple[bytes, str, int, int, int]]
+                    ) -> list[StoredImage]:
+        """Write result images (data, media type, seed, width, height) to disk."""
+        ...
+
+    def read_image(self, job_id: str, image: StoredImage) -> bytes:
+        """The bytes of one stored result image."""
+        ...
+
+    def expired(self, now: float | None = None) -> list[Job]:
+        """Jobs whose ``expires_at`` has passed."""
+        ...
+
+    def delete(self, job_id: str) -> None:
+        """Remove a job and its result files."""
+        ...
+
+
+_EXT = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    dialect TEXT NOT NULL,
+    scope TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    retries INTEGER NOT NULL DEFAULT 0,
+    doc BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created_at);
+CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires_at);
+CREATE INDEX IF NOT EXISTS jobs_scope ON jobs (dialect, scope, status);
+"""
+
+
+class SqliteTaskStore:
+    """Jobs in SQLite (``path``), result images under ``results_dir/<job id>/``."""
+
+    def __init__(self, path: Path, results_dir: Path) -> None:
+        self.path = path
+        self.results_dir = results_dir
+        self._conn: sqlite3.Connection | None = None
+        self._lock = threading.Lock()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create the folders and the schema."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.executescript(_SCHEMA)
+        self._conn = conn
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        """The open connection."""
+        if self._conn is None:
+            raise RuntimeError("task store is not open")
+        return self._conn
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    def create(self, job: Job) -> None:
+        """Insert a new job."""
+        with self._lock:
+            self.conn.execute(
+                "INSERT INTO jobs (id, dialect, scope, status, created_at, expires_at, retries, doc)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (job.id, job.dialect, job.scope, job.status, job.created_at, job.expires_at,
+                 job.retries, msgspec.json.encode(job)),
+            )
+
+    def get(self, job_id: str, now: float | None = None) -> Job | None:
+        """The job, or ``None`` when unknown or expired."""
+        with self._lock:
+            row = self.conn.execute("SELECT doc FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            return None
+        job = msgspec.json.decode(row[0], type=Job)
+        if job.expires_at <= (time.time() if now is None else now):
+            return None
+        return job
+
+    def update(self, job_id: str, expect: Sequence[str] | None = None, **changes: Any) -> Job | None:
+        """Apply ``changes`` if the job's status is in ``expect`` (any when ``None``); return it."""
+        with self._lock:
+            conn = self.conn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute("SELECT doc FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                if row is None:
+                    conn.execute("ROLLBACK")
+                    return None
+                job = msgspec.json.decode(row[0], type=Job)
+                if expect is not None and job.status not in expect:
+                    conn.execute("ROLLBACK")
+                    return None
+                job = msgspec.structs.replace(job, **changes)
+                conn.execute(
+                    "UPDATE jobs SET status = ?, expires_at = ?, retries = ?, doc = ? WHERE id = ?",
+                    (job.status, job.expires_at, job.retries, msgspec.json.encode(job), job_id),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return job
+
+    def queued(self, limit: int) -> list[Job]:
+        """The oldest queued, unexpired jobs, oldest first."""
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT doc FROM jobs WHERE status = ? AND expires_at > ? "
+                "ORDER BY created_at LIMIT ?",
+                (QUEUED, time.time(), limit),
+            ).fetchall()
+        return [msgspec.json.decode(r[0], type=Job) for r in rows]
+
+    def count(self, statuses: Sequence[str], dialect: str | None = None,
+              scope: str | None = None) -> int:
+        """How many unexpired jobs are in ``statuses``."""
+        sql = f"SELECT COUNT(*) FROM jobs WHERE status IN ({','.join('?' * len(statuses))})" \
+              " AND expires_at > ?"
+        args: list[Any] = [*statuses, time.time()]
+        if dialect is not None:
+            sql += " AND dialect = ?"
+            args.append(dialect)
+        if scope is not None:
+            sql += " AND scope = ?"
+            args.append(scope)
+        with self._lock:
+            return int(self.conn.execute(sql, args).fetchone()[0])
+
+    def stats(self, dialect: str, scope: str) -> dict[str, int]:
+        """Counts by status, plus ``retried``."""
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT status, COUNT(*), SUM(retries > 0) FROM jobs "
+                "WHERE dialect = ? AND scope = ? AND expires_at > ? GROUP BY status",
+                (dialect, scope, time.time()),
+            ).fetchall()
+        out = dict.fromkeys((*ACTIVE, *FINISHED), 0)
+        out["retried"] = 0
+        for status, n, retried in rows:
+            out[status] = int(n)
+            out["retried"] += int(retried or 0)
+        return out
+
+    def purge_queued(self, dialect: str, scope: str) -> list[str]:
+        """Delete the queued jobs of one dialect and scope; return their ids."""
+        with self._lock:
+            conn = self.conn
+            ids = [r[0] for r in conn.execute(
+                "SELECT id FROM jobs WHERE dialect = ? AND scope = ? AND status = ?",
+                (dialect, scope, QUEUED),
+            ).fetchall()]
+            conn.executemany("DELETE FROM jobs WHERE id = ? AND status = ?",
+                             [(i, QUEUED) for i in ids])
+        return ids
+
+    def fail_interrupted(self, reason: str = INTERRUPTED_REASON) -> int:
+        """Mark every queued or running job failed; return how many."""
+        with self._lock:
+            rows = self.conn.execute(
+                f"SELECT id FROM jobs WHERE status IN ({','.join('?' * len(ACTIVE))})", ACTIVE
+            ).fetchall()
+        now = time.time()
+        for (job_id,) in rows:
+            self.update(job_id, ACTIVE, status=FAILED, error=reason, finished_at=now)
+        return len(rows)
+
+    # -- results ---------------------------------------------------------------------------
+
+    def save_images(self, job_id: str, images: Sequence[tuple[bytes, str, int, int, int]]
+                    ) -> list[StoredImage]:
+        """Write result images to ``results_dir/<job id>/<i>.<ext>``."""
+        folder = self.results_dir / _safe_id(job_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        stored = []
+        for i, (data, media_type, seed, width, height) in enumerate(images):
+            name = f"{i}.{_EXT.get(media_type, 'png')}"
+            tmp = folder / f".{name}.tmp"
+            tmp.write_bytes(data)
+            tmp.replace(folder / name)
+            stored.append(StoredImage(file=name, media_type=media_type, seed=seed, width=width,
+                                      height=height))
+        return stored
+
+    def read_image(self, job_id: str, image: StoredImage) -> bytes:
+        """The bytes of one stored result image."""
+        return (self.results_dir / _safe_id(job_id) / Path(image.file).name).read_bytes()
+
+    def expired(self, now: float | None = None) -> list[Job]:
+        """Jobs whose ``expires_at`` has passed."""
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT doc FROM jobs WHERE expires_at <= ?",
+                (time.time() if now is None else now,),
+            ).fetchall()
+        return [msgspec.json.decode(r[0], type=Job) for r in rows]
+
+    def delete(self, job_id: str) -> None:
+        """Remove a job and its result files."""
+        with self._lock:
+            self.conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        shutil.rmtree(self.results_dir / _safe_id(job_id), ignore_errors=True)
+
+
+def _safe_id(job_id: str) -> str:
+    """Job ids are generated by us, but never let one escape the results folder."""
+    return "".join(c for c in job_id if c.isalnum() or c in "-_") or "_"

@@ -1,0 +1,76 @@
+"""A fake batch runner: deterministic images from seeds, with gates and injected failures."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from inference import Engine, EngineConfig, ModelInfo
+from inference.batch import Batch
+from inference.runner import StepTimes
+from observability.metrics import Metrics
+
+
+class FakeRunner:
+    """Records every batch; ``gate`` (when set) holds each call until released."""
+
+    has_refiner = False
+
+    def __init__(self, *, delay: float = 0.0, fail: Callable[[Batch], BaseException | None] | None = None):
+        self.delay = delay
+        self.fail = fail
+        self.batches: list[list[tuple[str, int]]] = []
+        self.gate: threading.Event | None = None
+        self.entered = threading.Event()
+
+    def hold(self) -> None:
+        """Make the next calls block until :meth:`release`; ``entered`` marks the next call."""
+        self.entered.clear()
+        self.gate = threading.Event()
+
+    def release(self) -> None:
+        if self.gate is not None:
+            self.gate.set()
+
+    def run(self, batch: Batch) -> tuple[list[np.ndarray], StepTimes]:
+        self.entered.set()
+        if self.gate is not None:
+            assert self.gate.wait(30), "test never released the fake runner"
+        if self.fail is not None:
+            exc = self.fail(batch)
+            if exc is not None:
+                raise exc
+        if self.delay:
+            time.sleep(self.delay)
+        self.batches.append([(s.ticket.prompt, s.seed) for s in batch.slots])
+        h, w = batch.key.height, batch.key.width
+        out = [np.full((h, w, 3), (s.seed % 256) / 255.0, dtype=np.float32) for s in batch.slots]
+        return out, StepTimes(denoise=0.01, steps=batch.key.steps, decode=0.001, total=0.011)
+
+    def count_tokens(self, prompt: str, negative_prompt: str) -> int:
+        return len(prompt.split()) + len(negative_prompt.split())
+
+
+def fake_engine(runner: FakeRunner, metrics: Metrics | None = None, **config: Any) -> Engine:
+    """An engine whose runner is ``runner`` (no torch model is loaded)."""
+    info = ModelInfo(id="fake", source="fake", description="fake", makes_noise=True,
+                     default_width=64, default_height=64, has_refiner=False, created=0)
+    cfg = EngineConfig(**{"warmup_batch_sizes": (1,), **config})
+    return Engine(cfg, metrics or Metrics(), runner_factory=lambda _cfg: (runner, info))
+
+
+def engine_factory(runner: FakeRunner, **config: Any) -> Callable[[Any, Metrics], Engine]:
+    """For ``live_server(engine_factory=...)``: the server's settings, the fake runner."""
+
+    def build(settings: Any, metrics: Metrics) -> Engine:
+        cfg = settings.engine_config()
+        overrides = {f: getattr(cfg, f) for f in ("max_batch_images", "max_wait_ms",
+                                                 "max_queue_images", "request_timeout_s")}
+        overrides.update(config)
+        return fake_engine(runner, metrics, **overrides)
+
+    return build
