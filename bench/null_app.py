@@ -1,0 +1,57 @@
+"""The full imagegate stack over a null executor, for the gateway-overhead benchmark.
+
+Run: python -m bench.null_app PORT. Auth (one API key), validation, metrics, the scheduler and
+PNG encoding all run; the "model" returns a fixed 64×64 image instantly.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import uvicorn
+
+from gateway.app import create_app
+from gateway.settings import Settings
+from inference import Engine, EngineConfig, ModelInfo
+from inference.batch import Batch
+from inference.runner import StepTimes
+from observability.metrics import Metrics
+
+KEY = "bench-key"
+
+
+class NullRunner:
+    """Returns a cached image for every slot, instantly."""
+
+    has_refiner = False
+
+    def __init__(self) -> None:
+        rng = np.random.default_rng(0)
+        self.image = rng.random((64, 64, 3), dtype=np.float32)
+
+    def run(self, batch: Batch) -> tuple[list[np.ndarray], StepTimes]:
+        return [self.image for _ in batch.slots], StepTimes(steps=1)
+
+    def count_tokens(self, prompt: str, negative_prompt: str) -> int:
+        return len(prompt.split())
+
+
+def build(port: int, data_dir: str) -> object:
+    settings = Settings.from_sources({"port": port, "api_keys": KEY, "data_dir": data_dir,
+                                      "max_queue_images": 4096}, environ={})
+    metrics = Metrics()
+    info = ModelInfo(id="null", source="null", description="null executor", makes_noise=True,
+                     default_width=64, default_height=64, has_refiner=False, created=0)
+    cfg = settings.engine_config()
+    engine = Engine(EngineConfig(**{f: getattr(cfg, f) for f in cfg.__struct_fields__}),
+                    metrics, runner_factory=lambda _c: (NullRunner(), info))
+    return create_app(settings, engine=engine, metrics=metrics)
+
+
+if __name__ == "__main__":
+    port = int(sys.argv[1])
+    data = sys.argv[2] if len(sys.argv) > 2 else str(Path("/tmp/imagegate-bench"))
+    uvicorn.run(build(port, data), host="127.0.0.1", port=port, log_level="warning",
+                access_log=False)
