@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
+import time
 from pathlib import Path
 
 import msgspec
@@ -76,10 +78,19 @@ def save_keys_file(path: Path, keys: KeysFile) -> None:
 
 
 class KeyStore:
-    """Looks up principals by presented API key or OAuth client credentials."""
+    """Looks up principals by presented API key or OAuth client credentials.
 
-    def __init__(self, clients: list[Client]) -> None:
+    When built from a keys file, the file is re-read whenever its modification time changes, so
+    ``imagegate keys create/revoke`` take effect on a running server without a restart.
+    """
+
+    def __init__(self, clients: list[Client], *, keys_file: Path | None = None,
+                 fixed: list[Client] | None = None) -> None:
+        self._all = list(clients)
         self._clients = [c for c in clients if not c.revoked]
+        self._keys_file = keys_file
+        self._fixed = fixed or []
+        self._mtime = _mtime(keys_file)
 
     @classmethod
     def from_config(cls, api_keys: str = "", keys_file: Path | None = None) -> KeyStore:
@@ -88,33 +99,64 @@ class KeyStore:
             Client(id=f"env-key-{i}", key_sha256=sha256_hex(k.strip()))
             for i, k in enumerate(filter(None, (k.strip() for k in api_keys.split(","))), 1)
         ]
+        fixed = list(clients)
         if keys_file is not None:
             clients.extend(load_keys_file(keys_file).clients)
-        return cls(clients)
+        return cls(clients, keys_file=keys_file, fixed=fixed)
+
+    def _refresh(self) -> None:
+        if self._keys_file is None:
+            return
+        mtime = _mtime(self._keys_file)
+        if mtime == self._mtime:
+            return
+        self._mtime = mtime
+        try:
+            clients = self._fixed + load_keys_file(self._keys_file).clients
+        except (OSError, msgspec.DecodeError):
+            return  # keep the last good set while the file is being rewritten
+        self._all = clients
+        self._clients = [c for c in clients if not c.revoked]
 
     @property
     def enabled(self) -> bool:
-        """True when at least one key is configured, so requests must authenticate."""
-        return bool(self._clients)
+        """True when at least one key is configured, so requests must authenticate.
+
+        Revoked clients count: revoking the last client must not turn the server open.
+        """
+        self._refresh()
+        return bool(self._all)
+
+    def client(self, client_id: str) -> Client | None:
+        """The (non-revoked) client record with id ``client_id``, or ``None``."""
+        self._refresh()
+        found: Client | None = None
+        for c in self._clients:
+            if hmac.compare_digest(c.id.encode(), client_id.encode()):
+                found = c
+        return found
 
     @staticmethod
-    def _to_principal(c: Client) -> Principal:
+    def principal_of(c: Client) -> Principal:
+        """The :class:`Principal` of a client record."""
         return Principal(id=c.id, scopes=tuple(c.scopes), rps=c.rps, daily=c.daily, admin=c.admin)
 
     def by_key(self, presented: str | None) -> Principal | None:
         """The principal whose API key is ``presented``, or ``None``."""
         if not presented:
             return None
+        self._refresh()
         digest = sha256_hex(presented)
         found: Client | None = None
         for c in self._clients:
             # No early exit: every stored hash is compared.
             if c.key_sha256 and hmac.compare_digest(c.key_sha256, digest):
                 found = c
-        return self._to_principal(found) if found else None
+        return self.principal_of(found) if found else None
 
     def by_client_credentials(self, client_id: str, secret: str) -> Principal | None:
         """The principal for an OAuth client id + secret pair, or ``None``."""
+        self._refresh()
         digest = sha256_hex(secret)
         found: Client | None = None
         for c in self._clients:
@@ -122,15 +164,40 @@ class KeyStore:
             secret_ok = bool(c.secret_sha256) and hmac.compare_digest(c.secret_sha256 or "", digest)
             if id_ok and secret_ok:
                 found = c
-        return self._to_principal(found) if found else None
+        return self.principal_of(found) if found else None
 
     def by_id(self, client_id: str) -> Principal | None:
         """The principal with id ``client_id`` (for verified tokens), or ``None`` if revoked/unknown."""
-        for c in self._clients:
-            if c.id == client_id:
-                return self._to_principal(c)
-        return None
+        c = self.client(client_id)
+        return self.principal_of(c) if c else None
 
     def has_client(self, client_id: str) -> bool:
         """True when ``client_id`` exists (and is not revoked)."""
-        return any(c.id == client_id for c in self._clients)
+        return self.client(client_id) is not None
+
+
+def _mtime(path: Path | None) -> float | None:
+    try:
+        return path.stat().st_mtime_ns if path is not None else None
+    except OSError:
+        return None
+
+
+def new_client(
+    client_id: str,
+    *,
+    scopes: list[str] | None = None,
+    rps: float | None = None,
+    daily: int | None = None,
+    admin: bool = False,
+) -> tuple[Client, str, str]:
+    """A fresh client with a random API key and OAuth secret: (record, api_key, secret).
+
+    The record holds only hashes; the plain key and secret are returned once, to be shown.
+    """
+    api_key = "ig-" + secrets.token_urlsafe(32)
+    secret = secrets.token_urlsafe(32)
+    record = Client(id=client_id, key_sha256=sha256_hex(api_key), secret_sha256=sha256_hex(secret),
+                    scopes=scopes or ["*"], rps=rps, daily=daily, admin=admin,
+                    created=int(time.time()))
+    return record, api_key, secret

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import httpx
@@ -26,7 +27,6 @@ DOC = ROOT / "docs" / "benchmarks.md"
 
 def machine() -> str:
     import diffusers
-    import litestar
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -40,7 +40,7 @@ def machine() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return (f"{os.cpu_count()} cores ({cpu}), GPU: {gpu}; Python {platform.python_version()}, "
             f"torch {torch.__version__}, diffusers {diffusers.__version__}, "
-            f"litestar {litestar.__version__.formatted() if hasattr(litestar.__version__, 'formatted') else litestar.__version__}; {time.strftime('%Y-%m-%d')}")
+            f"litestar {version('litestar')}; {time.strftime('%Y-%m-%d')}")
 
 
 def free_port() -> int:

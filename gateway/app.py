@@ -71,10 +71,9 @@ def _metrics_middleware(metrics: Metrics, router: DialectRouter) -> Any:
                 opt = getattr(handler, "opt", None) or {}
                 dialect = opt.get("dialect") or router.for_path(scope["path"]).name
                 route = scope.get("path_template") or "unmatched"
-                if route == "/metrics":
-                    return
-                metrics.requests.labels(route, dialect, str(status[0])).inc()
-                metrics.request_latency.labels(dialect).observe(time.perf_counter() - started)
+                if route != "/metrics":
+                    metrics.requests.labels(route, dialect, str(status[0])).inc()
+                    metrics.request_latency.labels(dialect).observe(time.perf_counter() - started)
 
         return middleware
 

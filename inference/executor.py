@@ -56,10 +56,6 @@ class Executor:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._thread, self._run_sync, batch)
 
-    def call(self, fn, *args):  # noqa: ANN001, ANN201 - generic passthrough
-        """Run ``fn(*args)`` on the executor thread (for warm-up and anything touching the pipeline)."""
-        return self._thread.submit(fn, *args)
-
     def shutdown(self) -> None:
         """Stop the thread once the running batch (if any) is done."""
         self._thread.shutdown(wait=True)

@@ -1,5 +1,7 @@
-"""Finding and loading SDXL weights: a diffusers folder, a single checkpoint file, a cached hub id,
-or the built-in ``tiny-sdxl``. Offline by default: nothing is downloaded unless asked for.
+"""Finding and loading SDXL weights.
+
+A diffusers folder, a single checkpoint file, a cached hub id, or the built-in ``tiny-sdxl``.
+Offline by default: nothing is downloaded unless asked for.
 """
 
 from __future__ import annotations

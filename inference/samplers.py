@@ -1,5 +1,6 @@
-"""Sampler registry: every sampler or scheduler name the supported APIs send, mapped to a diffusers
-scheduler class plus the config overrides that make it that sampler.
+"""Sampler registry: every sampler or scheduler name the supported APIs send.
+
+Each name maps to a diffusers scheduler class plus the config overrides that make it that sampler.
 
 Schedulers are stateful (``set_timesteps`` mutates them), so the registry never hands out a shared
 instance: :meth:`SamplerRegistry.build` makes a fresh one with ``from_config`` for every batch.

@@ -12,6 +12,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -162,10 +163,8 @@ class Scheduler:
                 delay = ready_at - time.monotonic()
                 if delay > 0:
                     self._wakeup.clear()
-                    try:
+                    with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wakeup.wait(), delay)
-                    except TimeoutError:
-                        pass
                     continue
             return key
 

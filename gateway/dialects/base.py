@@ -33,7 +33,7 @@ class Dialect(ABC):
 
     @abstractmethod
     def render_failure(self, failure: Failure, request: Request) -> Response:
-        """This dialect's error envelope for ``failure``."""
+        """Render ``failure`` in this dialect's error envelope."""
 
     def owns(self, path: str) -> int:
         """Length of the longest owned prefix matching ``path`` (0: not ours)."""

@@ -1,5 +1,7 @@
-"""OpenAI Images API: ``/v1/images/generations`` and ``/v1/models`` (also without ``/v1``,
-because the SDK appends its paths to whatever base URL it is given).
+"""OpenAI Images API: ``/v1/images/generations`` and ``/v1/models``.
+
+Both are also served without ``/v1``, because the SDK appends its paths to whatever base URL it
+is given.
 
 Wire facts: shared/reference/api-dialects.md §1.
 """
@@ -9,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 from litestar import Request, Response, get, post
@@ -145,8 +147,9 @@ _ERROR_TYPES: dict[str, tuple[str, str | None]] = {
 
 
 def image_tokens(width: int, height: int) -> int:
-    """Output tokens of one image: one per 16×16 pixel patch (4096 for 1024², close to
-    gpt-image-1's 4160 for a high-quality square).
+    """Output tokens of one image: one per 16×16 pixel patch.
+
+    That is 4096 for 1024², close to gpt-image-1's 4160 for a high-quality square.
     """
     return (width // 16) * (height // 16)
 
@@ -156,7 +159,7 @@ class OpenAIDialect(Dialect):
 
     name = "openai"
     prefixes = ("/v1/images", "/images", "/v1/models", "/models", "/v1")
-    field_names = {
+    field_names: ClassVar[dict[str, str]] = {
         "width": "size", "height": "size", "steps": "num_inference_steps",
         "guidance": "guidance_scale", "init_image": "image",
     }
@@ -192,7 +195,9 @@ class OpenAIDialect(Dialect):
         principal = self.ctx.authenticate_key(bearer_token(request), self.name)
         body = decode_json(await request.body(), ImageGenerationRequest)
         canonical, response_format = self.to_canonical(body, principal.id)
+        self.ctx.admit(principal)
         result = await unless_disconnected(request, self.ctx.engine.generate(canonical))
+        self.ctx.record_usage(principal, result, len(result.images))
         return self._json(self.to_response(body, canonical, result, response_format, request))
 
     def to_canonical(
@@ -313,7 +318,7 @@ class OpenAIDialect(Dialect):
     def render_failure(self, failure: Failure, request: Request) -> Response:
         """``{"error": {message, type, param, code}}`` with the matching HTTP status."""
         err_type, code = _ERROR_TYPES[failure.cause]
-        if failure.cause == "quota" and failure.code == "insufficient_quota":
+        if failure.cause == "quota" and failure.code in ("insufficient_quota", "daily"):
             err_type, code = "insufficient_quota", "insufficient_quota"
         elif failure.cause == "auth" and failure.code is None:
             code = None

@@ -1,0 +1,49 @@
+"""Admin-only HTTP routes (answered in the OpenAI envelope, like every unowned path)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, get
+
+from auth.usage import UsageRow
+from gateway.context import GatewayContext, bearer_token
+from gateway.errors import ApiError, invalid
+
+
+class UsageList(msgspec.Struct, kw_only=True):
+    """``GET /admin/usage``."""
+
+    data: list[UsageRow]
+    object: str = "list"
+
+
+def admin_handlers(ctx: GatewayContext) -> list[Any]:
+    """``GET /admin/usage[?client=ID&since=YYYY-MM-DD]`` for clients with the admin flag."""
+
+    @get("/admin/usage", opt={"dialect": "admin"})
+    async def usage(request: Request) -> Response:
+        """The usage ledger, per client and UTC day."""
+        if ctx.keys.enabled:
+            presented = bearer_token(request)
+            if not presented:
+                raise ApiError("auth", "missing API key; send it as 'Authorization: Bearer <key>'")
+            principal = ctx.keys.by_key(presented)
+            if principal is None:
+                raise ApiError("auth", "invalid API key", code="invalid_api_key")
+            if not principal.admin:
+                raise ApiError("forbidden", "only admin clients may read the usage ledger")
+        elif not ctx.settings.is_loopback():
+            raise ApiError("forbidden", "the usage ledger needs an admin API key")
+        client = request.query_params.get("client")
+        since = request.query_params.get("since")
+        try:
+            rows = ctx.ledger.rows(client, since)
+        except ValueError:
+            raise invalid(f"since must be a date (YYYY-MM-DD), got {since!r}",
+                          field="since") from None
+        return Response(content=msgspec.json.encode(UsageList(data=rows)),
+                        media_type="application/json")
+
+    return [usage]
