@@ -65,6 +65,23 @@ class Settings(msgspec.Struct, kw_only=True):
     encode_workers: Annotated[int, Meta(description="Threads that encode images.")] = 2
     warmup_sizes: Annotated[str, Meta(description="WxH sizes to warm up before ready (default: the model's native size).")] = ""
     warmup_batch_sizes: Annotated[str, Meta(description="Batch sizes to warm up for each warm-up size.")] = "1"
+    token_secret: Annotated[str | None, Meta(description="Secret that signs OAuth access tokens; give every replica the same one (default: random per start, so tokens die with the process).")] = None
+    token_ttl_s: Annotated[int, Meta(description="Lifetime of issued OAuth access tokens, in seconds.")] = 2592000
+    ratelimit_storage: Annotated[str, Meta(description="Where per-client quota counters live: a limits storage URI (memory://, redis://host:6379).")] = "memory://"
+    usage_db: Annotated[str | None, Meta(description="SQLite file of the usage ledger (default: DATA_DIR/usage.sqlite3).")] = None
+    fetch_max_bytes: Annotated[int, Meta(description="Largest image a request may point at (image_url), in bytes.")] = 20 * 1024 * 1024
+    fetch_timeout_s: Annotated[float, Meta(description="Deadline for fetching one image_url, redirects included.")] = 15.0
+    fetch_max_pixels: Annotated[int, Meta(description="Largest fetched image, in pixels (bigger ones are refused as possible decompression bombs).")] = 36_000_000
+    fetch_allow: Annotated[str, Meta(description="Internal hosts and CIDRs that image_url may reach despite the SSRF rules (comma-separated).")] = ""
+    webhook_allow: Annotated[str, Meta(description="Internal hosts and CIDRs that webhooks may reach despite the SSRF rules (comma-separated).")] = ""
+    webhook_retry_delay_s: Annotated[float, Meta(description="Pause between webhook delivery attempts (2 retries).")] = 10.0
+    webhook_timeout_s: Annotated[float, Meta(description="Deadline of one webhook delivery attempt.")] = 10.0
+    job_ttl_s: Annotated[float, Meta(description="How long an async job and its result are kept after submission, when its policy does not say.")] = 86400.0
+    job_execution_timeout_s: Annotated[float, Meta(description="Execution timeout of an async job, when its policy does not say.")] = 600.0
+    job_concurrency: Annotated[int, Meta(description="Async jobs handed to the engine at once; the rest wait queued in the task store.")] = 16
+    job_queue_max: Annotated[int, Meta(description="Most queued async jobs; past it submissions get HTTP 429.")] = 1000
+    job_sweep_interval_s: Annotated[float, Meta(description="How often expired async jobs and their files are deleted.")] = 30.0
+    results_dir: Annotated[str | None, Meta(description="Where async job result images live (default: DATA_DIR/results).")] = None
     log_level: Annotated[str, Meta(description="Log level.")] = "info"
     log_format: Annotated[str, Meta(description="text or json.")] = "text"
 
@@ -77,6 +94,11 @@ class Settings(msgspec.Struct, kw_only=True):
     def data_path(self) -> Path:
         """``data_dir`` with ``~`` expanded."""
         return Path(self.data_dir).expanduser()
+
+    @property
+    def usage_path(self) -> Path:
+        """The usage ledger's SQLite file."""
+        return Path(self.usage_db).expanduser() if self.usage_db else self.data_path / "usage.sqlite3"
 
     @property
     def keys_path(self) -> Path | None:

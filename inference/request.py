@@ -92,6 +92,7 @@ class Timings(msgspec.Struct, kw_only=True):
     """Where the time went, in seconds."""
 
     queued: float = 0.0
+    # This request's share of executor time: each batch's time split by its images.
     inference: float = 0.0
     encode: float = 0.0
     total: float = 0.0

@@ -219,8 +219,12 @@ class Scheduler:
         total = sum(t.total for _, t in outcome.calls)
         for ticket, exc in outcome.failures:
             self._fail(ticket, exc)
+        # Executor time is shared out by images, so per-client accounting adds up to wall time.
+        share: dict[int, int] = {}
+        for slot in batch.slots:
+            share[id(slot.ticket)] = share.get(id(slot.ticket), 0) + 1
         for ticket in batch.tickets():
-            ticket.inference_seconds += total
+            ticket.inference_seconds += total * share[id(ticket)] / len(batch.slots)
             ticket.batch_images = max(ticket.batch_images, len(batch.slots))
         for slot, array in outcome.images:
             ticket = slot.ticket

@@ -1,0 +1,431 @@
+"""RunPod serverless queue API, speaking runpod-workers/worker-sdxl's input and output.
+
+Routes live under ``/v2/{endpoint_id}/`` so the ``runpod`` SDK works with
+``RUNPOD_ENDPOINT_BASE_URL=http://HOST:PORT/v2``. Jobs go through the durable task store
+(:mod:`inference.tasks`) and the job runner (:mod:`gateway.jobs`).
+
+Wire facts: shared/reference/api-dialects.md §4. Docs: docs/runpod.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import time
+import uuid
+from typing import Any, ClassVar
+
+import msgspec
+from litestar import Request, Response, get, post
+
+from gateway.context import bearer_token
+from gateway.dialects.base import Dialect
+from gateway.errors import ApiError, Failure, failure_from, invalid
+from gateway.fetch import AllowList, FetchPolicy, FetchRefused, fetch_image, resolve_checked
+from gateway.webhooks import WebhookSender
+from gateway.wire import decode_json
+from inference import GenerationRequest, InitImage, Refine
+from inference.tasks import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    TIMED_OUT,
+    Job,
+)
+
+# -- wire schemas ----------------------------------------------------------------------------
+
+
+class Policy(msgspec.Struct, kw_only=True):
+    """``policy``: execution timeout and time-to-live, in milliseconds."""
+
+    executionTimeout: int | None = None
+    ttl: int | None = None
+    lowPriority: bool | None = None
+
+
+class RunRequest(msgspec.Struct, kw_only=True):
+    """Body of ``/run`` and ``/runsync``.
+
+    ``input`` is validated when the job runs (as a worker would), so a bad input is a FAILED
+    job, not an HTTP error.
+    """
+
+    input: dict[str, Any]
+    webhook: str | None = None
+    policy: Policy | None = None
+    s3Config: dict[str, Any] | None = None
+
+
+STATUS = {QUEUED: "IN_QUEUE", RUNNING: "IN_PROGRESS", COMPLETED: "COMPLETED", FAILED: "FAILED",
+          CANCELLED: "CANCELLED", TIMED_OUT: "TIMED_OUT"}
+
+# worker-sdxl's schema (schemas.py): name → (accepted JSON types, default).
+SCHEDULERS = ("PNDM", "KLMS", "DDIM", "K_EULER", "K_EULER_ANCESTRAL", "DPMSolverMultistep",
+              "DPMSolverSinglestep")
+_INT = (int,)
+_FLOAT = (int, float)
+_STR = (str,)
+SCHEMA: dict[str, tuple[tuple[type, ...], Any]] = {
+    "prompt": (_STR, None),
+    "negative_prompt": (_STR, None),
+    "height": (_INT, 1024),
+    "width": (_INT, 1024),
+    "seed": (_INT, None),
+    "scheduler": (_STR, "DDIM"),
+    "num_inference_steps": (_INT, 25),
+    "refiner_inference_steps": (_INT, 50),
+    "guidance_scale": (_FLOAT, 7.5),
+    "strength": (_FLOAT, 0.3),
+    "image_url": (_STR, None),
+    "num_images": (_INT, 1),
+    "high_noise_frac": (_FLOAT, None),
+}
+_TYPE_NAMES = {_INT: "int", _FLOAT: "float", _STR: "str"}
+
+MIN_TTL_MS = 1_000
+MAX_TTL_MS = 7 * 24 * 3600 * 1000
+MIN_EXEC_MS = 1_000
+
+
+class InputError(Exception):
+    """The job input failed validation; the message lists every problem."""
+
+
+def validate_input(raw: dict[str, Any]) -> dict[str, Any]:
+    """worker-sdxl's validation: unknown keys, types and constraints; defaults filled in.
+
+    Raises :class:`InputError` with every problem, each naming its field.
+    """
+    errors: list[str] = []
+    out: dict[str, Any] = {}
+    for key in raw:
+        if key not in SCHEMA:
+            errors.append(f"Unexpected input. {key} is not a valid input option.")
+    for key, (types, default) in SCHEMA.items():
+        value = raw.get(key)
+        if value is None:
+            out[key] = default
+            continue
+        if isinstance(value, bool) or not isinstance(value, types):
+            errors.append(f"{key} should be {_TYPE_NAMES[types]} type, not {type(value).__name__}.")
+            out[key] = default
+            continue
+        out[key] = float(value) if types is _FLOAT else value
+    checks = (
+        ("num_images", lambda v: 0 < v < 3, "must be 1 or 2"),
+        ("num_inference_steps", lambda v: v >= 1, "must be at least 1"),
+        ("refiner_inference_steps", lambda v: v >= 1, "must be at least 1"),
+        ("guidance_scale", lambda v: 0 <= v <= 100, "must be between 0 and 100"),
+        ("strength", lambda v: 0 < v <= 1, "must be greater than 0 and at most 1"),
+        ("high_noise_frac", lambda v: 0 < v < 1, "must be between 0 and 1 (exclusive)"),
+        ("scheduler", lambda v: v in SCHEDULERS, "must be one of " + ", ".join(SCHEDULERS)),
+        ("seed", lambda v: 0 <= v <= 2**32 - 1, "must be between 0 and 4294967295"),
+    )
+    for key, ok, rule in checks:
+        if out.get(key) is not None and key in raw and not ok(out[key]):
+            errors.append(f"{key} does not meet the constraints ({rule}).")
+    if not errors:
+        if not (out["prompt"] or "").strip() and not out["image_url"]:
+            errors.append("prompt is required unless image_url is given.")
+        refine_steps = out["refiner_inference_steps"]
+        if out["image_url"] or out["high_noise_frac"] is None:
+            if int(refine_steps * out["strength"]) < 1:
+                errors.append(
+                    f"refiner_inference_steps × strength must give at least one refiner step "
+                    f"(got {refine_steps} × {out['strength']:g})."
+                )
+        else:
+            frac = out["high_noise_frac"]
+            if int(out["num_inference_steps"] * frac) < 1:
+                errors.append(f"num_inference_steps × high_noise_frac must give at least one "
+                              f"base step (got {out['num_inference_steps']} × {frac:g}).")
+            if int(refine_steps * (1 - frac)) < 1:
+                errors.append(f"refiner_inference_steps × (1 - high_noise_frac) must give at "
+                              f"least one refiner step (got {refine_steps} × {1 - frac:g}).")
+    if errors:
+        raise InputError(" ".join(errors))
+    return out
+
+
+def _ms(seconds: float | None) -> int:
+    return max(0, round((seconds or 0.0) * 1000))
+
+
+# -- the dialect -----------------------------------------------------------------------------
+
+
+class RunPodDialect(Dialect):
+    """RunPod's serverless queue API with worker-sdxl's schema."""
+
+    name = "runpod"
+    prefixes = ("/v2/",)
+    field_names: ClassVar[dict[str, str]] = {
+        "steps": "num_inference_steps", "guidance": "guidance_scale", "sampler": "scheduler",
+        "n": "num_images", "init_image": "image_url", "refine": "refiner",
+    }
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        s = ctx.settings
+        self.fetch_policy = FetchPolicy(
+            allow=AllowList.parse(s.fetch_allow), max_bytes=s.fetch_max_bytes,
+            timeout_s=s.fetch_timeout_s, max_pixels=s.fetch_max_pixels,
+        )
+        self.webhook_policy = FetchPolicy(allow=AllowList.parse(s.webhook_allow),
+                                          timeout_s=s.webhook_timeout_s)
+        self.webhooks = WebhookSender(self.webhook_policy, retries=2,
+                                      retry_delay_s=s.webhook_retry_delay_s)
+        if ctx.jobs is not None:
+            ctx.jobs.register(self.name, self)
+
+    @property
+    def jobs(self) -> Any:
+        """The job runner (always built by the app)."""
+        if self.ctx.jobs is None:
+            raise ApiError("not_ready", "the job runner is not available")
+        return self.ctx.jobs
+
+    def route_handlers(self) -> list[Any]:
+        """The queue API under ``/v2/{endpoint_id}``."""
+        opt = {"dialect": self.name}
+        base = "/v2/{endpoint_id:str}"
+
+        @post(f"{base}/run", status_code=200, opt=opt)
+        async def run(request: Request, endpoint_id: str) -> Response:
+            job = await self.submit(request, endpoint_id)
+            return self._json({"id": job.id, "status": STATUS[job.status]})
+
+        @post(f"{base}/runsync", status_code=200, opt=opt)
+        async def runsync(request: Request, endpoint_id: str) -> Response:
+            wait_ms = request.query_params.get("wait")
+            try:
+                wait = int(wait_ms) if wait_ms is not None else 90_000
+            except ValueError:
+                raise invalid("wait must be an integer number of milliseconds",
+                              field="wait") from None
+            wait = min(max(wait, 1_000), 300_000)
+            job = await self.submit(request, endpoint_id)
+            done = await self.jobs.wait(job.id, wait / 1000)
+            if done is None:
+                raise ApiError("not_found", f"job {job.id} expired (policy.ttl) before it finished")
+            return self._json(self.status_body(done, full=done.status not in (QUEUED, RUNNING)))
+
+        @get(f"{base}/status/{{job_id:str}}", opt=opt)
+        async def status(request: Request, endpoint_id: str, job_id: str) -> Response:
+            job = self._own_job(request, endpoint_id, job_id)
+            return self._json(self.status_body(job))
+
+        @post(f"{base}/cancel/{{job_id:str}}", status_code=200, opt=opt)
+        async def cancel(request: Request, endpoint_id: str, job_id: str) -> Response:
+            self._own_job(request, endpoint_id, job_id)
+            job = self.jobs.cancel(job_id)
+            if job is None:
+                raise ApiError("not_found", f"job {job_id} not found")
+            return self._json({"id": job.id, "status": STATUS[job.status]})
+
+        @post(f"{base}/retry/{{job_id:str}}", status_code=200, opt=opt)
+        async def retry(request: Request, endpoint_id: str, job_id: str) -> Response:
+            current = self._own_job(request, endpoint_id, job_id)
+            job = self.jobs.retry(job_id)
+            if job is None:
+                raise invalid(f"job {job_id} is {STATUS[current.status]}; only FAILED or "
+                              "TIMED_OUT jobs can be retried")
+            return self._json({"id": job.id, "status": STATUS[job.status]})
+
+        @post(f"{base}/purge-queue", status_code=200, opt=opt)
+        async def purge_queue(request: Request, endpoint_id: str) -> Response:
+            principal = self.ctx.authenticate_key(bearer_token(request), self.name)
+            removed = self.jobs.purge(self.name, self._scope(principal.id, endpoint_id))
+            return self._json({"removed": removed, "status": "completed"})
+
+        @get(f"{base}/health", opt=opt)
+        async def health(request: Request, endpoint_id: str) -> Response:
+            principal = self.ctx.authenticate_key(bearer_token(request), self.name)
+            stats = self.jobs.store.stats(self.name, self._scope(principal.id, endpoint_id))
+            return self._json(self.health_body(stats))
+
+        return [run, runsync, status, cancel, retry, purge_queue, health]
+
+    # -- submission ------------------------------------------------------------------------
+
+    async def submit(self, request: Request, endpoint_id: str) -> Job:
+        """Authenticate, check the envelope, admit and store a queued job."""
+        principal = self.ctx.authenticate_key(bearer_token(request), self.name)
+        body = decode_json(await request.body(), RunRequest)
+        if body.s3Config:
+            raise invalid("s3Config is not supported: results are returned inline as data URIs",
+                          field="s3Config")
+        settings = self.ctx.settings
+        policy = body.policy or Policy()
+        ttl_ms = policy.ttl if policy.ttl is not None else settings.job_ttl_s * 1000
+        if not MIN_TTL_MS <= ttl_ms <= MAX_TTL_MS:
+            raise invalid(f"policy.ttl must be between {MIN_TTL_MS} and {MAX_TTL_MS} ms",
+                          field="policy.ttl")
+        exec_ms = (policy.executionTimeout if policy.executionTimeout is not None
+                   else settings.job_execution_timeout_s * 1000)
+        if not MIN_EXEC_MS <= exec_ms <= MAX_TTL_MS:
+            raise invalid(f"policy.executionTimeout must be between {MIN_EXEC_MS} and "
+                          f"{MAX_TTL_MS} ms", field="policy.executionTimeout")
+        if body.webhook is not None:
+            try:
+                await resolve_checked(body.webhook, self.webhook_policy)
+            except FetchRefused as exc:
+                raise invalid(f"webhook: {exc}", field="webhook") from None
+        n = body.input.get("num_images", 1)
+        images = n if isinstance(n, int) and 0 < n < 3 else 1
+        self._admit(images)
+        admit = getattr(self.ctx, "admit", None)
+        if admit is not None:
+            admit(principal)
+        now = time.time()
+        job = Job(
+            id=f"{uuid.uuid4()}-u1",
+            dialect=self.name,
+            scope=self._scope(principal.id, endpoint_id),
+            payload={"input": body.input, "client_id": principal.id},
+            created_at=now,
+            expires_at=now + ttl_ms / 1000,
+            execution_timeout_s=exec_ms / 1000,
+            webhook=body.webhook,
+            images=images,
+        )
+        return self.jobs.submit(job)
+
+    def _admit(self, images: int) -> None:
+        """429 when the engine's queue is full or too many jobs wait."""
+        engine = self.ctx.engine
+        limit = engine.config.max_queue_images
+        if engine.ready and engine.queued_images + images > limit:
+            raise ApiError("overload", f"the queue is full ({engine.queued_images} of {limit} "
+                           "images waiting); retry shortly", retry_after=1.0)
+        waiting = self.jobs.store.count((QUEUED,))
+        if waiting >= self.ctx.settings.job_queue_max:
+            raise ApiError("overload", f"too many queued jobs ({waiting}); retry shortly",
+                           retry_after=1.0)
+
+    # -- JobHandler ------------------------------------------------------------------------
+
+    async def prepare(self, job: Job) -> GenerationRequest:
+        """Validate the stored input and build the canonical request (fetching image_url)."""
+        inp = validate_input(job.payload.get("input") or {})
+        init_image = None
+        if inp["image_url"]:
+            try:
+                data = await fetch_image(inp["image_url"], self.fetch_policy)
+            except FetchRefused as exc:
+                raise InputError(f"image_url: {exc}") from None
+            init_image = InitImage(data=data, strength=inp["strength"])
+        # worker-sdxl always runs the refiner: after the base for text-to-image, alone for
+        # image-to-image. high_noise_frac set: expert hand-off (base stops there, the refiner
+        # continues); unset: refiner img2img at strength, as the original worker.
+        refine = Refine(
+            steps=inp["refiner_inference_steps"],
+            strength=inp["strength"],
+            high_noise_frac=None if init_image else inp["high_noise_frac"],
+        )
+        return GenerationRequest(
+            prompt=inp["prompt"] or "",
+            negative_prompt=inp["negative_prompt"] or "",
+            n=inp["num_images"],
+            width=inp["width"],
+            height=inp["height"],
+            steps=inp["num_inference_steps"],
+            guidance=inp["guidance_scale"],
+            sampler=inp["scheduler"],
+            seed=inp["seed"],
+            output_format="png",
+            init_image=init_image,
+            refine=refine,
+            client_id=job.payload.get("client_id"),
+            request_id=job.id,
+        )
+
+    def error_message(self, exc: BaseException) -> str:
+        """Job ``error`` text, naming worker-sdxl's fields."""
+        if isinstance(exc, InputError):
+            return str(exc)
+        return failure_from(exc, self.field_names).message
+
+    def finished(self, job: Job) -> None:
+        """Deliver the webhook, if the job has one."""
+        if job.webhook:
+            body = msgspec.json.encode(self.status_body(job))
+            self.webhooks.send(job.webhook, body)
+
+    # -- rendering -------------------------------------------------------------------------
+
+    def status_body(self, job: Job, *, full: bool = True) -> dict[str, Any]:
+        """The ``/status`` body; ``full=False`` gives the short ``{id, status}`` form."""
+        body: dict[str, Any] = {"id": job.id, "status": STATUS[job.status]}
+        if not full:
+            return body
+        if job.started_at is not None:
+            body["delayTime"] = _ms(job.started_at - job.created_at)
+        if job.finished_at is not None and job.started_at is not None:
+            body["executionTime"] = _ms(job.finished_at - job.started_at)
+        if job.worker_id:
+            body["workerId"] = job.worker_id
+        if job.status == COMPLETED and job.result is not None:
+            images = [
+                "data:image/png;base64,"
+                + base64.b64encode(self.jobs.store.read_image(job.id, img)).decode("ascii")
+                for img in job.result.images
+            ]
+            body["output"] = {"images": images, "image_url": images[0] if images else None,
+                              "seed": job.result.seed}
+        if job.error is not None:
+            body["error"] = job.error
+        return body
+
+    def health_body(self, stats: dict[str, int]) -> dict[str, Any]:
+        """``/health``: job counts for this endpoint and the one worker (this server)."""
+        engine = self.ctx.engine
+        running = 1 if self.jobs.running else 0
+        ready = engine.ready
+        return {
+            "jobs": {
+                "completed": stats[COMPLETED], "failed": stats[FAILED] + stats[TIMED_OUT],
+                "inProgress": stats[RUNNING], "inQueue": stats[QUEUED],
+                "retried": stats["retried"],
+            },
+            "workers": {
+                "idle": 1 if ready and not running else 0,
+                "initializing": 0 if ready or engine.error else 1,
+                "ready": 1 if ready else 0,
+                "running": running if ready else 0,
+                "throttled": 0,
+                "unhealthy": 1 if engine.error else 0,
+            },
+        }
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _scope(client_id: str, endpoint_id: str) -> str:
+        return f"{client_id}/{endpoint_id}"
+
+    def _own_job(self, request: Request, endpoint_id: str, job_id: str) -> Job:
+        principal = self.ctx.authenticate_key(bearer_token(request), self.name)
+        job = self.jobs.store.get(job_id)
+        if job is None or job.dialect != self.name or \
+                job.scope != self._scope(principal.id, endpoint_id):
+            raise ApiError("not_found", f"job {job_id} not found (unknown or expired)")
+        return job
+
+    @staticmethod
+    def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+        return Response(content=msgspec.json.encode(body), status_code=status,
+                        media_type="application/json", headers=headers)
+
+    def render_failure(self, failure: Failure, request: Request) -> Response:
+        """API errors: a real HTTP status and ``{"error": message}``."""
+        headers: dict[str, str] = {}
+        if failure.retry_after is not None:
+            headers["retry-after"] = str(max(1, math.ceil(failure.retry_after)))
+        return self._json({"error": failure.message}, failure.status, headers)
+
+
+DIALECT = RunPodDialect

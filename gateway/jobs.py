@@ -1,0 +1,309 @@
+"""The job runner: takes queued jobs from the task store and runs them on the engine.
+
+Dialect-neutral. A task dialect registers a :class:`JobHandler` that turns its stored payload
+into a canonical request (fetching images, validating) and hears when a job finishes (for
+webhooks). Up to ``concurrency`` jobs are on the engine at once, each an asyncio task calling
+``engine.generate``; the engine's scheduler batches them. Jobs past that wait in the store as
+``queued``. Cancelling a job cancels its task, which drops it from the engine's queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, Protocol
+
+from inference import Engine, EngineState, GenerationRequest, GenerationResult
+from inference import errors as ie
+from inference.tasks import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    TIMED_OUT,
+    Job,
+    SqliteTaskStore,
+    StoredResult,
+    TaskStore,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class JobHandler(Protocol):
+    """What a task dialect provides to the runner."""
+
+    async def prepare(self, job: Job) -> GenerationRequest:
+        """The canonical request for ``job`` (may fetch inputs); raise to fail the job."""
+        ...
+
+    def error_message(self, exc: BaseException) -> str:
+        """The job ``error`` text for an exception, in the dialect's field names."""
+        ...
+
+    def finished(self, job: Job) -> None:
+        """Called once when ``job`` reaches a final state (must not block)."""
+        ...
+
+
+class JobRunner:
+    """Runs stored jobs on the engine; owns the dispatcher and the expiry sweeper."""
+
+    def __init__(
+        self,
+        store: TaskStore,
+        engine: Engine,
+        *,
+        concurrency: int = 8,
+        sweep_interval_s: float = 30.0,
+        worker_id: str | None = None,
+    ) -> None:
+        self.store = store
+        self.engine = engine
+        self.concurrency = max(1, concurrency)
+        self.sweep_interval_s = sweep_interval_s
+        self.worker_id = worker_id or secrets.token_hex(7)
+        self.handlers: dict[str, JobHandler] = {}
+        self._active: dict[str, asyncio.Task[None]] = {}
+        self._done: dict[str, asyncio.Event] = {}
+        self._cancelling: set[str] = set()
+        self._wake: asyncio.Event | None = None
+        self._loops: list[asyncio.Task[None]] = []
+        self._closing = False
+
+    def register(self, dialect: str, handler: JobHandler) -> None:
+        """Route jobs of ``dialect`` to ``handler``."""
+        self.handlers[dialect] = handler
+
+    @property
+    def running(self) -> int:
+        """Jobs on the engine right now."""
+        return len(self._active)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Any = None) -> AsyncIterator[None]:
+        """Open the store, fail interrupted jobs, run the loops; stop them on exit."""
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.close()
+
+    async def start(self) -> None:
+        """Open the store and start the dispatcher and sweeper."""
+        self.store.open()
+        failed = self.store.fail_interrupted()
+        if failed:
+            logger.warning("marked %d interrupted job(s) failed after a restart", failed)
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._loops = [
+            asyncio.create_task(self._dispatch(), name="imagegate-jobs-dispatch"),
+            asyncio.create_task(self._sweep(), name="imagegate-jobs-sweep"),
+        ]
+
+    async def close(self) -> None:
+        """Stop the loops, fail jobs still running (the restart rule would anyway), close."""
+        self._closing = True
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
+        active = list(self._active.values())
+        for task in active:
+            task.cancel()
+        await asyncio.gather(*active, return_exceptions=True)
+        self.store.close()
+
+    # -- operations ------------------------------------------------------------------------
+
+    def submit(self, job: Job) -> Job:
+        """Store a new queued job and wake the dispatcher."""
+        self.store.create(job)
+        self._done[job.id] = asyncio.Event()
+        self._kick()
+        return job
+
+    async def wait(self, job_id: str, timeout_s: float) -> Job | None:
+        """Wait up to ``timeout_s`` for the job to finish; return its current state."""
+        event = self._done.get(job_id)
+        if event is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout_s)
+        return self.store.get(job_id)
+
+    def cancel(self, job_id: str) -> Job | None:
+        """Cancel a queued or running job; a finished one is returned unchanged."""
+        now = time.time()
+        job = self.store.update(job_id, (QUEUED,), status=CANCELLED, finished_at=now)
+        if job is not None:
+            self._finish(job)
+            return job
+        task = self._active.get(job_id)
+        if task is not None:
+            job = self.store.update(job_id, (RUNNING,), status=CANCELLED, finished_at=now)
+            if job is not None:
+                self._cancelling.add(job_id)
+                task.cancel()
+                self._finish(job)
+                return job
+        return self.store.get(job_id)
+
+    def retry(self, job_id: str) -> Job | None:
+        """Queue a FAILED or TIMED_OUT job again under the same id; ``None`` if not allowed."""
+        current = self.store.get(job_id)
+        if current is None:
+            return None
+        job = self.store.update(
+            job_id, (FAILED, TIMED_OUT), status=QUEUED, error=None, result=None,
+            started_at=None, finished_at=None, worker_id=None, created_at=time.time(),
+            retries=current.retries + 1,
+        )
+        if job is not None:
+            self._done[job_id] = asyncio.Event()
+            self._kick()
+        return job
+
+    def purge(self, dialect: str, scope: str) -> int:
+        """Remove the queued jobs of one dialect and scope; return how many."""
+        ids = self.store.purge_queued(dialect, scope)
+        for job_id in ids:
+            event = self._done.pop(job_id, None)
+            if event is not None:
+                event.set()
+        return len(ids)
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _kick(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _dispatch(self) -> None:
+        assert self._wake is not None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 1.0)
+            self._wake.clear()
+            if self.engine.state in (EngineState.LOADING, EngineState.WARMING):
+                continue  # jobs stay queued while the model loads
+            free = self.concurrency - len(self._active)
+            if free <= 0:
+                continue
+            try:
+                for job in self.store.queued(free):
+                    self._start(job)
+            except Exception:
+                logger.exception("job dispatch failed")
+
+    def _start(self, job: Job) -> None:
+        started = self.store.update(job.id, (QUEUED,), status=RUNNING, started_at=time.time(),
+                                    worker_id=self.worker_id)
+        if started is None:
+            return
+        self._done.setdefault(job.id, asyncio.Event())
+        self._active[job.id] = asyncio.create_task(self._execute(started),
+                                                   name=f"imagegate-job-{job.id}")
+
+    async def _execute(self, job: Job) -> None:
+        handler = self.handlers.get(job.dialect)
+        changes: dict[str, Any]
+        try:
+            if handler is None:
+                raise RuntimeError(f"no handler for {job.dialect} jobs")
+            try:
+                async with asyncio.timeout(job.execution_timeout_s):
+                    request = await handler.prepare(job)
+                    result = await self._generate(request)
+            except TimeoutError:
+                changes = {"status": TIMED_OUT, "error": (
+                    f"the job did not finish within its execution timeout of "
+                    f"{job.execution_timeout_s:g}s")}
+            except ie.DeadlineExceeded as exc:
+                changes = {"status": TIMED_OUT, "error": exc.message}
+            else:
+                images = [(img.data, img.media_type, img.seed, img.width, img.height)
+                          for img in result.images]
+                stored = await asyncio.to_thread(self.store.save_images, job.id, images)
+                changes = {"status": COMPLETED, "result": StoredResult(
+                    images=stored, seed=result.seed, model=result.model,
+                    prompt_tokens=result.prompt_tokens)}
+        except asyncio.CancelledError:
+            if job.id in self._cancelling or not self._closing:
+                changes = {"status": CANCELLED}
+            else:
+                changes = {"status": FAILED,
+                           "error": "the server shut down before this job finished; retry it"}
+                self._record(job, changes)
+                raise
+        except Exception as exc:  # noqa: BLE001 - any failure becomes the job's error
+            message = handler.error_message(exc) if handler else str(exc)
+            changes = {"status": FAILED, "error": message}
+        self._record(job, changes)
+
+    def _record(self, job: Job, changes: dict[str, Any]) -> None:
+        self._active.pop(job.id, None)
+        self._cancelling.discard(job.id)
+        final = self.store.update(job.id, (RUNNING,), finished_at=time.time(), **changes)
+        if final is None:
+            final = self.store.get(job.id)  # cancelled meanwhile: already final
+        else:
+            self._finish(final)
+        event = self._done.pop(job.id, None)
+        if event is not None:
+            event.set()
+        self._kick()
+
+    def _finish(self, job: Job) -> None:
+        event = self._done.pop(job.id, None)
+        if event is not None:
+            event.set()
+        handler = self.handlers.get(job.dialect)
+        if handler is not None:
+            try:
+                handler.finished(job)
+            except Exception:
+                logger.exception("job finish hook failed")
+
+    async def _generate(self, request: GenerationRequest) -> GenerationResult:
+        """``engine.generate``, waiting (not failing) while the engine's queue is full."""
+        while True:
+            try:
+                return await self.engine.generate(request)
+            except ie.QueueFull as exc:
+                await asyncio.sleep(min(max(exc.retry_after, 0.1), 1.0))
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_interval_s)
+            try:
+                await self.sweep()
+            except Exception:
+                logger.exception("job expiry sweep failed")
+
+    async def sweep(self) -> int:
+        """Delete expired jobs (cancelling any still running) and their files."""
+        expired = self.store.expired()
+        for job in expired:
+            task = self._active.get(job.id)
+            if task is not None:
+                self._cancelling.add(job.id)
+                task.cancel()
+            await asyncio.to_thread(self.store.delete, job.id)
+            event = self._done.pop(job.id, None)
+            if event is not None:
+                event.set()
+        return len(expired)
+
+
+def job_store(data_path: Path, results_dir: str = "") -> SqliteTaskStore:
+    """The SQLite store under ``data_path`` (results in ``results_dir`` or ``data_path/results``)."""
+    results = Path(results_dir).expanduser() if results_dir else data_path / "results"
+    return SqliteTaskStore(data_path / "tasks.sqlite3", results)

@@ -1,0 +1,61 @@
+"""Webhook delivery: POST a finished job's body to the URL its submitter gave.
+
+Each delivery is its own asyncio task, so it never holds up job execution. A delivery that
+does not get a 2xx answer is retried (RunPod: twice, 10 s apart). The SSRF rules of
+:mod:`gateway.fetch` apply to webhook URLs, with their own operator allow-list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from gateway.fetch import AddressRefused, FetchPolicy, FetchRefused, post_json
+
+logger = logging.getLogger(__name__)
+
+
+class WebhookSender:
+    """Delivers webhook bodies in the background with retries."""
+
+    def __init__(self, policy: FetchPolicy, *, retries: int = 2, retry_delay_s: float = 10.0) -> None:
+        self.policy = policy
+        self.retries = retries
+        self.retry_delay_s = retry_delay_s
+        self._tasks: set[asyncio.Task[bool]] = set()
+
+    def send(self, url: str, body: bytes) -> asyncio.Task[bool]:
+        """Start delivering ``body`` to ``url``; the task's result says whether it arrived."""
+        task = asyncio.create_task(self.deliver(url, body), name="imagegate-webhook")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def deliver(self, url: str, body: bytes) -> bool:
+        """Try once plus ``retries`` times; True once the receiver answered 2xx."""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                await asyncio.sleep(self.retry_delay_s)
+            try:
+                status = await post_json(url, body, self.policy)
+            except AddressRefused as exc:
+                logger.warning("webhook %s refused: %s", _safe(url), exc)
+                return False  # an SSRF refusal will not change on retry
+            except FetchRefused as exc:
+                logger.warning("webhook %s attempt %d: %s", _safe(url), attempt + 1, exc)
+                continue
+            if 200 <= status < 300:
+                return True
+            logger.warning("webhook %s attempt %d: HTTP %d", _safe(url), attempt + 1, status)
+        return False
+
+    async def close(self) -> None:
+        """Cancel deliveries still pending (shutdown)."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _safe(url: str) -> str:
+    """``url`` without its query string (which may carry a secret), for logs."""
+    return url.split("?", 1)[0]

@@ -1,0 +1,471 @@
+"""RunPod serverless dialect (worker-sdxl schema): SDK, queue API, refiner modes, image_url
+fetching and its SSRF rules, webhooks, durable jobs across restarts.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from gateway.jobs import job_store
+from inference import Engine, EngineConfig, ModelInfo
+from inference.batch import Batch
+from inference.errors import Cancelled
+from inference.runner import StepTimes
+from inference.tasks import RUNNING, Job
+from tests import serving
+
+KEY = "test-key"
+AUTH = {"authorization": KEY}  # RunPod's raw-key form
+BEARER = {"authorization": f"Bearer {KEY}"}
+SMALL = {"width": 64, "height": 64, "num_inference_steps": 2, "refiner_inference_steps": 4,
+         "strength": 0.5}
+
+
+def png_bytes(size: tuple[int, int] = (64, 64), color: tuple[int, int, int] = (200, 30, 30)
+              ) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def data_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def decode(uri: str) -> Image.Image:
+    assert uri.startswith("data:image/png;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+
+
+# -- a local HTTP server: images, redirects, webhooks ---------------------------------------
+
+
+class Site:
+    """Serves test images and records webhook posts."""
+
+    def __init__(self) -> None:
+        self.posts: list[dict[str, Any]] = []
+        self.fail_posts = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _send(self, status: int, body: bytes, ctype: str,
+                      headers: dict[str, str] | None = None) -> None:
+                self.send_response(status)
+                self.send_header("content-type", ctype)
+                self.send_header("content-length", str(len(body)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                if self.path == "/cat.png":
+                    self._send(200, png_bytes(), "image/png")
+                elif self.path == "/hop":
+                    self._send(302, b"", "text/plain", {"location": "/cat.png"})
+                elif self.path == "/to-metadata":
+                    self._send(302, b"", "text/plain",
+                               {"location": "http://169.254.169.254/latest/meta-data/"})
+                elif self.path == "/loop":
+                    self._send(302, b"", "text/plain", {"location": "/loop"})
+                elif self.path == "/page":
+                    self._send(200, b"<html>hi</html>", "text/html")
+                elif self.path == "/big.png":
+                    self._send(200, b"\x89PNG" + b"\0" * 300_000, "image/png")
+                elif self.path == "/garbage.png":
+                    self._send(200, b"not an image at all", "image/png")
+                elif self.path == "/huge.png":
+                    self._send(200, png_bytes((400, 400)), "image/png")
+                else:
+                    self._send(404, b"no", "text/plain")
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                outer.posts.append(json.loads(body))
+                if outer.fail_posts > 0:
+                    outer.fail_posts -= 1
+                    self._send(500, b"try again", "text/plain")
+                else:
+                    self._send(200, b"ok", "text/plain")
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
+@pytest.fixture(scope="module")
+def site() -> Iterator[Site]:
+    s = Site()
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def rp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[serving.LiveServer]:
+    """tiny-sdxl (with its tiny refiner), keyed, local fetches and webhooks allowed."""
+    with serving.live_server(
+        tmp_path_factory.mktemp("runpod"), api_keys=KEY, warmup_sizes="64x64",
+        fetch_allow="127.0.0.1", webhook_allow="127.0.0.1", webhook_retry_delay_s=0.1,
+        fetch_max_bytes=200_000, fetch_max_pixels=100_000, job_sweep_interval_s=0.2,
+    ) as live:
+        yield live
+
+
+def runsync(live: serving.LiveServer, inp: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    r = httpx.post(f"{live.url}/v2/ep/runsync", json={"input": inp, **extra}, headers=AUTH,
+                   timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def wait_status(live: serving.LiveServer, job_id: str, statuses: tuple[str, ...],
+                timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        body = httpx.get(f"{live.url}/v2/ep/status/{job_id}", headers=AUTH).json()
+        if body["status"] in statuses or time.monotonic() > deadline:
+            return body
+        time.sleep(0.05)
+
+
+# -- the runpod SDK against a live server ----------------------------------------------------
+
+
+@pytest.fixture
+def sdk(rp: serving.LiveServer, monkeypatch: pytest.MonkeyPatch) -> Any:
+    import runpod
+
+    monkeypatch.setenv("RUNPOD_ENDPOINT_BASE_URL", rp.url + "/v2")
+    monkeypatch.setattr(runpod, "endpoint_url_base", rp.url + "/v2")
+    monkeypatch.setattr(runpod, "api_key", KEY)
+    return runpod
+
+
+def test_sdk_run_sync(sdk: Any) -> None:
+    out = sdk.Endpoint("sdxl").run_sync({"prompt": "a red fox", "seed": 7, **SMALL}, timeout=60)
+    assert set(out) == {"images", "image_url", "seed"}
+    assert out["seed"] == 7 and out["image_url"] == out["images"][0]
+    assert decode(out["images"][0]).size == (64, 64)
+
+
+def test_sdk_run_status_output(sdk: Any) -> None:
+    job = sdk.Endpoint("sdxl").run({"input": {"prompt": "a boat", "num_images": 2, **SMALL}})
+    assert job.status() in ("IN_QUEUE", "IN_PROGRESS", "COMPLETED")
+    out = job.output(timeout=60)
+    assert job.status() == "COMPLETED"
+    assert len(out["images"]) == 2
+    assert out["images"][0] != out["images"][1]
+
+
+def test_sdk_bad_key_is_401(sdk: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sdk, "api_key", "wrong")
+    with pytest.raises(RuntimeError, match="401"):
+        sdk.Endpoint("sdxl").run({"prompt": "x"})
+
+
+# -- queue API over plain HTTP ---------------------------------------------------------------
+
+
+def test_auth_raw_and_bearer(rp: serving.LiveServer) -> None:
+    for headers in (AUTH, BEARER):
+        assert httpx.get(f"{rp.url}/v2/ep/health", headers=headers).status_code == 200
+    r = httpx.get(f"{rp.url}/v2/ep/health")
+    assert r.status_code == 401 and "error" in r.json()
+    r = httpx.post(f"{rp.url}/v2/ep/run", content=b"{nope", headers=AUTH)
+    assert r.status_code == 400 and "error" in r.json()
+    assert httpx.get(f"{rp.url}/v2/ep/nothing-here", headers=AUTH).status_code == 404
+
+
+def test_unknown_key_and_bad_types_fail_the_job(rp: serving.LiveServer) -> None:
+    body = runsync(rp, {"prompt": "x", "colour": "red"})
+    assert body["status"] == "FAILED"
+    assert body["error"] == "Unexpected input. colour is not a valid input option."
+    body = runsync(rp, {"prompt": "x", "num_inference_steps": "many"})
+    assert body["status"] == "FAILED" and "num_inference_steps" in body["error"]
+    body = runsync(rp, {"prompt": "x", "num_images": 3})
+    assert body["status"] == "FAILED" and "num_images" in body["error"]
+    body = runsync(rp, {"prompt": "x", "scheduler": "Euler a"})
+    assert body["status"] == "FAILED" and "scheduler" in body["error"]
+    body = runsync(rp, {"negative_prompt": "x"})
+    assert body["status"] == "FAILED" and "prompt is required" in body["error"]
+    # Canonical validation, renamed to worker-sdxl's field names.
+    body = runsync(rp, {**SMALL, "prompt": "x", "width": 100})
+    assert body["status"] == "FAILED" and body["error"].startswith("width must be a multiple")
+    body = runsync(rp, {**SMALL, "prompt": "x", "num_inference_steps": 1000})
+    assert body["status"] == "FAILED" and body["error"].startswith("num_inference_steps")
+
+
+def test_every_scheduler_name_runs(rp: serving.LiveServer) -> None:
+    for name in ("PNDM", "KLMS", "DDIM", "K_EULER", "K_EULER_ANCESTRAL", "DPMSolverMultistep",
+                 "DPMSolverSinglestep"):
+        body = runsync(rp, {**SMALL, "prompt": "x", "scheduler": name, "strength": 0.25})
+        assert body["status"] == "COMPLETED", (name, body.get("error"))
+
+
+def test_refiner_both_modes(rp: serving.LiveServer) -> None:
+    plain = runsync(rp, {**SMALL, "prompt": "a lighthouse", "seed": 3})
+    experts = runsync(rp, {**SMALL, "prompt": "a lighthouse", "seed": 3,
+                           "num_inference_steps": 4, "high_noise_frac": 0.5})
+    for body in (plain, experts):
+        assert body["status"] == "COMPLETED", body
+        assert decode(body["output"]["image_url"]).size == (64, 64)
+        assert body["delayTime"] >= 0 and body["executionTime"] > 0 and body["workerId"]
+    assert plain["output"]["images"] != experts["output"]["images"]
+    again = runsync(rp, {**SMALL, "prompt": "a lighthouse", "seed": 3})
+    assert again["output"]["images"] == plain["output"]["images"]
+
+
+def test_img2img_from_data_uri_and_local_server(rp: serving.LiveServer, site: Site) -> None:
+    for url in (data_uri(png_bytes((96, 96))), f"{site.url}/cat.png", f"{site.url}/hop"):
+        body = runsync(rp, {"image_url": url, "width": 64, "height": 64, "strength": 0.5,
+                            "refiner_inference_steps": 4, "seed": 1})
+        assert body["status"] == "COMPLETED", body
+        assert decode(body["output"]["images"][0]).size == (64, 64)
+
+
+@pytest.mark.parametrize(("path", "reason"), [
+    ("/to-metadata", "169.254.169.254"),   # allowed host redirecting to cloud metadata
+    ("/loop", "too many redirects"),
+    ("/page", "did not return an image"),
+    ("/big.png", "byte limit"),
+    ("/garbage.png", "not a readable image"),
+    ("/huge.png", "pixel limit"),
+])
+def test_image_url_refusals(rp: serving.LiveServer, site: Site, path: str, reason: str) -> None:
+    body = runsync(rp, {"image_url": site.url + path, **SMALL})
+    assert body["status"] == "FAILED"
+    assert body["error"].startswith("image_url:") and reason in body["error"], body["error"]
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.2/x.png",            # loopback outside the allow-list
+    "http://[::1]/x.png",                # IPv6 loopback
+    "http://169.254.169.254/latest/",    # link-local / cloud metadata
+    "http://10.1.2.3/x.png",             # private
+    "http://192.168.0.1/x.png",          # private
+    "http://[fd00::1]/x.png",            # IPv6 unique-local
+    "http://224.0.0.1/x.png",            # multicast
+    "http://0.0.0.0/x.png",              # unspecified
+    "http://240.0.0.1/x.png",            # reserved
+    "http://[::ffff:127.0.0.1]/x.png",   # IPv4-mapped IPv6 loopback
+    "http://[::ffff:169.254.169.254]/",  # IPv4-mapped metadata
+    "http://100.64.0.1/x.png",           # shared address space (CGNAT)
+    "file:///etc/passwd",
+    "ftp://example.com/x.png",
+])
+def test_ssrf_classes_refused(rp: serving.LiveServer, url: str) -> None:
+    body = runsync(rp, {"image_url": url, **SMALL})
+    assert body["status"] == "FAILED"
+    assert body["error"].startswith("image_url:"), body["error"]
+    assert "refusing" in body["error"] or "not allowed" in body["error"], body["error"]
+
+
+def test_fetch_rules_unit() -> None:
+    import asyncio
+    import ipaddress
+
+    from gateway.fetch import AllowList, FetchPolicy, FetchRefused, blocked_reason, resolve_checked
+
+    assert blocked_reason(ipaddress.ip_address("8.8.8.8")) is None
+    assert blocked_reason(ipaddress.ip_address("2606:4700::1111")) is None
+    assert blocked_reason(ipaddress.ip_address("64:ff9b::a9fe:a9fe")) == "link-local"  # NAT64
+    assert blocked_reason(ipaddress.ip_address("2002:7f00:1::")) == "loopback"  # 6to4
+    policy = FetchPolicy(allow=AllowList.parse("10.0.0.0/8,internal.example"))
+    assert asyncio.run(resolve_checked("http://10.9.9.9/a", policy))[2] is not None
+    assert asyncio.run(resolve_checked("http://internal.example/a", policy))[2] is None
+    with pytest.raises(FetchRefused):
+        asyncio.run(resolve_checked("http://user:pw@8.8.8.8/", policy))
+    with pytest.raises(FetchRefused, match="loopback"):  # by name, after DNS resolution
+        asyncio.run(resolve_checked("http://localhost:8000/", FetchPolicy()))
+
+
+def test_retry_purge_health_ttl(rp: serving.LiveServer) -> None:
+    url = f"{rp.url}/v2/ttl-ep"
+    failed = httpx.post(f"{url}/runsync", headers=AUTH,
+                        json={"input": {"prompt": "x", "nope": 1}}).json()
+    assert failed["status"] == "FAILED"
+    # Only FAILED / TIMED_OUT jobs may be retried; a retried bad input fails again.
+    r = httpx.post(f"{url}/retry/{failed['id']}", headers=AUTH)
+    assert r.status_code == 200 and r.json() == {"id": failed["id"], "status": "IN_QUEUE"}
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{url}/status/{failed['id']}", headers=AUTH).json()["status"] != "FAILED":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    ok = httpx.post(f"{url}/runsync", headers=AUTH,
+                    json={"input": {"prompt": "x", **SMALL}}).json()
+    assert ok["status"] == "COMPLETED"
+    r = httpx.post(f"{url}/retry/{ok['id']}", headers=AUTH)
+    assert r.status_code == 400 and "COMPLETED" in r.json()["error"]
+    health = httpx.get(f"{url}/health", headers=BEARER).json()
+    assert health["jobs"] == {"completed": 1, "failed": 1, "inProgress": 0, "inQueue": 0,
+                              "retried": 1}
+    assert health["workers"]["ready"] == 1
+    assert httpx.post(f"{url}/purge-queue", headers=AUTH).json() == {"removed": 0,
+                                                                     "status": "completed"}
+    # Another endpoint id (or another key) does not see the job.
+    assert httpx.get(f"{rp.url}/v2/other/status/{ok['id']}", headers=AUTH).status_code == 404
+
+
+def test_ttl_expiry(tmp_path: Any) -> None:
+    with serving.live_server(tmp_path, engine_factory=slow_factory(SlowRunner()),
+                             job_sweep_interval_s=0.2) as live:
+        url = f"{live.url}/v2/ep"
+        submitted = time.monotonic()
+        ok = httpx.post(f"{url}/runsync", json={"input": {
+            "prompt": "x", "width": 64, "height": 64, "refiner_inference_steps": 4},
+            "policy": {"ttl": 1500}}).json()
+        assert ok["status"] == "COMPLETED"
+        results = live.app.state.ctx.jobs.store.results_dir / ok["id"]
+        assert results.exists()
+        assert httpx.get(f"{url}/status/{ok['id']}").json()["status"] == "COMPLETED"
+        # Gone (404) once the ttl passes; its files are swept in the background.
+        time.sleep(max(0.0, submitted + 1.6 - time.monotonic()))
+        r = httpx.get(f"{url}/status/{ok['id']}")
+        assert r.status_code == 404 and "error" in r.json()
+        deadline = time.monotonic() + 5
+        while results.exists():
+            assert time.monotonic() < deadline, "expired results were not swept"
+            time.sleep(0.1)
+        r = httpx.post(f"{url}/run", json={"input": {"prompt": "x"}, "policy": {"ttl": 10}})
+        assert r.status_code == 400 and "policy.ttl" in r.json()["error"]
+
+
+def test_webhook_delivered_with_retry(rp: serving.LiveServer, site: Site) -> None:
+    site.posts.clear()
+    site.fail_posts = 1
+    r = httpx.post(f"{rp.url}/v2/ep/run", headers=AUTH, json={
+        "input": {"prompt": "x", **SMALL}, "webhook": f"{site.url}/hook"})
+    job_id = r.json()["id"]
+    deadline = time.monotonic() + 30
+    while len(site.posts) < 2:
+        assert time.monotonic() < deadline, site.posts
+        time.sleep(0.05)
+    assert [p["id"] for p in site.posts] == [job_id, job_id]
+    assert site.posts[1]["status"] == "COMPLETED" and site.posts[1]["output"]["images"]
+    # Webhook URLs follow the SSRF rules (only 127.0.0.1 is allow-listed here).
+    r = httpx.post(f"{rp.url}/v2/ep/run", headers=AUTH, json={
+        "input": {"prompt": "x"}, "webhook": "http://169.254.169.254/hook"})
+    assert r.status_code == 400 and "webhook" in r.json()["error"]
+
+
+# -- slow fake engine: cancel, runsync timeout, purge, 429, restart -------------------------
+
+
+class SlowRunner:
+    """Takes ``delay`` seconds per batch unless every request in it is cancelled."""
+
+    has_refiner = True
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.calls = 0
+
+    def run(self, batch: Batch) -> tuple[list[np.ndarray], StepTimes]:
+        self.calls += 1
+        end = time.monotonic() + self.delay
+        while time.monotonic() < end:
+            if batch.all_abandoned():
+                raise Cancelled("cancelled")
+            time.sleep(0.01)
+        h, w = batch.key.height, batch.key.width
+        return ([np.full((h, w, 3), 0.5, dtype=np.float32) for _ in batch.slots],
+                StepTimes(steps=batch.key.steps))
+
+    def count_tokens(self, prompt: str, negative_prompt: str) -> int:
+        return len(prompt.split())
+
+
+def slow_factory(runner: SlowRunner) -> Any:
+    info = ModelInfo(id="fake", source="fake", description="fake", makes_noise=True,
+                     default_width=64, default_height=64, has_refiner=True, created=0)
+
+    def build(settings: Any, metrics: Any) -> Engine:
+        cfg: EngineConfig = settings.engine_config()
+        return Engine(cfg, metrics, runner_factory=lambda _c: (runner, info))
+
+    return build
+
+
+def test_cancel_runsync_timeout_purge_and_429(tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+                                              ) -> None:
+    import runpod
+
+    runner = SlowRunner()
+    with serving.live_server(tmp_path, engine_factory=slow_factory(runner), job_concurrency=1,
+                             job_queue_max=2, max_batch_images=1) as live:
+        runner.delay = 3.0
+        url = f"{live.url}/v2/ep"
+        inp = {"prompt": "x", "width": 64, "height": 64, "refiner_inference_steps": 4}
+        # runsync whose wait runs out: IN_PROGRESS, the client then polls.
+        t0 = time.monotonic()
+        first = httpx.post(f"{url}/runsync?wait=1000", json={"input": inp}, timeout=10).json()
+        assert time.monotonic() - t0 < 2.5
+        assert first == {"id": first["id"], "status": "IN_PROGRESS"}
+        queued = [httpx.post(f"{url}/run", json={"input": inp}).json() for _ in range(2)]
+        assert [q["status"] for q in queued] == ["IN_QUEUE", "IN_QUEUE"]
+        r = httpx.post(f"{url}/run", json={"input": inp})
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        # SDK cancel of a queued job, then purge the other.
+        monkeypatch.setattr(runpod, "endpoint_url_base", live.url + "/v2")
+        monkeypatch.setattr(runpod, "api_key", "anything")
+        from runpod.endpoint.runner import Job as SdkJob
+        from runpod.endpoint.runner import RunPodClient
+
+        sdk_job = SdkJob("ep", queued[0]["id"], RunPodClient())
+        assert sdk_job.cancel() == {"id": queued[0]["id"], "status": "CANCELLED"}
+        assert httpx.post(f"{url}/purge-queue").json() == {"removed": 1, "status": "completed"}
+        assert httpx.get(f"{url}/status/{queued[1]['id']}").status_code == 404
+        # Cancel the running one: the engine drops it.
+        r = httpx.post(f"{url}/cancel/{first['id']}").json()
+        assert r == {"id": first["id"], "status": "CANCELLED"}
+        assert wait_status(live, first["id"], ("CANCELLED",))["status"] == "CANCELLED"
+        # executionTimeout → TIMED_OUT.
+        r = httpx.post(f"{url}/run", json={"input": inp, "policy": {"executionTimeout": 1000}})
+        body = wait_status(live, r.json()["id"], ("TIMED_OUT",), timeout=10)
+        assert body["status"] == "TIMED_OUT" and "execution timeout" in body["error"]
+        health = httpx.get(f"{url}/health").json()
+        assert health["jobs"]["inQueue"] == 0 and health["jobs"]["inProgress"] == 0
+
+
+def test_restart_keeps_results_and_fails_interrupted(tmp_path: Any) -> None:
+    runner = SlowRunner()
+    with serving.live_server(tmp_path, engine_factory=slow_factory(runner)) as live:
+        done = httpx.post(f"{live.url}/v2/ep/runsync", json={"input": {
+            "prompt": "x", "width": 64, "height": 64, "refiner_inference_steps": 4}}).json()
+        assert done["status"] == "COMPLETED"
+    # Jobs the first server left queued and running (written as a crash would leave them).
+    store = job_store(tmp_path / "data")
+    store.open()
+    now = time.time()
+    for i, status in enumerate(("queued", RUNNING)):
+        store.create(Job(id=f"interrupted-{i}", dialect="runpod", scope="anonymous/ep",
+                         payload={"input": {}}, status=status, created_at=now,
+                         expires_at=now + 3600))
+    store.close()
+    with serving.live_server(tmp_path, engine_factory=slow_factory(SlowRunner())) as live:
+        again = httpx.get(f"{live.url}/v2/ep/status/{done['id']}").json()
+        assert again["status"] == "COMPLETED"
+        assert again["output"] == done["output"]
+        for i in range(2):
+            body = httpx.get(f"{live.url}/v2/ep/status/interrupted-{i}").json()
+            assert body["status"] == "FAILED", body
+            assert "restarted" in body["error"]
