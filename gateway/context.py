@@ -16,7 +16,7 @@ from auth.usage import UsageLedger
 from gateway.errors import ApiError
 from gateway.media import MediaStore
 from gateway.settings import Settings
-from inference import Engine, GenerationResult
+from inference import Engine, GenerationRequest, GenerationResult
 from observability.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -96,6 +96,11 @@ class GatewayContext:
             )
         except Exception:
             logger.exception("could not record usage for %s", principal.id)
+
+    def record_job_usage(self, request: GenerationRequest, result: GenerationResult) -> None:
+        """Ledger entry for a finished async job, charged to the client that submitted it."""
+        principal = self.keys.by_id(request.client_id) if request.client_id else None
+        self.record_usage(principal or ANONYMOUS, result, len(result.images))
 
     def authenticate_key(self, presented: str | None, scope: str) -> Principal:
         """The principal for an API key, or a 401/403 :class:`ApiError`.

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -63,12 +63,15 @@ class JobRunner:
         concurrency: int = 8,
         sweep_interval_s: float = 30.0,
         worker_id: str | None = None,
+        on_success: Callable[[GenerationRequest, GenerationResult], None] | None = None,
     ) -> None:
         self.store = store
         self.engine = engine
         self.concurrency = max(1, concurrency)
         self.sweep_interval_s = sweep_interval_s
         self.worker_id = worker_id or secrets.token_hex(7)
+        # Called with each completed job's request and result (the usage ledger).
+        self.on_success = on_success
         self.handlers: dict[str, JobHandler] = {}
         self._active: dict[str, asyncio.Task[None]] = {}
         self._done: dict[str, asyncio.Event] = {}
@@ -235,6 +238,8 @@ class JobRunner:
                 changes = {"status": COMPLETED, "result": StoredResult(
                     images=stored, seed=result.seed, model=result.model,
                     prompt_tokens=result.prompt_tokens)}
+                if self.on_success is not None:
+                    self.on_success(request, result)
         except asyncio.CancelledError:
             if job.id in self._cancelling or not self._closing:
                 changes = {"status": CANCELLED}

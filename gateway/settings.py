@@ -179,3 +179,15 @@ def _help_for(name: str) -> str:
         if isinstance(meta, Meta) and meta.description:
             return meta.description
     return ""
+
+
+def settings_markdown() -> str:
+    """The settings as a markdown table (flag, env var, default, meaning), for the README."""
+    rows = ["| flag | env var | default | meaning |", "|---|---|---|---|"]
+    defaults = Settings()
+    for name in Settings.__struct_fields__:
+        default = getattr(defaults, name)
+        shown = "—" if default in (None, "") else f"`{default}`"
+        flag = "--" + name.replace("_", "-")
+        rows.append(f"| `{flag}` | `{ENV_PREFIX}{name.upper()}` | {shown} | {_help_for(name)} |")
+    return "\n".join(rows)

@@ -469,3 +469,15 @@ def test_restart_keeps_results_and_fails_interrupted(tmp_path: Any) -> None:
             body = httpx.get(f"{live.url}/v2/ep/status/interrupted-{i}").json()
             assert body["status"] == "FAILED", body
             assert "restarted" in body["error"]
+
+
+def test_completed_jobs_are_charged_to_the_submitting_key(rp: serving.LiveServer) -> None:
+    ledger = rp.app.state.ctx.ledger
+
+    def images() -> int:
+        return sum(row.images for row in ledger.rows(client="env-key-1"))
+
+    before = images()
+    out = runsync(rp, {"prompt": "ledger", "num_images": 2, **SMALL})
+    assert out["status"] == "COMPLETED"
+    assert images() == before + 2
