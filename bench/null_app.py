@@ -1,7 +1,8 @@
 """The full imagegate stack over a null executor, for the gateway-overhead benchmark.
 
-Run: python -m bench.null_app PORT. Auth (one API key), validation, metrics, the scheduler and
-PNG encoding all run; the "model" returns a fixed 64×64 image instantly.
+Run: python -m bench.null_app PORT [DATA_DIR] [smooth|noise]. Auth (one API key), quotas,
+validation, metrics, the usage ledger, the scheduler, the executor thread and PNG encoding in the
+pool all run; the "model" returns a fixed 64×64 image instantly.
 """
 
 from __future__ import annotations
@@ -27,9 +28,15 @@ class NullRunner:
 
     has_refiner = False
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str = "smooth") -> None:
         rng = np.random.default_rng(0)
-        self.image = rng.random((64, 64, 3), dtype=np.float32)
+        if kind == "noise":  # what tiny-sdxl makes: incompressible, the worst case for PNG
+            self.image = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+        else:  # picture-like: gradients and a shape, as real generations compress
+            y, x = np.mgrid[0:64, 0:64] / 64.0
+            rgb = np.stack([x, y, 0.5 + 0.5 * np.sin(6 * x + 4 * y)], axis=-1)
+            rgb[(x - 0.5) ** 2 + (y - 0.5) ** 2 < 0.05] = [0.9, 0.2, 0.1]
+            self.image = (rgb * 255).astype(np.uint8)
 
     def run(self, batch: Batch) -> tuple[list[np.ndarray], StepTimes]:
         return [self.image for _ in batch.slots], StepTimes(steps=1)
@@ -38,7 +45,7 @@ class NullRunner:
         return len(prompt.split())
 
 
-def build(port: int, data_dir: str) -> object:
+def build(port: int, data_dir: str, kind: str = "smooth") -> object:
     settings = Settings.from_sources({"port": port, "api_keys": KEY, "data_dir": data_dir,
                                       "max_queue_images": 4096}, environ={})
     metrics = Metrics()
@@ -46,12 +53,13 @@ def build(port: int, data_dir: str) -> object:
                      default_width=64, default_height=64, has_refiner=False, created=0)
     cfg = settings.engine_config()
     engine = Engine(EngineConfig(**{f: getattr(cfg, f) for f in cfg.__struct_fields__}),
-                    metrics, runner_factory=lambda _c: (NullRunner(), info))
+                    metrics, runner_factory=lambda _c: (NullRunner(kind), info))
     return create_app(settings, engine=engine, metrics=metrics)
 
 
 if __name__ == "__main__":
     port = int(sys.argv[1])
     data = sys.argv[2] if len(sys.argv) > 2 else str(Path("/tmp/imagegate-bench"))
-    uvicorn.run(build(port, data), host="127.0.0.1", port=port, log_level="warning",
+    kind = sys.argv[3] if len(sys.argv) > 3 else "smooth"
+    uvicorn.run(build(port, data, kind), host="127.0.0.1", port=port, log_level="warning",
                 access_log=False)

@@ -28,18 +28,27 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work``; if the client disconnects first, cancel it and raise :class:`ClientDisconnected`."""
-    task = asyncio.ensure_future(work)
-    listener = asyncio.ensure_future(_wait_for_disconnect(request))
+    """Await ``work``; if the client disconnects first, cancel it and raise :class:`ClientDisconnected`.
+
+    One listener task per request; the work itself runs in the handler's own task, which the
+    listener cancels on disconnect (cheaper than racing two tasks with ``asyncio.wait``).
+    """
+    handler = asyncio.current_task()
+    assert handler is not None
+    gone = False
+
+    async def listen() -> None:
+        nonlocal gone
+        await _wait_for_disconnect(request)
+        gone = True
+        handler.cancel()
+
+    listener = asyncio.create_task(listen())
     try:
-        done, _ = await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
+        return await work
     except asyncio.CancelledError:
-        task.cancel()
-        listener.cancel()
+        if gone:
+            raise ClientDisconnected() from None
         raise
-    if task in done:
+    finally:
         listener.cancel()
-        return task.result()
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    raise ClientDisconnected()

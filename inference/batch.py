@@ -59,6 +59,9 @@ class Ticket:
     pending: list[int] = field(default_factory=list)
     # Decoded arrays (H, W, 3 floats in [0, 1]) by image index, filled by the executor.
     outputs: dict[int, Any] = field(default_factory=dict)
+    # Encoded images by index, filled on the event loop as encoder chunks finish.
+    encoded: dict[int, Any] = field(default_factory=dict)
+    encode_started: float | None = None
     abandoned: bool = False
     failed: bool = False
     started_at: float | None = None

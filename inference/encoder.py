@@ -18,10 +18,14 @@ from inference.request import GeneratedImage, OutputFormat
 
 MEDIA_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
+# (array, format, compression, seed, want_base64)
+EncodeItem = tuple[np.ndarray, OutputFormat, int, int, bool]
+
 
 def to_pil(array: np.ndarray) -> Image.Image:
-    """A float (H, W, 3) array in [0, 1] as an 8-bit RGB image (diffusers' own rounding)."""
-    return Image.fromarray((np.clip(array, 0.0, 1.0) * 255).round().astype("uint8"))
+    """An 8-bit (H, W, 3) array as an RGB image."""
+    return Image.fromarray(array, mode="RGB") if array.dtype == np.uint8 else Image.fromarray(
+        (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8))
 
 
 def encode_image(
@@ -48,17 +52,18 @@ class EncoderPool:
         self.png_level = png_level
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imagegate-encode")
 
-    def submit(
-        self,
-        array: np.ndarray,
-        *,
-        fmt: OutputFormat,
-        compression: int,
-        seed: int,
-        want_base64: bool,
-    ) -> Future[tuple[GeneratedImage, float]]:
-        """Encode one image in the pool; the future yields the image and the seconds it took."""
-        return self._pool.submit(self._encode, array, fmt, compression, seed, want_base64)
+    @property
+    def workers(self) -> int:
+        """Threads in the pool."""
+        return self._pool._max_workers
+
+    def submit_many(self, items: list[EncodeItem]) -> Future[list[tuple[GeneratedImage, float]]]:
+        """Encode ``items`` one after another on one pool thread.
+
+        One task per chunk rather than per image: each hand-off to a thread costs about as much
+        as encoding a small image, so the caller splits a batch into ``workers`` chunks.
+        """
+        return self._pool.submit(lambda: [self._encode(*item) for item in items])
 
     def _encode(
         self, array: np.ndarray, fmt: OutputFormat, compression: int, seed: int, want_base64: bool

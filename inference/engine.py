@@ -19,7 +19,6 @@ import msgspec
 from inference.batch import BatchKey, Ticket
 from inference.encoder import EncoderPool
 from inference.errors import (
-    Cancelled,
     DeadlineExceeded,
     FeatureUnavailable,
     InvalidRequest,
@@ -313,20 +312,20 @@ class Engine:
         ticket = self._ticket(prepared, loop.create_future())
         self._scheduler.submit(ticket)
         timeout = self.config.request_timeout_s
+        # A timer rather than wait_for(shield(...)): this is the per-request hot path.
+        timer = loop.call_later(timeout, self._expire, ticket, timeout)
         try:
-            return await asyncio.wait_for(asyncio.shield(ticket.future), timeout)
-        except TimeoutError:
-            self._scheduler.abandon(ticket)
-            raise DeadlineExceeded(
-                f"the request did not finish within {timeout:g}s and was dropped"
-            ) from None
+            return await ticket.future
         except asyncio.CancelledError:
             self._scheduler.abandon(ticket)
             raise
-
         finally:
-            if not ticket.future.done():
-                ticket.future.set_exception(Cancelled("request abandoned"))
-            # Retrieve any exception so asyncio does not log "never retrieved" for abandoned tickets.
-            if ticket.future.done() and not ticket.future.cancelled():
-                ticket.future.exception()
+            timer.cancel()
+
+    def _expire(self, ticket: Ticket, timeout: float) -> None:
+        if ticket.future.done():
+            return
+        assert self._scheduler is not None
+        self._scheduler.abandon(ticket)
+        ticket.future.set_exception(DeadlineExceeded(
+            f"the request did not finish within {timeout:g}s and was dropped"))

@@ -36,12 +36,26 @@ class BatchRunner(Protocol):
     has_refiner: bool
 
     def run(self, batch: Batch) -> tuple[list[np.ndarray], StepTimes]:
-        """One (H, W, 3) float32 array in [0, 1] per slot, in slot order."""
+        """One (H, W, 3) uint8 RGB array per slot, in slot order."""
         ...
 
     def count_tokens(self, prompt: str, negative_prompt: str) -> int:
         """Prompt tokens as the model's tokenizer counts them (executor thread only)."""
         ...
+
+
+def to_uint8(images: Any) -> list[np.ndarray]:
+    """Pipeline output as 8-bit (H, W, 3) arrays, with diffusers' own rounding.
+
+    A torch batch (B, 3, H, W) in [0, 1] is converted where it lives, so on a GPU only a quarter
+    of the bytes cross to the host; numpy input (H, W, 3 floats) is converted on the CPU.
+    """
+    import torch
+
+    if isinstance(images, torch.Tensor):
+        as_bytes = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        return list(as_bytes.cpu().numpy())
+    return [(np.clip(np.asarray(img), 0.0, 1.0) * 255).round().astype(np.uint8) for img in images]
 
 
 def decode_init_image(data: bytes, width: int, height: int) -> Any:
@@ -145,7 +159,7 @@ class DiffusersRunner:
                         num_inference_steps=key.steps,
                         guidance_scale=key.guidance,
                         clip_skip=key.clip_skip,
-                        output_type="np",
+                        output_type="pt",
                         **common,
                     ).images
             else:
@@ -157,7 +171,7 @@ class DiffusersRunner:
                     "num_inference_steps": key.steps,
                     "guidance_scale": key.guidance,
                     "clip_skip": key.clip_skip,
-                    "output_type": "latent" if refine is not None else "np",
+                    "output_type": "latent" if refine is not None else "pt",
                 }
                 if refine is not None and refine.high_noise_frac is not None:
                     base_kwargs["denoising_end"] = refine.high_noise_frac
@@ -169,13 +183,14 @@ class DiffusersRunner:
                         )
                     else:
                         out = self._refine(common, out, steps=refine.steps, strength=refine.strength)
+        times.denoise = last_step[0] - started
+        arrays = to_uint8(out)
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         ended = time.perf_counter()
         times.total = ended - started
-        times.denoise = last_step[0] - started
         times.decode = ended - last_step[0]
-        return [np.asarray(img, dtype=np.float32) for img in out], times
+        return arrays, times
 
     def _refine(
         self,
@@ -192,7 +207,7 @@ class DiffusersRunner:
         self.refiner.scheduler = type(self._refiner_scheduler).from_config(
             self._refiner_scheduler.config
         )
-        kwargs: dict[str, Any] = {"image": image, "num_inference_steps": steps, "output_type": "np"}
+        kwargs: dict[str, Any] = {"image": image, "num_inference_steps": steps, "output_type": "pt"}
         if denoising_start is not None:
             kwargs["denoising_start"] = denoising_start
         else:

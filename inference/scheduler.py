@@ -16,6 +16,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from concurrent.futures import Future
 
 from inference.batch import Batch, BatchKey, Slot, Ticket
 from inference.encoder import EncoderPool
@@ -55,7 +56,7 @@ class Scheduler:
         self._running: Batch | None = None
         self._accepting = True
         self._task: asyncio.Task[None] | None = None
-        self._finishers: set[asyncio.Task[None]] = set()
+        self._encoding: set[Future] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -91,8 +92,8 @@ class Scheduler:
                 ))
         while self._running is not None:
             await asyncio.sleep(0.05)
-        if self._finishers:
-            await asyncio.gather(*self._finishers, return_exceptions=True)
+        while self._encoding:
+            await asyncio.sleep(0.01)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -226,15 +227,16 @@ class Scheduler:
         for ticket in batch.tickets():
             ticket.inference_seconds += total * share[id(ticket)] / len(batch.slots)
             ticket.batch_images = max(ticket.batch_images, len(batch.slots))
+        complete: list[Ticket] = []
         for slot, array in outcome.images:
             ticket = slot.ticket
             if ticket.abandoned or ticket.failed:
                 continue
             ticket.outputs[slot.index] = array
             if len(ticket.outputs) == ticket.request.n:
-                task = asyncio.create_task(self._finish(ticket))
-                self._finishers.add(task)
-                task.add_done_callback(self._finishers.discard)
+                complete.append(ticket)
+        if complete:
+            self._encode(complete)
 
     def _fail(self, ticket: Ticket, exc: InferenceError) -> None:
         if ticket.failed:
@@ -244,30 +246,46 @@ class Scheduler:
         if not ticket.future.done():
             ticket.future.set_exception(exc)
 
-    async def _finish(self, ticket: Ticket) -> None:
-        """Encode a complete ticket's images in the pool and resolve its future."""
-        req = ticket.request
-        started = time.monotonic()
-        futures = [
-            asyncio.wrap_future(self.encoder.submit(
-                ticket.outputs[i], fmt=req.output_format, compression=req.output_compression,
-                seed=ticket.seed + i, want_base64=req.want_base64,
-            ))
-            for i in range(req.n)
-        ]
-        try:
-            encoded = await asyncio.gather(*futures)
-        except Exception as exc:
-            logger.exception("encoding failed")
-            self._fail(ticket, InferenceError(f"encoding the image failed: {type(exc).__name__}"))
+    def _encode(self, tickets: list[Ticket]) -> None:
+        """Encode the images of completed tickets in the pool, in up to ``workers`` chunks."""
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        work = [(t, i) for t in tickets for i in range(t.request.n)]
+        for t in tickets:
+            t.encode_started = now
+        chunks = max(1, min(self.encoder.workers, len(work)))
+        for c in range(chunks):
+            part = work[c::chunks]
+            items = [(t.outputs[i], t.request.output_format, t.request.output_compression,
+                      t.seed + i, t.request.want_base64) for t, i in part]
+            future = self.encoder.submit_many(items)
+            self._encoding.add(future)
+            future.add_done_callback(
+                lambda f, part=part: loop.call_soon_threadsafe(self._encoded, part, f))
+
+    def _encoded(self, part: list[tuple[Ticket, int]], future: Future) -> None:
+        """An encoder chunk finished (on the event loop): store images, resolve full tickets."""
+        self._encoding.discard(future)
+        exc = future.exception()
+        if exc is not None:
+            logger.error("encoding failed", exc_info=exc)
+            for ticket, _ in part:
+                self._fail(ticket, InferenceError(f"encoding the image failed: {type(exc).__name__}"))
             return
-        ticket.outputs.clear()
-        for _image, seconds in encoded:
-            self.metrics.encode_seconds.labels(req.output_format).observe(seconds)
+        for (ticket, index), (image, seconds) in zip(part, future.result(), strict=True):
+            self.metrics.encode_seconds.labels(ticket.request.output_format).observe(seconds)
+            if ticket.failed or ticket.abandoned:
+                continue
+            ticket.encoded[index] = image
+            if len(ticket.encoded) == ticket.request.n:
+                self._resolve(ticket)
+
+    def _resolve(self, ticket: Ticket) -> None:
+        req = ticket.request
         now = time.monotonic()
         self.metrics.e2e_seconds.observe(now - ticket.enqueued_at)
         result = GenerationResult(
-            images=[img for img, _ in encoded],
+            images=[ticket.encoded[i] for i in range(req.n)],
             seed=ticket.seed,
             prompt=ticket.prompt,
             negative_prompt=req.negative_prompt,
@@ -276,10 +294,11 @@ class Scheduler:
             timings=Timings(
                 queued=(ticket.started_at or now) - ticket.enqueued_at,
                 inference=ticket.inference_seconds,
-                encode=now - started,
+                encode=now - (ticket.encode_started or now),
                 total=now - ticket.enqueued_at,
                 batch_images=ticket.batch_images,
             ),
         )
+        ticket.outputs.clear()
         if not ticket.future.done():
             ticket.future.set_result(result)

@@ -48,7 +48,7 @@ class FakeRunner:
             time.sleep(self.delay)
         self.batches.append([(s.ticket.prompt, s.seed) for s in batch.slots])
         h, w = batch.key.height, batch.key.width
-        out = [np.full((h, w, 3), (s.seed % 256) / 255.0, dtype=np.float32) for s in batch.slots]
+        out = [np.full((h, w, 3), s.seed % 256, dtype=np.uint8) for s in batch.slots]
         return out, StepTimes(denoise=0.01, steps=batch.key.steps, decode=0.001, total=0.011)
 
     def count_tokens(self, prompt: str, negative_prompt: str) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 
 from inference.batch import Batch, Slot
@@ -66,4 +67,4 @@ async def test_every_sampler_runs_a_tiny_generation(tiny, name):
     images, times = await asyncio.to_thread(tiny._runner.run, Batch(ticket.key, [Slot(ticket, 0)]))
     assert images[0].shape == (64, 64, 3)
     assert times.steps >= 1
-    assert float(images[0].min()) >= 0.0 and float(images[0].max()) <= 1.0
+    assert images[0].dtype == np.uint8 and images[0].std() > 0
