@@ -138,3 +138,34 @@ def test_sigterm_drains_then_exits(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_503_while_the_model_loads(tmp_path):
+    from inference import Engine, EngineConfig, ModelInfo
+    from observability.metrics import Metrics
+
+    release = threading.Event()
+    runner = FakeRunner()
+    info = ModelInfo(id="slow", source="fake", description="fake", makes_noise=True,
+                     default_width=64, default_height=64, has_refiner=False, created=0)
+
+    def slow_factory(_cfg):
+        release.wait(30)
+        return runner, info
+
+    def build(settings, metrics: Metrics) -> Engine:
+        return Engine(EngineConfig(), metrics, runner_factory=slow_factory)
+
+    with live_server(tmp_path, engine_factory=build, wait_ready=False) as srv:
+        assert httpx.get(srv.url + "/health").status_code == 200
+        ready = httpx.get(srv.url + "/ready")
+        assert ready.status_code == 503 and ready.json()["status"] == "loading"
+        c = openai.OpenAI(base_url=srv.url, api_key="x", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as err:
+            c.images.generate(prompt="early", size="64x64")
+        assert err.value.status_code == 503
+        assert err.value.code == "model_loading"
+        assert int(err.value.response.headers["retry-after"]) >= 1
+        release.set()
+        _wait(lambda: httpx.get(srv.url + "/ready").status_code == 200)
+        assert c.images.generate(prompt="now", size="64x64").data
