@@ -20,7 +20,7 @@ from gateway.context import GatewayContext
 from gateway.dialects import discover
 from gateway.dialects.base import Dialect
 from gateway.disconnect import ClientDisconnected
-from gateway.errors import failure_from
+from gateway.errors import ApiError, failure_from
 from gateway.jobs import JobRunner, job_store
 from gateway.media import MediaStore
 from gateway.settings import Settings
@@ -139,12 +139,10 @@ def create_app(
         """Serve a URL-mode image until it expires."""
         found = ctx.media.get(name)
         if found is None:
-            from gateway.errors import ApiError
-
             raise ApiError("not_found", "image not found or expired")
         data, media_type = found
         return Response(content=data, media_type=media_type,
-                        headers={"cache-control": "private, max-age=3600"})
+                        headers={"cache-control": f"private, max-age={settings.url_ttl_s}"})
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:

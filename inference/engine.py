@@ -16,7 +16,7 @@ from pathlib import Path
 
 import msgspec
 
-from inference.batch import BatchKey, Ticket
+from inference.batch import Batch, BatchKey, Slot, Ticket
 from inference.encoder import EncoderPool
 from inference.errors import (
     DeadlineExceeded,
@@ -203,8 +203,6 @@ class Engine:
             t0 = time.perf_counter()
             request = GenerationRequest(prompt="warm-up", n=b, width=w, height=h, steps=2, seed=0)
             ticket = self._ticket(self.prepare(request), asyncio.get_running_loop().create_future())
-            from inference.batch import Batch, Slot
-
             batch = Batch(ticket.key, [Slot(ticket, j) for j in range(b)])
             outcome = await self._executor.run(batch)  # type: ignore[union-attr]
             if outcome.failures:

@@ -25,6 +25,18 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[serving.LiveSer
 
 
 @pytest.fixture(scope="session")
+async def tiny_engine():
+    """An engine on tiny-sdxl without HTTP, for tests that drive the runner directly."""
+    from inference import Engine, EngineConfig
+    from observability.metrics import Metrics
+
+    engine = Engine(EngineConfig(cache_dir=serving.CACHE_DIR, warmup_sizes=((64, 64),)), Metrics())
+    await engine.start()
+    yield engine
+    await engine.drain(5)
+
+
+@pytest.fixture(scope="session")
 def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[serving.LiveServer]:
     """A live server that requires the API key ``test-key``."""
     with serving.live_server(tmp_path_factory.mktemp("keyed"), api_keys="test-key") as live:

@@ -45,22 +45,11 @@ def test_lookup_is_case_insensitive_and_instances_are_fresh():
     assert REGISTRY.build("DPM++ 2M SDE", base).config.algorithm_type == "sde-dpmsolver++"
 
 
-@pytest.fixture(scope="module")
-async def tiny(tmp_path_factory):
-    from inference import Engine, EngineConfig
-    from observability.metrics import Metrics
-    from tests import serving
-
-    engine = Engine(EngineConfig(cache_dir=serving.CACHE_DIR, warmup_sizes=((64, 64),)), Metrics())
-    await engine.start()
-    yield engine
-    await engine.drain(5)
-
-
 @pytest.mark.parametrize("name", REGISTRY.names())
-async def test_every_sampler_runs_a_tiny_generation(tiny, name):
+async def test_every_sampler_runs_a_tiny_generation(tiny_engine, name):
     from inference import GenerationRequest
 
+    tiny = tiny_engine
     request = tiny.prepare(GenerationRequest(prompt="a cube", width=64, height=64, steps=3,
                                              sampler=name, seed=1))
     ticket = tiny._ticket(request, asyncio.get_running_loop().create_future())

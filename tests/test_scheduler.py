@@ -193,18 +193,6 @@ async def test_metrics_after_requests():
 
 # -- with the real tiny SDXL ---------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-async def tiny_engine(tmp_path_factory):
-    from inference import Engine, EngineConfig
-    from observability.metrics import Metrics
-    from tests import serving
-
-    engine = Engine(EngineConfig(cache_dir=serving.CACHE_DIR, warmup_sizes=((64, 64),)), Metrics())
-    await engine.start()
-    yield engine
-    await engine.drain(5)
-
-
 @pytest.mark.parametrize("sampler", ["Euler", "Euler a", "DPM++ 2M SDE Karras"])
 async def test_same_seed_same_image_alone_or_in_a_mixed_batch(tiny_engine, sampler):
     engine = tiny_engine
