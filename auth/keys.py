@@ -171,10 +171,6 @@ class KeyStore:
         c = self.client(client_id)
         return self.principal_of(c) if c else None
 
-    def has_client(self, client_id: str) -> bool:
-        """True when ``client_id`` exists (and is not revoked)."""
-        return self.client(client_id) is not None
-
 
 def _mtime(path: Path | None) -> float | None:
     try:

@@ -10,6 +10,7 @@ from litestar import Request, Response, get
 from auth.usage import UsageRow
 from gateway.context import GatewayContext, bearer_token
 from gateway.errors import ApiError, invalid
+from gateway.wire import json_response
 
 
 class UsageList(msgspec.Struct, kw_only=True):
@@ -25,16 +26,10 @@ def admin_handlers(ctx: GatewayContext) -> list[Any]:
     @get("/admin/usage", opt={"dialect": "admin"})
     async def usage(request: Request) -> Response:
         """The usage ledger, per client and UTC day."""
-        if ctx.keys.enabled:
-            presented = bearer_token(request)
-            if not presented:
-                raise ApiError("auth", "missing API key; send it as 'Authorization: Bearer <key>'")
-            principal = ctx.keys.by_key(presented)
-            if principal is None:
-                raise ApiError("auth", "invalid API key", code="invalid_api_key")
-            if not principal.admin:
-                raise ApiError("forbidden", "only admin clients may read the usage ledger")
-        elif not ctx.settings.is_loopback():
+        principal = ctx.authenticate_key(bearer_token(request), scope=None)
+        if ctx.keys.enabled and not principal.admin:
+            raise ApiError("forbidden", "only admin clients may read the usage ledger")
+        if not ctx.keys.enabled and not ctx.settings.is_loopback():
             raise ApiError("forbidden", "the usage ledger needs an admin API key")
         client = request.query_params.get("client")
         since = request.query_params.get("since")
@@ -43,7 +38,6 @@ def admin_handlers(ctx: GatewayContext) -> list[Any]:
         except ValueError:
             raise invalid(f"since must be a date (YYYY-MM-DD), got {since!r}",
                           field="since") from None
-        return Response(content=msgspec.json.encode(UsageList(data=rows)),
-                        media_type="application/json")
+        return json_response(UsageList(data=rows))
 
     return [usage]

@@ -68,7 +68,7 @@ class GatewayContext:
         principal = self.keys.by_id(client_id)
         if principal is None:  # revoked or deleted since the token was issued
             raise ApiError("auth", "Access token invalid or no longer valid", code="invalid")
-        if not principal.allows(scope):
+        if scope is not None and not principal.allows(scope):
             raise ApiError("forbidden", f"this client may not use the {scope} API")
         return principal
 
@@ -102,10 +102,11 @@ class GatewayContext:
         principal = self.keys.by_id(request.client_id) if request.client_id else None
         self.record_usage(principal or ANONYMOUS, result, len(result.images))
 
-    def authenticate_key(self, presented: str | None, scope: str) -> Principal:
+    def authenticate_key(self, presented: str | None, scope: str | None) -> Principal:
         """The principal for an API key, or a 401/403 :class:`ApiError`.
 
-        With no keys configured the server is open (loopback only, unless --insecure-no-auth).
+        ``scope`` is the dialect the key must be scoped for (``None``: any valid key). With no
+        keys configured the server is open (loopback only, unless --insecure-no-auth).
         """
         if not self.keys.enabled:
             return ANONYMOUS

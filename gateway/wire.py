@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import re
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
+from litestar import Response
 
-from gateway.errors import ApiError, invalid
+from gateway.errors import ApiError, Failure, invalid
 
 T = TypeVar("T")
 
@@ -56,3 +58,16 @@ def convert(data: object, type_: type[T]) -> T:
         text, path = field_of(exc)
         msg = f"invalid value for '{path}': {text}" if path else text
         raise invalid(msg, field=path) from None
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """``body`` (a Struct or plain data) encoded once by msgspec, as ``application/json``."""
+    return Response(content=msgspec.json.encode(body), status_code=status,
+                    media_type="application/json", headers=headers)
+
+
+def retry_headers(failure: Failure) -> dict[str, str]:
+    """``Retry-After`` (whole seconds, at least 1) when the failure says when to come back."""
+    if failure.retry_after is None:
+        return {}
+    return {"retry-after": str(max(1, math.ceil(failure.retry_after)))}

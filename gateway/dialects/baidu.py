@@ -23,7 +23,7 @@ from auth.oauth import TokenServer
 from gateway.dialects.base import Dialect
 from gateway.disconnect import unless_disconnected
 from gateway.errors import Failure, invalid
-from gateway.wire import decode_json
+from gateway.wire import decode_json, json_response
 from inference import GenerationRequest, GenerationResult
 
 SD_XL_PATH = "/rpc/2.0/ai_custom/v1/wenxinworkshop/text2image/sd_xl"
@@ -189,7 +189,7 @@ class BaiduDialect(Dialect):
         result = await unless_disconnected(request, self.ctx.engine.generate(canonical))
         tokens = baidu_prompt_tokens(body.prompt, body.negative_prompt or "")
         self.ctx.record_usage(principal, result, len(result.images), prompt_tokens=tokens)
-        return self._json(self.to_response(result, tokens))
+        return json_response(self.to_response(result, tokens))
 
     def to_canonical(self, body: SdxlRequest, client_id: str) -> GenerationRequest:
         """Translate the wire request, checking the seed page's closed lists."""
@@ -226,17 +226,12 @@ class BaiduDialect(Dialect):
             usage=Usage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
         )
 
-    @staticmethod
-    def _json(body: msgspec.Struct) -> Response:
-        return Response(content=msgspec.json.encode(body), status_code=200,
-                        media_type="application/json")
-
     def render_failure(self, failure: Failure, request: Request) -> Response:
         """``{"error_code", "error_msg"}``, always HTTP 200 (Baidu's SDKs read errors there)."""
         message = failure.message
         if failure.field and failure.cause == "validation" and failure.field not in message:
             message = f"{failure.field}: {message}"
-        return self._json(ErrorBody(error_code=_codes(failure), error_msg=message))
+        return json_response(ErrorBody(error_code=_codes(failure), error_msg=message))
 
 
 DIALECT = BaiduDialect

@@ -8,7 +8,6 @@ Wire facts: shared/reference/api-dialects.md §1.
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from typing import Annotated, Any, ClassVar, Literal
@@ -21,7 +20,7 @@ from gateway.context import bearer_token
 from gateway.dialects.base import Dialect
 from gateway.disconnect import unless_disconnected
 from gateway.errors import ApiError, Failure, invalid
-from gateway.wire import decode_json
+from gateway.wire import decode_json, json_response, retry_headers
 from inference import GenerationRequest, GenerationResult
 
 # -- wire schemas ----------------------------------------------------------------------------
@@ -175,14 +174,14 @@ class OpenAIDialect(Dialect):
         @get(["/v1/models", "/models"], opt=opt)
         async def models(request: Request) -> Response:
             self.ctx.authenticate_key(bearer_token(request), self.name)
-            return self._json(ModelList(data=self._model_objects()))
+            return json_response(ModelList(data=self._model_objects()))
 
         @get(["/v1/models/{model_id:str}", "/models/{model_id:str}"], opt=opt)
         async def model(request: Request, model_id: str) -> Response:
             self.ctx.authenticate_key(bearer_token(request), self.name)
             for obj in self._model_objects():
                 if obj.id == model_id:
-                    return self._json(obj)
+                    return json_response(obj)
             raise ApiError("not_found", f"model {model_id!r} not found", field="model",
                            code="model_not_found")
 
@@ -198,7 +197,7 @@ class OpenAIDialect(Dialect):
         self.ctx.admit(principal)
         result = await unless_disconnected(request, self.ctx.engine.generate(canonical))
         self.ctx.record_usage(principal, result, len(result.images))
-        return self._json(self.to_response(body, canonical, result, response_format, request))
+        return json_response(self.to_response(body, canonical, result, response_format, request))
 
     def to_canonical(
         self, body: ImageGenerationRequest, client_id: str
@@ -309,12 +308,6 @@ class OpenAIDialect(Dialect):
         return [ModelObject(id=info.id, created=info.created, owned_by="imagegate",
                             description=info.description)]
 
-    @staticmethod
-    def _json(body: msgspec.Struct, status: int = 200, headers: dict[str, str] | None = None
-              ) -> Response:
-        return Response(content=msgspec.json.encode(body), status_code=status,
-                        media_type="application/json", headers=headers)
-
     def render_failure(self, failure: Failure, request: Request) -> Response:
         """``{"error": {message, type, param, code}}`` with the matching HTTP status."""
         err_type, code = _ERROR_TYPES[failure.cause]
@@ -324,14 +317,12 @@ class OpenAIDialect(Dialect):
             code = None
         elif failure.code and failure.cause in ("validation", "not_found"):
             code = failure.code
-        headers: dict[str, str] = {}
-        if failure.retry_after is not None:
-            headers["retry-after"] = str(max(1, math.ceil(failure.retry_after)))
+        headers = retry_headers(failure)
         if failure.retryable is False:
             headers["x-should-retry"] = "false"
         body = ErrorEnvelope(error=ErrorBody(message=failure.message, type=err_type,
                                              param=failure.field, code=code))
-        return self._json(body, failure.status, headers)
+        return json_response(body, failure.status, headers)
 
 
 DIALECT = OpenAIDialect

@@ -10,7 +10,6 @@ Wire facts: shared/reference/api-dialects.md §4. Docs: docs/runpod.md.
 from __future__ import annotations
 
 import base64
-import math
 import time
 import uuid
 from typing import Any, ClassVar
@@ -23,7 +22,7 @@ from gateway.dialects.base import Dialect
 from gateway.errors import ApiError, Failure, failure_from, invalid
 from gateway.fetch import AllowList, FetchPolicy, FetchRefused, fetch_image, resolve_checked
 from gateway.webhooks import WebhookSender
-from gateway.wire import decode_json
+from gateway.wire import decode_json, json_response, retry_headers
 from inference import GenerationRequest, InitImage, Refine
 from inference.tasks import (
     CANCELLED,
@@ -196,7 +195,7 @@ class RunPodDialect(Dialect):
         @post(f"{base}/run", status_code=200, opt=opt)
         async def run(request: Request, endpoint_id: str) -> Response:
             job = await self.submit(request, endpoint_id)
-            return self._json({"id": job.id, "status": STATUS[job.status]})
+            return json_response({"id": job.id, "status": STATUS[job.status]})
 
         @post(f"{base}/runsync", status_code=200, opt=opt)
         async def runsync(request: Request, endpoint_id: str) -> Response:
@@ -211,12 +210,12 @@ class RunPodDialect(Dialect):
             done = await self.jobs.wait(job.id, wait / 1000)
             if done is None:
                 raise ApiError("not_found", f"job {job.id} expired (policy.ttl) before it finished")
-            return self._json(self.status_body(done, full=done.status not in (QUEUED, RUNNING)))
+            return json_response(self.status_body(done, full=done.status not in (QUEUED, RUNNING)))
 
         @get(f"{base}/status/{{job_id:str}}", opt=opt)
         async def status(request: Request, endpoint_id: str, job_id: str) -> Response:
             job = self._own_job(request, endpoint_id, job_id)
-            return self._json(self.status_body(job))
+            return json_response(self.status_body(job))
 
         @post(f"{base}/cancel/{{job_id:str}}", status_code=200, opt=opt)
         async def cancel(request: Request, endpoint_id: str, job_id: str) -> Response:
@@ -224,7 +223,7 @@ class RunPodDialect(Dialect):
             job = self.jobs.cancel(job_id)
             if job is None:
                 raise ApiError("not_found", f"job {job_id} not found")
-            return self._json({"id": job.id, "status": STATUS[job.status]})
+            return json_response({"id": job.id, "status": STATUS[job.status]})
 
         @post(f"{base}/retry/{{job_id:str}}", status_code=200, opt=opt)
         async def retry(request: Request, endpoint_id: str, job_id: str) -> Response:
@@ -233,19 +232,19 @@ class RunPodDialect(Dialect):
             if job is None:
                 raise invalid(f"job {job_id} is {STATUS[current.status]}; only FAILED or "
                               "TIMED_OUT jobs can be retried")
-            return self._json({"id": job.id, "status": STATUS[job.status]})
+            return json_response({"id": job.id, "status": STATUS[job.status]})
 
         @post(f"{base}/purge-queue", status_code=200, opt=opt)
         async def purge_queue(request: Request, endpoint_id: str) -> Response:
             principal = self.ctx.authenticate_key(bearer_token(request), self.name)
             removed = self.jobs.purge(self.name, self._scope(principal.id, endpoint_id))
-            return self._json({"removed": removed, "status": "completed"})
+            return json_response({"removed": removed, "status": "completed"})
 
         @get(f"{base}/health", opt=opt)
         async def health(request: Request, endpoint_id: str) -> Response:
             principal = self.ctx.authenticate_key(bearer_token(request), self.name)
             stats = self.jobs.store.stats(self.name, self._scope(principal.id, endpoint_id))
-            return self._json(self.health_body(stats))
+            return json_response(self.health_body(stats))
 
         return [run, runsync, status, cancel, retry, purge_queue, health]
 
@@ -415,17 +414,9 @@ class RunPodDialect(Dialect):
             raise ApiError("not_found", f"job {job_id} not found (unknown or expired)")
         return job
 
-    @staticmethod
-    def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-        return Response(content=msgspec.json.encode(body), status_code=status,
-                        media_type="application/json", headers=headers)
-
     def render_failure(self, failure: Failure, request: Request) -> Response:
         """API errors: a real HTTP status and ``{"error": message}``."""
-        headers: dict[str, str] = {}
-        if failure.retry_after is not None:
-            headers["retry-after"] = str(max(1, math.ceil(failure.retry_after)))
-        return self._json({"error": failure.message}, failure.status, headers)
+        return json_response({"error": failure.message}, failure.status, retry_headers(failure))
 
 
 DIALECT = RunPodDialect
