@@ -178,9 +178,7 @@ class JobRunner:
         """Remove the queued jobs of one dialect and scope; return how many."""
         ids = self.store.purge_queued(dialect, scope)
         for job_id in ids:
-            event = self._done.pop(job_id, None)
-            if event is not None:
-                event.set()
+            self._release(job_id)
         return len(ids)
 
     # -- internals -------------------------------------------------------------------------
@@ -257,19 +255,20 @@ class JobRunner:
         self._active.pop(job.id, None)
         self._cancelling.discard(job.id)
         final = self.store.update(job.id, (RUNNING,), finished_at=time.time(), **changes)
-        if final is None:
-            final = self.store.get(job.id)  # cancelled meanwhile: already final
-        else:
+        if final is not None:
             self._finish(final)
-        event = self._done.pop(job.id, None)
-        if event is not None:
-            event.set()
+        else:
+            self._release(job.id)  # cancelled meanwhile: already final, already announced
         self._kick()
 
-    def _finish(self, job: Job) -> None:
-        event = self._done.pop(job.id, None)
+    def _release(self, job_id: str) -> None:
+        """Wake whoever waits for ``job_id`` (runsync) and forget the event."""
+        event = self._done.pop(job_id, None)
         if event is not None:
             event.set()
+
+    def _finish(self, job: Job) -> None:
+        self._release(job.id)
         handler = self.handlers.get(job.dialect)
         if handler is not None:
             try:
@@ -302,9 +301,7 @@ class JobRunner:
                 self._cancelling.add(job.id)
                 task.cancel()
             await asyncio.to_thread(self.store.delete, job.id)
-            event = self._done.pop(job.id, None)
-            if event is not None:
-                event.set()
+            self._release(job.id)
         return len(expired)
 
 

@@ -251,6 +251,10 @@ class Engine:
         """True when requests are accepted."""
         return self.state is EngineState.READY
 
+    def has_room(self, images: int) -> bool:
+        """True unless the queue is too full for ``images`` more (admission for async APIs)."""
+        return self._scheduler.has_room(images) if self._scheduler else True
+
     @property
     def queued_images(self) -> int:
         """Images currently waiting in the queue."""

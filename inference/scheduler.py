@@ -100,12 +100,16 @@ class Scheduler:
 
     # -- admission ---------------------------------------------------------------------------
 
+    def has_room(self, images: int) -> bool:
+        """True when ``images`` more would fit under ``max_queue_images`` right now."""
+        return self._queued_images + images <= self.max_queue_images
+
     def submit(self, ticket: Ticket) -> None:
         """Queue ``ticket`` or raise :class:`QueueFull` / :class:`ShuttingDown` at once."""
         if not self._accepting:
             raise ShuttingDown("the server is shutting down and accepts no new requests")
         n = len(ticket.pending)
-        if self._queued_images + n > self.max_queue_images:
+        if not self.has_room(n):
             raise QueueFull(
                 f"the queue is full ({self._queued_images} of {self.max_queue_images} images "
                 "waiting); retry shortly",

@@ -9,6 +9,7 @@ Wire facts: shared/reference/api-dialects.md §4. Docs: docs/runpod.md.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 import uuid
@@ -177,15 +178,8 @@ class RunPodDialect(Dialect):
                                           timeout_s=s.webhook_timeout_s)
         self.webhooks = WebhookSender(self.webhook_policy, retries=2,
                                       retry_delay_s=s.webhook_retry_delay_s)
-        if ctx.jobs is not None:
-            ctx.jobs.register(self.name, self)
-
-    @property
-    def jobs(self) -> Any:
-        """The job runner (always built by the app)."""
-        if self.ctx.jobs is None:
-            raise ApiError("not_ready", "the job runner is not available")
-        return self.ctx.jobs
+        self.jobs = ctx.jobs
+        self.jobs.register(self.name, self)
 
     def route_handlers(self) -> list[Any]:
         """The queue API under ``/v2/{endpoint_id}``."""
@@ -210,12 +204,13 @@ class RunPodDialect(Dialect):
             done = await self.jobs.wait(job.id, wait / 1000)
             if done is None:
                 raise ApiError("not_found", f"job {job.id} expired (policy.ttl) before it finished")
-            return json_response(self.status_body(done, full=done.status not in (QUEUED, RUNNING)))
+            full = done.status not in (QUEUED, RUNNING)
+            return json_response(await asyncio.to_thread(self.status_body, done, full=full))
 
         @get(f"{base}/status/{{job_id:str}}", opt=opt)
         async def status(request: Request, endpoint_id: str, job_id: str) -> Response:
             job = self._own_job(request, endpoint_id, job_id)
-            return json_response(self.status_body(job))
+            return json_response(await asyncio.to_thread(self.status_body, job))
 
         @post(f"{base}/cancel/{{job_id:str}}", status_code=200, opt=opt)
         async def cancel(request: Request, endpoint_id: str, job_id: str) -> Response:
@@ -276,9 +271,7 @@ class RunPodDialect(Dialect):
         n = body.input.get("num_images", 1)
         images = n if isinstance(n, int) and 0 < n < 3 else 1
         self._admit(images)
-        admit = getattr(self.ctx, "admit", None)
-        if admit is not None:
-            admit(principal)
+        self.ctx.admit(principal)
         now = time.time()
         job = Job(
             id=f"{uuid.uuid4()}-u1",
@@ -296,10 +289,9 @@ class RunPodDialect(Dialect):
     def _admit(self, images: int) -> None:
         """429 when the engine's queue is full or too many jobs wait."""
         engine = self.ctx.engine
-        limit = engine.config.max_queue_images
-        if engine.ready and engine.queued_images + images > limit:
-            raise ApiError("overload", f"the queue is full ({engine.queued_images} of {limit} "
-                           "images waiting); retry shortly", retry_after=1.0)
+        if not engine.has_room(images):
+            raise ApiError("overload", f"the queue is full ({engine.queued_images} images "
+                           "waiting); retry shortly", retry_after=1.0)
         waiting = self.jobs.store.count((QUEUED,))
         if waiting >= self.ctx.settings.job_queue_max:
             raise ApiError("overload", f"too many queued jobs ({waiting}); retry shortly",
