@@ -45,15 +45,18 @@ class NullRunner:
         return len(prompt.split())
 
 
+def null_engine(config: EngineConfig, metrics: Metrics, kind: str = "smooth") -> Engine:
+    """An engine whose "model" is a :class:`NullRunner`."""
+    info = ModelInfo(id="null", source="null", description="null executor", makes_noise=False,
+                     default_width=64, default_height=64, has_refiner=False, created=0)
+    return Engine(config, metrics, runner_factory=lambda _c: (NullRunner(kind), info))
+
+
 def build(port: int, data_dir: str, kind: str = "smooth") -> object:
     settings = Settings.from_sources({"port": port, "api_keys": KEY, "data_dir": data_dir,
                                       "max_queue_images": 4096}, environ={})
     metrics = Metrics()
-    info = ModelInfo(id="null", source="null", description="null executor", makes_noise=True,
-                     default_width=64, default_height=64, has_refiner=False, created=0)
-    cfg = settings.engine_config()
-    engine = Engine(EngineConfig(**{f: getattr(cfg, f) for f in cfg.__struct_fields__}),
-                    metrics, runner_factory=lambda _c: (NullRunner(kind), info))
+    engine = null_engine(settings.engine_config(), metrics, kind)
     return create_app(settings, engine=engine, metrics=metrics)
 
 
