@@ -73,7 +73,9 @@ def _metrics_middleware(metrics: Metrics, router: DialectRouter) -> Any:
                 route = scope.get("path_template") or "unmatched"
                 if route != "/metrics":
                     metrics.requests.labels(route, dialect, str(status[0])).inc()
-                    metrics.request_latency.labels(dialect).observe(time.perf_counter() - started)
+                    kind = opt.get("kind", "other")
+                    metrics.request_latency.labels(dialect, kind).observe(
+                        time.perf_counter() - started)
 
         return middleware
 
@@ -107,11 +109,11 @@ def create_app(
 
     def on_error(request: Request, exc: Exception) -> Response:
         if isinstance(exc, ClientDisconnected):
-            metrics.errors.labels("cancelled").inc()
+            metrics.errors.labels(router.for_path(request.url.path).name, "cancelled").inc()
             return Response(content=b"", status_code=499)
         dialect = router.for_path(request.url.path)
         failure = failure_from(exc, dialect.field_names)
-        metrics.errors.labels(_metric_cause(failure.cause)).inc()
+        metrics.errors.labels(dialect.name, _metric_cause(failure.cause)).inc()
         return dialect.render_failure(failure, request)
 
     @get("/health", opt={"dialect": "core"})

@@ -2,6 +2,7 @@
 
 from inference.engine import Engine, EngineConfig, EngineState, ModelInfo
 from inference.request import (
+    ControlUnit,
     GeneratedImage,
     GenerationRequest,
     GenerationResult,
@@ -12,6 +13,7 @@ from inference.request import (
 )
 
 __all__ = [
+    "ControlUnit",
     "Engine",
     "EngineConfig",
     "EngineState",

@@ -25,6 +25,22 @@ class InitImage(msgspec.Struct, frozen=True, kw_only=True):
     mask: bytes | None = None
 
 
+class ControlUnit(msgspec.Struct, frozen=True, kw_only=True):
+    """One ControlNet unit: a conditioning image, its preprocessor and when/how strongly it acts.
+
+    ``kind`` names the ControlNet (``canny``; ``depth`` where served). ``preprocess`` False
+    means ``image`` already is the control map (edges, depth), so it is used as given.
+    ``guidance_start``/``guidance_end`` are fractions of the denoising schedule.
+    """
+
+    kind: str
+    image: bytes
+    weight: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    preprocess: bool = True
+
+
 class Refine(msgspec.Struct, frozen=True, kw_only=True):
     """How to run the SDXL refiner after (or instead of) the base model.
 
@@ -72,6 +88,10 @@ class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True):
     init_image: InitImage | None = None
     refine: Refine | None = None
     loras: tuple[Lora, ...] = ()
+    control: tuple[ControlUnit, ...] = ()
+    # Partial images wanted while denoising (OpenAI streaming's partial_images, previews),
+    # delivered through the progress callback of Engine.generate.
+    partial_images: int = 0
     # Who asked, for logs and the usage ledger; never used for batching decisions.
     client_id: str | None = None
     request_id: str | None = None

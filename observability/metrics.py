@@ -35,12 +35,15 @@ class Metrics:
             "imagegate_http_requests", "HTTP requests by route template, dialect and status.",
             ["route", "dialect", "status"], registry=r,
         )
+        # kind: "generate" (routes that make images), "poll" (status/result/progress reads),
+        # "other"; so dashboards show generation latency apart from cheap polls.
         self.request_latency = Histogram(
             "imagegate_request_duration_seconds", "End-to-end HTTP request latency.",
-            ["dialect"], buckets=LATENCY_BUCKETS, registry=r,
+            ["dialect", "kind"], buckets=LATENCY_BUCKETS, registry=r,
         )
         self.errors = Counter(
-            "imagegate_errors", "Failed requests by cause.", ["cause"], registry=r,
+            "imagegate_errors", "Failed requests by dialect and cause.", ["dialect", "cause"],
+            registry=r,
         )
         self.queue_requests = Gauge(
             "imagegate_queue_requests", "Requests waiting in the scheduler queue.", registry=r,
@@ -107,8 +110,28 @@ class Metrics:
         self.gpu_memory_peak = Gauge(
             "imagegate_gpu_memory_peak_bytes", "Peak CUDA memory allocated by torch.", registry=r,
         )
+        self.compiles = Counter(
+            "imagegate_compiles",
+            "torch.compile graph compilations by reason (warmup, background, request). "
+            "'request' must stay 0: a compile on the request path stalls every queued request.",
+            ["reason"], registry=r,
+        )
+        self.jobs = Gauge(
+            "imagegate_jobs", "Async jobs in the task store by dialect and status.",
+            ["dialect", "status"], registry=r,
+        )
+        self.info = Gauge(
+            "imagegate_build_info", "Always 1; labels say what this process serves.",
+            ["version", "model", "device", "compiled"], registry=r,
+        )
+        self.started = Gauge(
+            "imagegate_started", "1 once the model has loaded and warmed up (stays 1 while draining).",
+            registry=r,
+        )
         for cause in ERROR_CAUSES:
-            self.errors.labels(cause)
+            self.errors.labels("openai", cause)
+        for reason in ("warmup", "background", "request"):
+            self.compiles.labels(reason)
 
     def render(self) -> bytes:
         """The registry in the Prometheus text format."""

@@ -54,7 +54,7 @@ def test_full_queue_is_429_with_retry_after(tmp_path):
         t1.join(10)
         t2.join(10)
         assert [r.status_code for r in results] == [200, 200]
-        assert srv.metric("imagegate_errors_total", {"cause": "overload"}) == 1
+        assert srv.metric("imagegate_errors_total", {"dialect": "openai", "cause": "overload"}) == 1
 
 
 def test_client_disconnect_drops_the_queued_request(tmp_path):
@@ -79,7 +79,7 @@ def test_client_disconnect_drops_the_queued_request(tmp_path):
         assert results[0].status_code == 200
         time.sleep(0.1)
         assert [p for b in runner.batches for p, _ in b] == ["running"]
-        assert srv.metric("imagegate_errors_total", {"cause": "cancelled"}) == 1
+        assert srv.metric("imagegate_errors_total", {"dialect": "openai", "cause": "cancelled"}) == 1
 
 
 def test_metrics_endpoint_has_sane_values(server):

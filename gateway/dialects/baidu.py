@@ -154,7 +154,7 @@ class BaiduDialect(Dialect):
         async def token(request: Request) -> Response:
             return await self.token(request)
 
-        @route(SD_XL_PATH, http_method=["POST"], status_code=200, opt=opt)
+        @route(SD_XL_PATH, http_method=["POST"], status_code=200, opt={**opt, "kind": "generate"})
         async def sd_xl(request: Request) -> Response:
             return await self.sd_xl(request)
 

@@ -167,7 +167,8 @@ class OpenAIDialect(Dialect):
         """Generations and models, each under ``/v1`` and bare."""
         opt = {"dialect": self.name}
 
-        @post(["/v1/images/generations", "/images/generations"], status_code=200, opt=opt)
+        @post(["/v1/images/generations", "/images/generations"], status_code=200,
+              opt={**opt, "kind": "generate"})
         async def generations(request: Request) -> Response:
             return await self.generations(request)
 

@@ -186,12 +186,12 @@ class RunPodDialect(Dialect):
         opt = {"dialect": self.name}
         base = "/v2/{endpoint_id:str}"
 
-        @post(f"{base}/run", status_code=200, opt=opt)
+        @post(f"{base}/run", status_code=200, opt={**opt, "kind": "generate"})
         async def run(request: Request, endpoint_id: str) -> Response:
             job = await self.submit(request, endpoint_id)
             return json_response({"id": job.id, "status": STATUS[job.status]})
 
-        @post(f"{base}/runsync", status_code=200, opt=opt)
+        @post(f"{base}/runsync", status_code=200, opt={**opt, "kind": "generate"})
         async def runsync(request: Request, endpoint_id: str) -> Response:
             wait_ms = request.query_params.get("wait")
             try:
@@ -207,7 +207,7 @@ class RunPodDialect(Dialect):
             full = done.status not in (QUEUED, RUNNING)
             return json_response(await asyncio.to_thread(self.status_body, done, full=full))
 
-        @get(f"{base}/status/{{job_id:str}}", opt=opt)
+        @get(f"{base}/status/{{job_id:str}}", opt={**opt, "kind": "poll"})
         async def status(request: Request, endpoint_id: str, job_id: str) -> Response:
             job = self._own_job(request, endpoint_id, job_id)
             return json_response(await asyncio.to_thread(self.status_body, job))
