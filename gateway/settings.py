@@ -11,7 +11,7 @@ import os
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -40,6 +40,8 @@ class Settings(msgspec.Struct, kw_only=True):
     dtype: Annotated[str, Meta(description="auto (CUDA: bf16 or fp16; CPU: fp32), bfloat16, float16 or float32.")] = "auto"
     compile: Annotated[bool | None, Meta(description="torch.compile the UNet and VAE decoder (default: on for CUDA, off for CPU).")] = None
     compile_mode: Annotated[str, Meta(description="torch.compile mode.")] = "default"
+    compile_scope: Annotated[Literal["blocks", "full"], Meta(description="What torch.compile compiles: blocks (the UNet's repeated transformer blocks; fast cold start) or full (the whole UNet and VAE decoder).")] = "blocks"
+    quantize: Annotated[Literal["none", "fp8"], Meta(description="Quantize the UNet: fp8 (torchao float8 matmuls; needs an FP8-capable GPU such as Hopper, and the fp8 extra) or none.")] = "none"
     allow_download: Annotated[bool, Meta(description="Allow fetching a hub id that is not in the local cache.")] = False
     single_file_config: Annotated[str | None, Meta(description="Diffusers SDXL folder or hub id that supplies component configs for a single-file checkpoint.")] = None
     cache_dir: Annotated[str, Meta(description="Where the built-in model and other caches live.")] = "~/.cache/imagegate"
@@ -58,11 +60,13 @@ class Settings(msgspec.Struct, kw_only=True):
     max_steps: Annotated[int, Meta(description="Largest number of denoising steps a request may ask for.")] = 150
     max_batch_images: Annotated[int, Meta(description="Most images in one pipeline call.")] = 8
     max_wait_ms: Annotated[float, Meta(description="How long an idle executor waits for a batch to fill (0: start at once).")] = 0.0
+    batch_fill_ms: Annotated[Annotated[float, Meta(ge=0)] | None, Meta(description="Under back-to-back load, how long a batch may wait to fill up to the last batch's size (default: a fifth of a recent batch's time, at most 250 ms; 0: never wait).")] = None
+    max_prompt_chars: Annotated[int, Meta(ge=1, description="Longest prompt or negative prompt any API accepts, in characters (the CLIP encoders read 77 tokens; longer text costs tokenizer time only).")] = 8000
     max_queue_images: Annotated[int, Meta(description="Most images waiting in the queue; past it requests are refused with an overload error.")] = 64
     request_timeout_s: Annotated[float, Meta(description="Deadline of one request, queue time included.")] = 300.0
     drain_timeout_s: Annotated[float, Meta(description="On SIGTERM, how long queued work may still run before it is failed.")] = 30.0
-    png_compress_level: Annotated[int, Meta(ge=0, le=9, description="zlib level for PNG output (1: fast, 6: Pillow's default).")] = 1
-    encode_workers: Annotated[int, Meta(description="Threads that encode images.")] = 2
+    png_compress_level: Annotated[int, Meta(ge=0, le=9, description="PNG effort: 0 writes uncompressed PNG with Pillow; 1-9 use the fast fpng writer when installed (the default), else Pillow's zlib at that level.")] = 1
+    encode_workers: Annotated[int, Meta(ge=0, description="Threads that encode images (0: one per CPU core, at most 8).")] = 0
     warmup_sizes: Annotated[str, Meta(description="WxH sizes to warm up before ready (default: the model's native size).")] = ""
     warmup_batch_sizes: Annotated[str, Meta(description="Batch sizes to warm up for each warm-up size.")] = "1"
     token_secret: Annotated[str | None, Meta(description="Secret that signs OAuth access tokens; give every replica the same one (default: random per start, so tokens die with the process).")] = None
@@ -138,6 +142,10 @@ class Settings(msgspec.Struct, kw_only=True):
             dtype=self.dtype,
             compile=self.compile,
             compile_mode=self.compile_mode,
+            compile_scope=self.compile_scope,
+            quantize=self.quantize,
+            batch_fill_ms=self.batch_fill_ms,
+            max_prompt_chars=self.max_prompt_chars,
             allow_download=self.allow_download,
             single_file_config=self.single_file_config,
             max_batch_images=self.max_batch_images,

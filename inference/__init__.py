@@ -1,5 +1,12 @@
 """Model loading, samplers, the executor and the batch scheduler. Knows nothing of HTTP or dialects."""
 
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("imagegate")
+except PackageNotFoundError:  # a checkout used without installing
+    __version__ = "0.0.0+unknown"
+
 from inference.engine import Engine, EngineConfig, EngineState, ModelInfo
 from inference.request import (
     ControlUnit,
@@ -25,4 +32,5 @@ __all__ = [
     "ModelInfo",
     "Refine",
     "Timings",
+    "__version__",
 ]

@@ -68,6 +68,8 @@ class Ticket:
     inference_seconds: float = 0.0
     batch_images: int = 0
     prompt_tokens: int = 0
+    # Work units of the whole request (inference.cost), for cost-based admission.
+    units: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.pending and not self.outputs:

@@ -16,7 +16,10 @@ from pathlib import Path
 
 import msgspec
 
+from inference import __version__
 from inference.batch import Batch, BatchKey, Slot, Ticket
+from inference.compile import CompileCache, CompileWatch
+from inference.cost import image_megapixels, image_units
 from inference.encoder import EncoderPool
 from inference.errors import (
     DeadlineExceeded,
@@ -49,17 +52,21 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     dtype: str = "auto"
     compile: bool | None = None
     compile_mode: str = "default"
+    compile_scope: str = "blocks"
+    quantize: str = "none"
     allow_download: bool = False
     single_file_config: str | None = None
     max_batch_images: int = 8
     max_wait_ms: float = 0.0
+    batch_fill_ms: float | None = None
     max_queue_images: int = 64
     request_timeout_s: float = 300.0
     png_compress_level: int = 1
-    encode_workers: int = 2
+    encode_workers: int = 0
     min_size: int = 64
     max_size: int = 2048
     max_steps: int = 150
+    max_prompt_chars: int = 8000
     warmup_sizes: tuple[tuple[int, int], ...] = ()
     warmup_batch_sizes: tuple[int, ...] = (1,)
 
@@ -87,6 +94,10 @@ class ModelInfo(msgspec.Struct, kw_only=True):
     has_refiner: bool
     created: int
     compiled: bool = False
+    device: str = "cpu"
+    quantize: str = "none"
+    # Folder of this model's torch.compile caches (None when compile is off).
+    compile_cache: str | None = None
 
 
 RunnerFactory = Callable[["EngineConfig"], tuple[BatchRunner, "ModelInfo"]]
@@ -110,13 +121,20 @@ def diffusers_runner_factory(config: EngineConfig) -> tuple[BatchRunner, ModelIn
         ref_source = loader.resolve(refiner_name, cache_dir=config.cache_dir,
                                     allow_download=config.allow_download)
         refiner = loader.load_refiner(ref_source, base, choice)
-    compile_on = config.compile if config.compile is not None else choice.device.startswith("cuda")
-    if compile_on:
-        import torch
+    from inference.compile import CompileCache, CompileOptions, apply_compile, cache_key
+    from inference.quantize import quantize_unet
 
-        base.unet = torch.compile(base.unet, mode=config.compile_mode, fullgraph=True, dynamic=False)
-        base.vae.decode = torch.compile(base.vae.decode, mode=config.compile_mode, fullgraph=True,
-                                        dynamic=False)
+    quantize_unet(base, config.quantize, choice.device)  # type: ignore[arg-type]
+    compile_on = config.compile if config.compile is not None else choice.device.startswith("cuda")
+    cache_dir: Path | None = None
+    if compile_on:
+        options = CompileOptions(scope=config.compile_scope, mode=config.compile_mode)  # type: ignore[arg-type]
+        key = cache_key(str(source.path), choice.dtype, options,
+                        {"quantize": config.quantize, "refiner": str(refiner_name)})
+        cache_dir = config.cache_dir / "compile" / key
+        warm = CompileCache(cache_dir).activate()
+        logger.info("compile cache %s (%s)", cache_dir, "warm" if warm else "cold")
+        apply_compile(base, options)
     samplers = SamplerRegistry.standard()
     runner = DiffusersRunner(base, samplers, refiner=refiner, device=choice.device)
     sample = base.unet.config.sample_size * base.vae_scale_factor
@@ -131,6 +149,9 @@ def diffusers_runner_factory(config: EngineConfig) -> tuple[BatchRunner, ModelIn
         has_refiner=refiner is not None,
         created=int(time.time()),
         compiled=compile_on,
+        device=choice.device,
+        quantize=config.quantize,
+        compile_cache=str(cache_dir) if cache_dir else None,
     )
     return runner, info
 
@@ -183,40 +204,76 @@ class Engine:
             logger.warning(NOISE_WARNING)
         self.metrics.model_loaded.set(1)
         self.metrics.load_seconds.set(time.perf_counter() - started)
-        self._executor = Executor(runner)
+        self.metrics.info.labels(__version__, info.id, info.device,
+                                 "true" if info.compiled else "false").set(1)
+        logger.info("model %s loaded in %.1fs; warming up", info.id, time.perf_counter() - started)
+        # A runner may bring its own compile watch (tests do); otherwise dynamo's counters.
+        watch = getattr(runner, "compile_watch", None) or CompileWatch(info.compiled)
+        self._executor = Executor(runner, watch=watch)
         self._scheduler = Scheduler(
             self._executor, self._encoder, self.metrics, model=info.id,
             max_batch_images=self.config.max_batch_images,
             max_wait_ms=self.config.max_wait_ms,
             max_queue_images=self.config.max_queue_images,
+            request_timeout_s=self.config.request_timeout_s,
+            batch_fill_ms=self.config.batch_fill_ms,
         )
         self.state = EngineState.WARMING
         await self._warm_up()
+        if info.compile_cache:
+            await asyncio.get_running_loop().run_in_executor(
+                None, CompileCache(Path(info.compile_cache)).save)
         self._scheduler.start()
         self.state = EngineState.READY
         self.metrics.ready.set(1)
+        self.metrics.started.set(1)
         logger.info("ready in %.1fs", time.perf_counter() - started)
 
-    async def _warm_up(self) -> None:
-        """Run every configured (size × batch size) shape once, so compile happens before ready."""
-        assert self.info is not None and self._scheduler is not None
+    def warmup_shapes(self) -> list[tuple[int, int, int]]:
+        """(width, height, batch) shapes run before ready.
+
+        Every configured size × batch size. With compile on, batch 1 and the largest batch are
+        always included: batch 1 is its own specialisation, the largest checks memory, and the
+        shape-generic graph traced between them serves every batch size in between.
+        """
+        assert self.info is not None
         sizes = self.config.warmup_sizes or ((self.info.default_width, self.info.default_height),)
-        shapes = [(w, h, b) for (w, h) in sizes for b in self.config.warmup_batch_sizes]
+        batches = set(self.config.warmup_batch_sizes)
+        if self.info.compiled:
+            batches |= {1, min(2, self.config.max_batch_images), self.config.max_batch_images}
+        return [(w, h, b) for (w, h) in sizes for b in sorted(batches)]
+
+    async def _warm_up(self) -> None:
+        """Run every warm-up shape once, so compiles happen before ready, and seed the cost model."""
+        assert self.info is not None and self._scheduler is not None
+        shapes = self.warmup_shapes()
         started = time.perf_counter()
-        for i, (w, h, b) in enumerate(shapes, 1):
+        compiling = 0.0
+        # Two step counts per shape: the second run is warm (no first-call or compile cost) and
+        # the pair separates per-step cost from per-image cost for the admission cost model.
+        runs = [(w, h, b, steps) for (w, h, b) in shapes for steps in (2, 3)]
+        for i, (w, h, b, steps) in enumerate(runs, 1):
             t0 = time.perf_counter()
-            request = GenerationRequest(prompt="warm-up", n=b, width=w, height=h, steps=2, seed=0)
+            request = GenerationRequest(prompt="warm-up", n=b, width=w, height=h, steps=steps,
+                                        seed=0)
             ticket = self._ticket(self.prepare(request), asyncio.get_running_loop().create_future())
             batch = Batch(ticket.key, [Slot(ticket, j) for j in range(b)])
-            outcome = await self._executor.run(batch)  # type: ignore[union-attr]
+            outcome = await self._executor.run(batch, warmup=True)  # type: ignore[union-attr]
             if outcome.failures:
                 raise RuntimeError(f"warm-up {w}x{h} batch {b} failed: {outcome.failures[0][1]}")
-            logger.info("warm-up %d/%d: %dx%d batch %d in %.2fs", i, len(shapes), w, h, b,
-                        time.perf_counter() - t0)
-        took = time.perf_counter() - started
-        self.metrics.warmup_seconds.set(took)
-        # With compile on, warm-up time is compile time (the eager runs are small next to it).
-        self.metrics.compile_seconds.set(took if self.info.compiled else 0.0)
+            took = time.perf_counter() - t0
+            if outcome.compiles:
+                self.metrics.compiles.labels("warmup").inc(outcome.compiles)
+                compiling += took
+            elif i > 1:  # the very first call pays one-off initialisation
+                for size, times in outcome.calls:
+                    self._scheduler.cost.observe(image_megapixels(request) * size,
+                                                 image_units(request) * size, times.total)
+            logger.info("warm-up %d/%d: %dx%d batch %d, %d steps in %.2fs%s", i, len(runs), w, h,
+                        b, steps, took,
+                        f" ({outcome.compiles} graphs compiled)" if outcome.compiles else "")
+        self.metrics.warmup_seconds.set(time.perf_counter() - started)
+        self.metrics.compile_seconds.set(compiling)
 
     async def drain(self, timeout: float) -> None:
         """Stop admitting, finish or fail what is queued within ``timeout``, then stop the threads."""
@@ -276,6 +333,14 @@ class Engine:
                 )
         if not 1 <= request.steps <= cfg.max_steps:
             raise InvalidRequest(f"steps must be between 1 and {cfg.max_steps}", field="steps")
+        if request.refine is not None and not 1 <= request.refine.steps <= cfg.max_steps:
+            raise InvalidRequest(f"refiner steps must be between 1 and {cfg.max_steps}",
+                                 field="refine")
+        for name, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
+            if len(text) > cfg.max_prompt_chars:
+                raise InvalidRequest(
+                    f"{name} must be at most {cfg.max_prompt_chars} characters, got {len(text)}",
+                    field=name)
         if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
             raise InvalidRequest(f"seed must be between 0 and {MAX_SEED}", field="seed")
         if request.refine is not None and self.info is not None and not self.info.has_refiner:

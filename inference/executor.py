@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from inference.batch import Batch, Slot, Ticket
+from inference.compile import CompileWatch
 from inference.errors import Cancelled, GenerationFailed, InferenceError, OutOfMemory
 from inference.runner import BatchRunner, StepTimes
 
@@ -42,19 +43,42 @@ class BatchOutcome:
     failures: list[tuple[Ticket, InferenceError]] = field(default_factory=list)
     calls: list[tuple[int, StepTimes]] = field(default_factory=list)
     oom_splits: int = 0
+    # torch.compile graphs compiled while this batch ran (should be 0 after warm-up).
+    compiles: int = 0
 
 
 class Executor:
     """Runs batches on a single dedicated thread."""
 
-    def __init__(self, runner: BatchRunner, *, name: str = "imagegate-executor") -> None:
+    def __init__(self, runner: BatchRunner, *, name: str = "imagegate-executor",
+                 watch: CompileWatch | None = None) -> None:
         self.runner = runner
+        self.watch = watch or CompileWatch(enabled=False)
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
 
-    async def run(self, batch: Batch) -> BatchOutcome:
-        """Run ``batch`` on the executor thread and return what each slot got."""
+    async def run(self, batch: Batch, *, warmup: bool = False) -> BatchOutcome:
+        """Run ``batch`` on the executor thread and return what each slot got.
+
+        Outside warm-up the batch runs under the compile watch's serving stance: whatever the
+        warmed graphs do not cover runs eagerly rather than compiling on a user's request.
+        """
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, self._run_sync, batch)
+        return await loop.run_in_executor(self._thread, self._run_watched, batch, warmup)
+
+    def _run_watched(self, batch: Batch, warmup: bool) -> BatchOutcome:
+        before = self.watch.count()
+        if warmup:
+            outcome = self._run_sync(batch)
+        else:
+            with self.watch.serving():
+                outcome = self._run_sync(batch)
+        outcome.compiles = self.watch.count() - before
+        if outcome.compiles:
+            log = logger.info if warmup else logger.warning
+            log("torch.compile: %d graph(s) compiled %s for %dx%d batch %d", outcome.compiles,
+                "in warm-up" if warmup else "ON THE REQUEST PATH", batch.key.width,
+                batch.key.height, len(batch.slots))
+        return outcome
 
     def shutdown(self) -> None:
         """Stop the thread once the running batch (if any) is done."""

@@ -6,7 +6,14 @@ Rules:
 - the oldest waiting group goes first, so no key starves;
 - a request's images may span several batches when ``n`` exceeds ``max_batch_images``;
 - the queue is bounded in images; past the bound a request is refused at once;
-- an abandoned request (deadline passed, client gone) leaves the queue and is never computed.
+- an abandoned request (deadline passed, client gone) leaves the queue and is never computed;
+- batches fill: when the executor frees up right after a batch (back-to-back load) and fewer
+  images wait than the last batch held, it waits a short fill window (a fraction of a batch's
+  time) for the rest, since under steady load the clients just answered come straight back. An
+  idle executor still starts a lone request at once, so single-request latency is unchanged;
+- admission is by cost (pixels × steps, see :mod:`inference.cost`): a request that could not
+  finish inside the request timeout, alone or behind the queue, is refused at once with an
+  estimate of when to retry, rather than admitted to time out.
 """
 
 from __future__ import annotations
@@ -14,13 +21,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from concurrent.futures import Future
 
 from inference.batch import Batch, BatchKey, Slot, Ticket
+from inference.cost import CostModel, image_megapixels, image_units
 from inference.encoder import EncoderPool
-from inference.errors import InferenceError, QueueFull, ShuttingDown
+from inference.errors import InferenceError, InvalidRequest, QueueFull, ShuttingDown
 from inference.executor import BatchOutcome, Executor
 from inference.request import GenerationResult, Timings
 from observability.metrics import Metrics
@@ -41,6 +50,9 @@ class Scheduler:
         max_batch_images: int = 8,
         max_wait_ms: float = 0.0,
         max_queue_images: int = 64,
+        request_timeout_s: float = 300.0,
+        batch_fill_ms: float | None = None,
+        cost: CostModel | None = None,
     ) -> None:
         self.executor = executor
         self.encoder = encoder
@@ -49,6 +61,17 @@ class Scheduler:
         self.max_batch_images = max_batch_images
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue_images = max_queue_images
+        self.request_timeout_s = request_timeout_s
+        # None: automatic (a fifth of a recent batch's time, at most 250 ms); 0 turns it off.
+        self.batch_fill = None if batch_fill_ms is None else batch_fill_ms / 1000.0
+        self.cost = cost or CostModel()
+        self._queued_units = 0.0
+        self._running_units = 0.0
+        self._queued_megapixels = 0.0
+        self._running_megapixels = 0.0
+        self._last_batch_images = 0
+        self._last_batch_end = 0.0
+        self._last_batch_seconds = 0.0
         self._groups: dict[BatchKey, deque[Ticket]] = {}
         self._queued_images = 0
         self._queued_requests = 0
@@ -104,19 +127,57 @@ class Scheduler:
         """True when ``images`` more would fit under ``max_queue_images`` right now."""
         return self._queued_images + images <= self.max_queue_images
 
+    def retry_after(self, images: int) -> float:
+        """Seconds until ``images`` queued images have run, from the recent rate (≥ 1 s)."""
+        if not self.cost.known or images <= 0:
+            return 1.0
+        count = max(self._queued_images, 1)
+        per_image = self.cost.seconds(self._queued_megapixels / count, self._queued_units / count)
+        return max(1.0, min(600.0, images * per_image))
+
+    def _queued_batches(self) -> int:
+        return sum(math.ceil(sum(len(t.pending) for t in g) / self.max_batch_images)
+                   for g in self._groups.values())
+
     def submit(self, ticket: Ticket) -> None:
         """Queue ``ticket`` or raise :class:`QueueFull` / :class:`ShuttingDown` at once."""
         if not self._accepting:
             raise ShuttingDown("the server is shutting down and accepts no new requests")
         n = len(ticket.pending)
+        if n > self.max_queue_images:
+            raise InvalidRequest(
+                f"n must be at most {self.max_queue_images} (the server's queue size), got {n}",
+                field="n")
+        units = image_units(ticket.request) * n
+        megapixels = image_megapixels(ticket.request) * n
+        batches = math.ceil(n / self.max_batch_images)
+        own = self.cost.seconds(megapixels, units, batches) if self.cost.known else 0.0
+        if own > self.request_timeout_s:
+            raise InvalidRequest(
+                f"this request would take about {own:.0f}s on this server, more than the "
+                f"{self.request_timeout_s:g}s request timeout; ask for fewer or smaller images "
+                "or fewer steps", field="n" if n > 1 else "steps")
         if not self.has_room(n):
             raise QueueFull(
                 f"the queue is full ({self._queued_images} of {self.max_queue_images} images "
                 "waiting); retry shortly",
-                retry_after=1.0,
+                retry_after=self.retry_after(self._queued_images + n - self.max_queue_images),
             )
+        if self.cost.known:
+            ahead = self.cost.seconds(self._queued_megapixels + self._running_megapixels,
+                                      self._queued_units + self._running_units,
+                                      self._queued_batches())
+            if ahead + own > self.request_timeout_s:
+                raise QueueFull(
+                    f"the queue holds about {ahead:.0f}s of work; this request could not finish "
+                    f"within the {self.request_timeout_s:g}s request timeout; retry later",
+                    retry_after=max(1.0, ahead + own - self.request_timeout_s),
+                )
+        ticket.units = units
         self._groups.setdefault(ticket.key, deque()).append(ticket)
         self._queued_images += n
+        self._queued_units += units
+        self._queued_megapixels += megapixels
         self._queued_requests += 1
         self._publish_depth()
         self._wakeup.set()
@@ -135,6 +196,8 @@ class Scheduler:
         if group is not None and ticket in group:
             group.remove(ticket)
             self._queued_images -= len(ticket.pending)
+            self._queued_units -= ticket.units * len(ticket.pending) / max(ticket.request.n, 1)
+            self._queued_megapixels -= image_megapixels(ticket.request) * len(ticket.pending)
             self._queued_requests -= 1
             ticket.pending.clear()
             if not group:
@@ -163,8 +226,10 @@ class Scheduler:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if self.max_wait > 0 and self._group_images(key) < self.max_batch_images:
-                ready_at = self._groups[key][0].enqueued_at + self.max_wait
+            waiting = self._group_images(key)
+            if waiting < self.max_batch_images:
+                ready_at = max(self._groups[key][0].enqueued_at + self.max_wait,
+                               self._fill_deadline(waiting))
                 delay = ready_at - time.monotonic()
                 if delay > 0:
                     self._wakeup.clear()
@@ -172,6 +237,20 @@ class Scheduler:
                         await asyncio.wait_for(self._wakeup.wait(), delay)
                     continue
             return key
+
+    def _fill_deadline(self, waiting: int) -> float:
+        """Until when the next batch may wait for more images (0: start now).
+
+        Only right after a batch (back-to-back load) and only while fewer images wait than the
+        last batch held: under steady load the clients that were just answered come straight
+        back, and their images would otherwise miss this batch and wait a whole batch time.
+        """
+        if self._last_batch_images <= waiting or not self._last_batch_end:
+            return 0.0
+        window = self.batch_fill
+        if window is None:
+            window = min(0.25, 0.2 * self._last_batch_seconds)
+        return self._last_batch_end + window
 
     def _take_batch(self, key: BatchKey) -> Batch:
         group = self._groups[key]
@@ -183,6 +262,12 @@ class Scheduler:
             take, ticket.pending = ticket.pending[:room], ticket.pending[room:]
             slots.extend(Slot(ticket, i) for i in take)
             self._queued_images -= len(take)
+            taken_units = ticket.units * len(take) / max(ticket.request.n, 1)
+            self._queued_units -= taken_units
+            self._running_units += taken_units
+            taken_mp = image_megapixels(ticket.request) * len(take)
+            self._queued_megapixels -= taken_mp
+            self._running_megapixels += taken_mp
             if ticket.started_at is None:
                 ticket.started_at = now
                 self.metrics.queue_wait.observe(now - ticket.enqueued_at)
@@ -191,6 +276,8 @@ class Scheduler:
                 self._queued_requests -= 1
         if not group:
             del self._groups[key]
+        if not self._groups:
+            self._queued_units = self._queued_megapixels = 0.0  # no drift past an empty queue
         self._publish_depth()
         return Batch(key, slots)
 
@@ -208,6 +295,11 @@ class Scheduler:
                 ])
             finally:
                 self._running = None
+                self._running_units = self._running_megapixels = 0.0
+            self._last_batch_end = time.monotonic()
+            self._last_batch_images = len(batch.slots)
+            if outcome.calls:
+                self._last_batch_seconds = sum(t.total for _, t in outcome.calls)
             self._deliver(batch, outcome)
 
     def _deliver(self, batch: Batch, outcome: BatchOutcome) -> None:
@@ -221,6 +313,14 @@ class Scheduler:
             self.metrics.decode_seconds.observe(times.decode)
         if outcome.oom_splits:
             self.metrics.oom_splits.inc(outcome.oom_splits)
+        if outcome.compiles:
+            self.metrics.compiles.labels("request").inc(outcome.compiles)
+        else:
+            first = batch.slots[0].ticket.request if batch.slots else None
+            for size, times in outcome.calls:
+                if first is not None:
+                    self.cost.observe(image_megapixels(first) * size, image_units(first) * size,
+                                      times.total)
         total = sum(t.total for _, t in outcome.calls)
         for ticket, exc in outcome.failures:
             self._fail(ticket, exc)
@@ -231,16 +331,17 @@ class Scheduler:
         for ticket in batch.tickets():
             ticket.inference_seconds += total * share[id(ticket)] / len(batch.slots)
             ticket.batch_images = max(ticket.batch_images, len(batch.slots))
-        complete: list[Ticket] = []
+        ready: list[tuple[Ticket, int]] = []
         for slot, array in outcome.images:
             ticket = slot.ticket
             if ticket.abandoned or ticket.failed:
                 continue
             ticket.outputs[slot.index] = array
-            if len(ticket.outputs) == ticket.request.n:
-                complete.append(ticket)
-        if complete:
-            self._encode(complete)
+            if ticket.encode_started is None:
+                ticket.encode_started = time.monotonic()
+            ready.append((ticket, slot.index))
+        if ready:
+            self._encode(ready)
 
     def _fail(self, ticket: Ticket, exc: InferenceError) -> None:
         if ticket.failed:
@@ -250,25 +351,24 @@ class Scheduler:
         if not ticket.future.done():
             ticket.future.set_exception(exc)
 
-    def _encode(self, tickets: list[Ticket]) -> None:
-        """Encode the images of completed tickets in the pool, in up to ``workers`` chunks."""
+    def _encode(self, work: list[tuple[Ticket, int]]) -> None:
+        """Encode every image of a finished batch at once, one pool task per image.
+
+        Images are encoded as soon as their batch is decoded, in parallel across the pool, while
+        the executor already runs the next batch; a request resolves when its last image is in.
+        """
         loop = asyncio.get_running_loop()
-        now = time.monotonic()
-        work = [(t, i) for t in tickets for i in range(t.request.n)]
-        for t in tickets:
-            t.encode_started = now
-        chunks = max(1, min(self.encoder.workers, len(work)))
-        for c in range(chunks):
-            part = work[c::chunks]
-            items = [(t.outputs[i], t.request.output_format, t.request.output_compression,
-                      t.seed + i, t.request.want_base64) for t, i in part]
-            future = self.encoder.submit_many(items)
+        for ticket, index in work:
+            req = ticket.request
+            item = (ticket.outputs.pop(index), req.output_format, req.output_compression,
+                    ticket.seed + index, req.want_base64)
+            future = self.encoder.submit_many([item])
             self._encoding.add(future)
             future.add_done_callback(
-                lambda f, part=part: loop.call_soon_threadsafe(self._encoded, part, f))
+                lambda f, part=[(ticket, index)]: loop.call_soon_threadsafe(self._encoded, part, f))
 
     def _encoded(self, part: list[tuple[Ticket, int]], future: Future) -> None:
-        """An encoder chunk finished (on the event loop): store images, resolve full tickets."""
+        """An encode task finished (on the event loop): store images, resolve full tickets."""
         self._encoding.discard(future)
         exc = future.exception()
         if exc is not None:

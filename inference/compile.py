@@ -1,0 +1,182 @@
+"""torch.compile for serving: compile before ready, never on a user request.
+
+The design (issue 9), and why:
+
+- **Regional compilation by default** (``scope="blocks"``): only the UNet's repeated
+  ``BasicTransformerBlock`` s are compiled (diffusers' ``compile_repeated_blocks``). Those blocks
+  hold most of SDXL's FLOPs, every instance of a block shape shares one compiled graph, and a cold
+  compile costs a fraction of compiling the whole UNet. ``scope="full"`` compiles the whole UNet
+  and the VAE decoder instead: slower to start, a little faster per step.
+- **Shape-generic graphs** (``dynamic=True``): batch size, and the latent height and width, are
+  symbolic, so one compile serves every batch size and resolution. No padding to buckets, no
+  wasted slots, and no per-shape compile. Warm-up still runs every configured (size × batch) shape
+  so that everything a request can hit was traced, and specialisations (batch 1) exist.
+- **A stance, not a promise**: after warm-up the process switches to torch's
+  ``eager_on_recompile`` stance. Any input that the warmed graphs do not cover (a dtype, a size
+  that breaks a guard) runs eagerly instead of compiling, so a user request never waits minutes.
+- **Counted**: :class:`CompileWatch` reads dynamo's graph counter around every batch;
+  ``imagegate_compiles_total{reason}`` and a log line per compile with its shape make a compile
+  on the request path visible (it should stay 0).
+- **Cached across restarts**: inductor's on-disk caches live under ``cache_dir/compile/<key>``,
+  and torch's portable cache artifacts are saved there after warm-up and loaded before it. The key
+  hashes the model, dtype, torch/diffusers/CUDA versions, GPU name and compile options, so a
+  different model, torch or shape set never reuses stale artifacts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+logger = logging.getLogger(__name__)
+
+Scope = Literal["blocks", "full"]
+ARTIFACTS = "artifacts.bin"
+
+
+class CompileOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """How the pipeline is compiled."""
+
+    scope: Scope = "blocks"
+    mode: str = "default"
+    # Fuse attention Q/K/V projections into one matmul and use channels-last memory format:
+    # both are part of the PyTorch team's SDXL recipe and cost nothing at start-up.
+    fuse_qkv: bool = True
+    channels_last: bool = True
+
+
+def cache_key(model_path: str, dtype: str, options: CompileOptions, extra: dict[str, Any]) -> str:
+    """A short hash of everything that makes compiled artifacts reusable or not."""
+    import diffusers
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    stamp = _weights_stamp(Path(model_path))
+    doc = {
+        "model": str(model_path), "weights": stamp, "dtype": dtype,
+        "torch": torch.__version__, "cuda": torch.version.cuda, "gpu": gpu,
+        "diffusers": diffusers.__version__, "options": msgspec.to_builtins(options),
+        **extra,
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _weights_stamp(path: Path) -> list[Any]:
+    """Sizes and mtimes of the UNet/VAE weight files (cheap; no hashing of gigabytes)."""
+    found: list[Any] = []
+    for sub in ("unet", "vae"):
+        folder = path / sub
+        if folder.is_dir():
+            for f in sorted(folder.glob("*.safetensors")):
+                st = f.stat()
+                found.append([f"{sub}/{f.name}", st.st_size, int(st.st_mtime)])
+    if path.is_file():
+        st = path.stat()
+        found.append([path.name, st.st_size, int(st.st_mtime)])
+    return found
+
+
+class CompileCache:
+    """Inductor's caches and torch's portable artifacts under one keyed folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def activate(self) -> bool:
+        """Point inductor/triton caches here and load saved artifacts; True if any were loaded.
+
+        Must run before the first compile. Environment variables are how inductor and triton
+        find their cache folders; they are read when a compile starts.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(self.root / "inductor")
+        os.environ["TRITON_CACHE_DIR"] = str(self.root / "triton")
+        import torch
+
+        artifacts = self.root / ARTIFACTS
+        if not artifacts.is_file():
+            return False
+        try:
+            torch.compiler.load_cache_artifacts(artifacts.read_bytes())
+        except Exception as exc:  # noqa: BLE001 - a broken cache must never stop a start
+            logger.warning("ignoring unreadable compile cache %s (%s)", artifacts, exc)
+            return False
+        logger.info("loaded compile cache artifacts from %s", artifacts)
+        return True
+
+    def save(self) -> None:
+        """Write torch's portable cache artifacts (after warm-up)."""
+        import torch
+
+        try:
+            saved = torch.compiler.save_cache_artifacts()
+        except Exception as exc:  # noqa: BLE001 - caching is an optimisation, never a failure
+            logger.warning("could not save compile cache artifacts: %s", exc)
+            return
+        if saved is None:
+            return
+        data, _info = saved
+        tmp = self.root / (ARTIFACTS + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(self.root / ARTIFACTS)
+        logger.info("saved %d bytes of compile cache artifacts to %s", len(data), self.root)
+
+
+def apply_compile(pipe: Any, options: CompileOptions) -> None:
+    """Compile ``pipe`` in place according to ``options`` (nothing runs yet; warm-up traces)."""
+    import torch
+
+    if options.fuse_qkv:
+        try:
+            pipe.fuse_qkv_projections()
+        except Exception as exc:  # noqa: BLE001 - an optimisation; keep serving without it
+            logger.warning("could not fuse QKV projections: %s", exc)
+    if options.channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    # From the PyTorch SDXL recipe: 1×1 convolutions as matmuls fuse better.
+    import torch._inductor.config as inductor_config
+
+    inductor_config.conv_1x1_as_mm = True
+    kwargs: dict[str, Any] = {"mode": options.mode, "fullgraph": True, "dynamic": True}
+    if options.scope == "blocks":
+        pipe.unet.compile_repeated_blocks(**kwargs)
+    else:
+        pipe.unet = torch.compile(pipe.unet, **kwargs)
+        pipe.vae.decode = torch.compile(pipe.vae.decode, **kwargs)
+    logger.info("torch.compile armed (scope=%s, mode=%s, dynamic shapes)", options.scope,
+                options.mode)
+
+
+class CompileWatch:
+    """Counts dynamo graph compilations, so a compile outside warm-up is seen and reported."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def count(self) -> int:
+        """Graphs compiled by this process so far (0 when compile is off)."""
+        if not self.enabled:
+            return 0
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+
+    @contextmanager
+    def serving(self) -> Iterator[None]:
+        """Around a request batch: recompiles run eagerly instead (torch's stance)."""
+        if not self.enabled:
+            yield
+            return
+        import torch
+
+        with torch.compiler.set_stance("eager_on_recompile"):
+            yield

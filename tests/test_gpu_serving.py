@@ -1,0 +1,258 @@
+"""GPU-serving mechanics on the CPU: compile stance and counters, warm-up shapes, batches that
+fill, cost-based admission, fast PNG. No real pipeline compile happens here (minutes on a CPU);
+the compile tests use a small function and dynamo's eager backend, which exercises the same
+guard/recompile machinery the UNet goes through."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+
+import numpy as np
+import openai
+import pytest
+import torch
+from PIL import Image
+
+from inference import GenerationRequest
+from inference.batch import Batch
+from inference.compile import CompileWatch
+from inference.cost import CostModel
+from inference.encoder import EncoderPool, fpng_available
+from inference.errors import InvalidRequest, QueueFull
+from inference.runner import StepTimes
+from tests.fakes import FakeRunner, engine_factory, fake_engine
+from tests.serving import live_server
+
+
+def req(prompt: str = "p", **kw) -> GenerationRequest:
+    return GenerationRequest(prompt=prompt, width=kw.pop("width", 64), height=kw.pop("height", 64),
+                             steps=kw.pop("steps", 2), **kw)
+
+
+async def wait_until(cond, what: str, timeout: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        assert loop.time() < end, f"timed out after {timeout}s waiting for {what}"
+        await asyncio.sleep(0.005)
+
+
+# -- compile: never on the request path --------------------------------------------------------
+
+
+def test_serving_stance_runs_an_unwarmed_shape_eagerly_instead_of_compiling():
+    torch._dynamo.reset()
+
+    def block(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.gelu(x @ x.transpose(-1, -2)) * 2
+
+    compiled = torch.compile(block, backend="eager", dynamic=False)
+    watch = CompileWatch(enabled=True)
+    before = watch.count()
+    warm = torch.randn(2, 8, 8)
+    compiled(warm)  # warm-up: compiles
+    assert watch.count() == before + 1
+    new_shape = torch.randn(3, 16, 16)
+    with watch.serving():
+        out = compiled(new_shape)  # would recompile (dynamic=False); runs eagerly instead
+    assert watch.count() == before + 1, "a compile happened on the request path"
+    torch.testing.assert_close(out, block(new_shape))
+    with watch.serving():
+        compiled(warm)  # the warmed shape still uses its compiled graph
+    assert watch.count() == before + 1
+
+
+class FakeWatch(CompileWatch):
+    def __init__(self) -> None:
+        super().__init__(enabled=False)
+        self.compiled = 0
+
+    def count(self) -> int:
+        return self.compiled
+
+
+class CompilingRunner(FakeRunner):
+    """A fake runner that "compiles" the first time it sees one of ``compile_sizes``."""
+
+    def __init__(self, compile_sizes: set[int]):
+        super().__init__()
+        self.compile_sizes = compile_sizes
+        self.compile_watch = FakeWatch()
+        self.seen: set[int] = set()
+
+    def run(self, batch: Batch):
+        size = len(batch.slots)
+        if size in self.compile_sizes and size not in self.seen:
+            self.seen.add(size)
+            self.compile_watch.compiled += 1
+        return super().run(batch)
+
+
+async def test_compiles_are_counted_by_reason_and_logged_with_their_shape(caplog):
+    runner = CompilingRunner(compile_sizes={1, 3})
+    engine = fake_engine(runner)
+    await engine.start()
+    metrics = engine.metrics.registry
+    assert metrics.get_sample_value("imagegate_compiles_total", {"reason": "warmup"}) == 1
+    await engine.generate(req(n=2))
+    assert metrics.get_sample_value("imagegate_compiles_total", {"reason": "request"}) == 0
+    with caplog.at_level(logging.WARNING, logger="inference.executor"):
+        await engine.generate(req(n=3))
+    assert metrics.get_sample_value("imagegate_compiles_total", {"reason": "request"}) == 1
+    assert any("ON THE REQUEST PATH" in r.message and "64x64 batch 3" in r.message
+               for r in caplog.records), [r.message for r in caplog.records]
+    await engine.drain(5)
+
+
+async def test_compiled_warmup_covers_batch_1_2_and_max_at_every_size_before_ready():
+    runner = CompilingRunner(compile_sizes={1, 2, 4})
+    engine = fake_engine(runner, max_batch_images=4, warmup_sizes=((64, 64), (128, 128)),
+                         warmup_batch_sizes=(1,))
+    info = engine._runner_factory(engine.config)[1]
+    info.compiled = True  # as the real factory marks a model loaded with --compile
+    await engine.start()
+    assert engine.warmup_shapes() == [(64, 64, 1), (64, 64, 2), (64, 64, 4), (128, 128, 1),
+                                      (128, 128, 2), (128, 128, 4)]
+    assert engine.metrics.registry.get_sample_value(
+        "imagegate_compiles_total", {"reason": "warmup"}) == 3
+    runner.batches.clear()
+    for n in (1, 2, 4):
+        await engine.generate(req(n=n, width=128, height=128))
+    assert engine.metrics.registry.get_sample_value(
+        "imagegate_compiles_total", {"reason": "request"}) == 0
+    await engine.drain(5)
+
+
+# -- batches that fill ----------------------------------------------------------------------
+
+
+async def test_back_to_back_batches_wait_briefly_to_fill_but_a_lone_request_starts_at_once():
+    runner = FakeRunner()
+    engine = fake_engine(runner, max_batch_images=4, batch_fill_ms=5000)
+    await engine.start()
+    runner.batches.clear()
+    sched = engine._scheduler
+    # A lone request on an idle executor starts at once, fill window or not.
+    lone = asyncio.create_task(engine.generate(req("lone")))
+    await asyncio.wait_for(lone, 30)
+    assert sched._fill_deadline(1) == 0.0  # the last batch held 1 image: nothing to wait for
+
+    runner.hold()
+    a = asyncio.create_task(engine.generate(req("a")))
+    await asyncio.to_thread(runner.entered.wait, 30)
+    bcd = [asyncio.create_task(engine.generate(req(p))) for p in ("b", "c", "d")]
+    await wait_until(lambda: engine.queued_images == 3, "3 images queued")
+    runner.release()
+    await asyncio.wait_for(a, 30)
+    await asyncio.gather(*bcd)
+    # Now the last batch held 3: one new image waits for the rest (the fill window) instead of
+    # running alone and making the other two wait a whole batch.
+    runner.hold()
+    a2 = asyncio.create_task(engine.generate(req("a2")))
+    await wait_until(lambda: engine.queued_images == 1, "a2 queued")
+    assert sched._fill_deadline(1) > 0
+    ef = [asyncio.create_task(engine.generate(req(p))) for p in ("e", "f")]
+    runner.release()
+    await asyncio.gather(a2, *ef)
+    prompts = [[p for p, _ in b] for b in runner.batches]
+    assert prompts == [["lone"], ["a"], ["b", "c", "d"], ["a2", "e", "f"]], prompts
+    await engine.drain(5)
+
+
+# -- admission by cost ----------------------------------------------------------------------
+
+
+class CostlyRunner(FakeRunner):
+    """Reports 0.01 s per call + 2 s per megapixel-step-unit, like a slow accelerator."""
+
+    def run(self, batch: Batch):
+        arrays, _ = super().run(batch)
+        key = batch.key
+        units = key.width * key.height / 1024**2 * key.steps / 25 * len(batch.slots)
+        mp = key.width * key.height / 1e6 * len(batch.slots)
+        return arrays, StepTimes(denoise=0.0, steps=key.steps, decode=0.0,
+                                 total=0.01 + 0.05 * mp + 2.0 * units)
+
+
+def test_cost_model_recovers_per_call_pixel_and_step_costs():
+    model = CostModel()
+    assert not model.known
+    for mp, units in ((0.26, 0.02), (0.26, 0.03), (1.05, 0.08), (1.05, 0.13)):
+        model.observe(mp, units, 0.2 + 0.1 * mp + 3.0 * units)
+    assert model.known
+    per_call, per_mp, per_unit = model.coefficients()
+    assert per_call == pytest.approx(0.2, abs=1e-6)
+    assert per_mp == pytest.approx(0.1, abs=1e-6)
+    assert per_unit == pytest.approx(3.0, abs=1e-6)
+
+
+async def test_admission_refuses_what_cannot_finish_inside_the_request_timeout():
+    runner = CostlyRunner()
+    engine = fake_engine(runner, max_batch_images=1, request_timeout_s=30.0,
+                         warmup_sizes=((64, 64), (128, 128)), warmup_batch_sizes=(1,))
+    await engine.start()
+    assert engine._scheduler.cost.known
+    # Alone: 1024², 150 steps, n=4 ≈ 2 s × 24 units ≈ 48 s > 30 s.
+    with pytest.raises(InvalidRequest) as err:
+        await engine.generate(req(width=1024, height=1024, steps=150, n=4))
+    assert "request timeout" in err.value.message and err.value.field == "n"
+    # Behind a queue: each of these costs ~8 s; the fourth would finish after 30 s.
+    runner.hold()
+    queued = [asyncio.create_task(engine.generate(req(f"q{i}", width=1024, height=1024,
+                                                      steps=100))) for i in range(3)]
+    await wait_until(lambda: runner.entered.is_set() and engine.queued_images == 2,
+                     "one running, two queued")
+    with pytest.raises(QueueFull) as full:
+        await engine.generate(req("late", width=1024, height=1024, steps=100))
+    assert full.value.retry_after > 1.0
+    runner.release()
+    await asyncio.gather(*queued)
+    await engine.drain(5)
+
+
+def test_n_larger_than_the_queue_is_a_400_not_a_429(tmp_path):
+    runner = FakeRunner()
+    with live_server(tmp_path, engine_factory=engine_factory(runner), max_queue_images=4) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as err:
+            client.images.generate(prompt="many", n=5, size="64x64")
+        assert err.value.body["param"] == "n"
+        assert "queue" in err.value.body["message"]
+
+
+# -- encoding -------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not fpng_available(), reason="fpng not installed")
+def test_fast_png_is_lossless_and_valid():
+    pool = EncoderPool(2)
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    [(image, seconds)] = pool.submit_many([(array, "png", 100, 7, True)]).result(30)
+    decoded = Image.open(io.BytesIO(image.data))
+    assert decoded.format == "PNG" and decoded.size == (80, 48)
+    assert np.array_equal(np.asarray(decoded.convert("RGB")), array)
+    assert image.b64 and image.seed == 7 and seconds >= 0
+    [(jpeg, _)] = pool.submit_many([(array, "jpeg", 80, 7, False)]).result(30)
+    assert Image.open(io.BytesIO(jpeg.data)).format == "JPEG"
+    pool.shutdown()
+
+
+# -- bounds the engine enforces for every dialect --------------------------------------------
+
+
+async def test_refiner_steps_and_prompt_length_are_bounded_centrally():
+    from inference import Refine
+
+    engine = fake_engine(FakeRunner(), max_steps=50, max_prompt_chars=100)
+    with pytest.raises(InvalidRequest) as err:
+        engine.prepare(req(refine=Refine(steps=10_000_000)))
+    assert err.value.field == "refine" and "50" in err.value.message
+    with pytest.raises(InvalidRequest) as err:
+        engine.prepare(req("x" * 101))
+    assert err.value.field == "prompt"
+    with pytest.raises(InvalidRequest) as err:
+        engine.prepare(req("ok", negative_prompt="y" * 101))
+    assert err.value.field == "negative_prompt"
