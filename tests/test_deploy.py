@@ -17,12 +17,11 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+import helm_python as helm
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-
-helm = pytest.importorskip("helm_python")
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "deploy" / "helm" / "imagegate"
