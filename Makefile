@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.imagegate-installed
 
-.PHONY: setup serve test lint bench clean
+.PHONY: setup serve test lint bench clean image
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,17 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run $(ARGS)
+
+# Container images: imagegate:<version> (CUDA, Dockerfile) and imagegate:<version>-cpu
+# (tiny-sdxl on CPU, Dockerfile.cpu). Needs a running docker daemon.
+IMAGE ?= imagegate
+IMAGE_TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+
+image:
+	@command -v docker >/dev/null 2>&1 || { echo "make image: no docker command on this machine; install Docker to build the images (tests/test_deploy.py checks the Dockerfiles without it)." >&2; exit 1; }
+	@docker info >/dev/null 2>&1 || { echo "make image: no running docker daemon (docker info failed); start Docker and run make image again." >&2; exit 1; }
+	docker build -f Dockerfile -t $(IMAGE):$(IMAGE_TAG) .
+	docker build -f Dockerfile.cpu -t $(IMAGE):$(IMAGE_TAG)-cpu .
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
