@@ -159,10 +159,10 @@ class JobRunner:
                 return job
         return self.store.get(job_id)
 
-    def retry(self, job_id: str) -> Job | None:
+    def retry(self, job_id: str, max_retries: int | None = None) -> Job | None:
         """Queue a FAILED or TIMED_OUT job again under the same id; ``None`` if not allowed."""
         current = self.store.get(job_id)
-        if current is None:
+        if current is None or (max_retries is not None and current.retries >= max_retries):
             return None
         job = self.store.update(
             job_id, (FAILED, TIMED_OUT), status=QUEUED, error=None, result=None,

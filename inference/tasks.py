@@ -76,6 +76,11 @@ class Job(msgspec.Struct, kw_only=True):
     retries: int = 0
     # Images the job will make, for admission control.
     images: int = 1
+    # Times the job was put back in the queue because the server running it died.
+    requeues: int = 0
+    # Names of the job's images in the media store (URL-mode dialects) and when they were put.
+    media: list[str] = []
+    media_at: float = 0.0
 
 
 class TaskStore(Protocol):
