@@ -200,15 +200,17 @@ class TaskService:
         return [f"data:{img.media_type};base64," + base64.b64encode(data).decode("ascii")
                 for img, data in await self.images(job)]
 
-    async def media_urls(self, job: Job, request: Request) -> list[str]:
+    async def media_urls(self, job: Job, request: Request | str) -> list[str]:
         """A completed job's images as expiring ``/media`` URLs (``--url-ttl-s``).
 
-        The media names are remembered on the job, so polling does not copy the images again
+        ``request`` gives the public base URL; a webhook, which has no request, passes the
+        base URL the job was submitted at instead. The media names are remembered on the job, so polling does not copy the images again
         until the URLs are about to expire.
         """
         if job.status != COMPLETED or job.result is None:
             return []
-        base = self.ctx.public_base_url(request)
+        base = (request.rstrip("/") if isinstance(request, str)
+                else self.ctx.public_base_url(request))
         media = self.ctx.media
         fresh_until = job.media_at + media.ttl_s * 0.9
         if job.media and time.time() < fresh_until:

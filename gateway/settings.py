@@ -88,6 +88,8 @@ class Settings(msgspec.Struct, kw_only=True):
     results_dir: Annotated[str | None, Meta(description="Where async job result images live (default: DATA_DIR/results).")] = None
     log_level: Annotated[str, Meta(description="Log level.")] = "info"
     log_format: Annotated[str, Meta(description="text or json.")] = "text"
+    # Async task dialects (Alibaba SCC, DashScope, ModelsLab).
+    modelslab_wait_s: Annotated[float, Meta(ge=0, le=300, description="How long a ModelsLab text2img call waits for its images before answering status processing with a fetch_result URL.")] = 20.0
 
     @property
     def cache_path(self) -> Path:

@@ -1,0 +1,469 @@
+"""Alibaba Cloud SCC ("Intelligent Creation Workshop") Stable Diffusion task API.
+
+``POST /scc/sd_txt2img`` and ``/scc/sd_img2img`` queue a task and answer its ``taskId``;
+``POST /scc/sd_get_result`` with ``{"taskId"}`` reports ``waiting`` / ``running`` /
+``succeeded`` / ``failed`` with expiring image URLs. Bodies use AUTOMATIC1111's field names
+(plus the vendor page's ``negtive_prompt`` spelling) and ControlNet units under
+``alwayson_scripts.controlnet`` (``units`` as on the vendor page, ``args`` as in A1111).
+
+Choices where the vendor page is silent (docs/alibaba-scc.md): the API key travels as
+``Authorization: Bearer <key>`` (the vendor signs with AK/SK, which is not reproduced); the outer
+envelope is ``{requestId, code, message, success, data}`` with real HTTP statuses; every input
+is checked (and remote images fetched) when the task is submitted, so a bad request is a 400
+naming the field rather than a failed task.
+
+Wire facts: shared/reference/api-dialects.md §3 and seed 001. Docs: docs/alibaba-scc.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import uuid
+from pathlib import PurePath
+from typing import Annotated, Any, ClassVar
+
+import msgspec
+from litestar import Request, Response, post
+from msgspec import Meta
+
+from auth.keys import Principal
+from gateway.async_tasks import AsyncTaskDialect
+from gateway.context import bearer_token
+from gateway.errors import Failure, invalid
+from gateway.fetch import FetchRefused, check_image, fetch_image
+from gateway.wire import decode_json, json_response, retry_headers
+from inference import GenerationRequest, InitImage
+from inference.request import ControlUnit
+from inference.tasks import CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING, TIMED_OUT, Job
+
+MAX_SEED = 2**32 - 1
+# batch_size × n_iter: the images one task may ask for.
+MAX_IMAGES = 8
+MAX_CONTROL_UNITS = 3
+# A1111's CLIP_stop_at_last_layers slider goes to 12.
+MAX_CLIP_SKIP = 12
+# A1111 UI defaults (the vendor page gives none).
+DEFAULT_STEPS = 20
+DEFAULT_CFG = 7.0
+DEFAULT_SAMPLER = "Euler"
+DEFAULT_STRENGTH = 0.75
+
+STATUS = {QUEUED: "waiting", RUNNING: "running", COMPLETED: "succeeded", FAILED: "failed",
+          CANCELLED: "failed", TIMED_OUT: "failed"}
+
+# Failure cause → the envelope's ``code``.
+CODES = {
+    "validation": "InvalidParameter", "auth": "InvalidApiKey", "forbidden": "Forbidden",
+    "not_found": "NotFound", "method": "MethodNotAllowed", "too_large": "RequestTooLarge",
+    "overload": "Throttling", "quota": "QuotaExceeded", "timeout": "Timeout",
+    "cancelled": "Cancelled", "oom": "ServiceUnavailable", "not_ready": "ServiceUnavailable",
+    "shutdown": "ServiceUnavailable", "internal": "InternalError",
+}
+
+# ControlNet kinds a preprocessor ``module`` or a ``model`` file name can name.
+_CONTROL_KINDS = ("canny", "depth", "openpose", "lineart", "softedge", "scribble", "mlsd",
+                  "normal", "seg", "tile", "inpaint", "shuffle", "ip-adapter", "reference")
+_NO_MODULE = ("", "none")
+_VAE_OK = ("", "automatic", "auto", "sdxl_vae.safetensors")
+
+# -- wire schemas ----------------------------------------------------------------------------
+
+
+class ControlNetUnit(msgspec.Struct, kw_only=True):
+    """One ControlNet unit (vendor page fields, plus A1111's ``image`` and ``enabled``)."""
+
+    module: str | None = None
+    model: str | None = None
+    input_image: str | None = None
+    image: str | None = None
+    weight: float = 1.0
+    guidance_start: float = 0.0
+    guidance_end: float = 1.0
+    enabled: bool = True
+
+
+class ControlNetScript(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``alwayson_scripts.controlnet``: ``units`` (vendor page) or ``args`` (A1111)."""
+
+    units: list[ControlNetUnit] | None = None
+    args: list[ControlNetUnit] | None = None
+
+
+class AlwaysOnScripts(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """``alwayson_scripts``: only ControlNet is available."""
+
+    controlnet: ControlNetScript | None = None
+
+
+class Txt2ImgRequest(msgspec.Struct, kw_only=True):
+    """Body of ``sd_txt2img``. Unknown A1111 fields are ignored, as A1111 does."""
+
+    prompt: str = ""
+    negative_prompt: str | None = None
+    negtive_prompt: str | None = None
+    stable_diffusion_model: str | None = None
+    sd_vae: str | None = None
+    clip_skip: Annotated[int, Meta(ge=1, le=MAX_CLIP_SKIP)] | None = None
+    batch_size: Annotated[int, Meta(ge=1, le=MAX_IMAGES)] = 1
+    n_iter: Annotated[int, Meta(ge=1, le=MAX_IMAGES)] = 1
+    steps: int = DEFAULT_STEPS
+    cfg_scale: Annotated[float, Meta(ge=0, le=30)] = DEFAULT_CFG
+    width: int | None = None
+    height: int | None = None
+    sampler_name: str | None = None
+    sampler_index: str | None = None
+    scheduler: str | None = None
+    seed: Annotated[int, Meta(ge=-1, le=MAX_SEED)] = -1
+    restore_faces: bool | None = None
+    enable_hr: bool | None = None
+    tiling: bool | None = None
+    alwayson_scripts: AlwaysOnScripts | None = None
+
+
+class Img2ImgRequest(Txt2ImgRequest, kw_only=True):
+    """Body of ``sd_img2img``: ``init_images`` (one image) and ``denoising_strength``."""
+
+    init_images: Annotated[list[str], Meta(min_length=1, max_length=1)]
+    denoising_strength: Annotated[float, Meta(gt=0, le=1)] = DEFAULT_STRENGTH
+    mask: str | None = None
+
+
+class GetResultRequest(msgspec.Struct, kw_only=True):
+    """Body of ``sd_get_result``."""
+
+    taskId: Annotated[str, Meta(min_length=1, max_length=200)]
+
+
+class TaskData(msgspec.Struct, kw_only=True):
+    """``data`` of a submit answer."""
+
+    taskId: str
+    status: str
+
+
+class SubmitResponse(msgspec.Struct, kw_only=True):
+    """Answer of ``sd_txt2img`` / ``sd_img2img``."""
+
+    requestId: str
+    data: TaskData
+    code: str = "Success"
+    message: str = "success"
+    success: bool = True
+
+
+class ResultData(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """``data`` of ``sd_get_result``; ``errorMessage`` only for failed tasks."""
+
+    taskId: str
+    status: str
+    images: list[str]
+    parameters: dict[str, Any]
+    info: dict[str, Any]
+    errorMessage: str | None = None
+
+
+class ResultResponse(msgspec.Struct, kw_only=True):
+    """Answer of ``sd_get_result``."""
+
+    requestId: str
+    data: ResultData
+    code: str = "Success"
+    message: str = "success"
+    success: bool = True
+
+
+class ErrorResponse(msgspec.Struct, kw_only=True):
+    """Every error: a real HTTP status and this body."""
+
+    requestId: str
+    code: str
+    message: str
+    success: bool = False
+
+
+# -- translation helpers ---------------------------------------------------------------------
+
+
+def control_kind(module: str | None, model: str | None, field: str) -> tuple[str, bool]:
+    """The canonical ControlNet kind and whether to preprocess, from ``module`` and ``model``.
+
+    A preprocessor module (``canny``, ``depth_midas``…) names the kind and asks for
+    preprocessing; module ``none`` means the image already is the control map, so the kind
+    comes from the model's file name (``diffusers_xl_canny_mid`` → ``canny``).
+    """
+    mod = (module or "").strip().casefold()
+    model_kind = _kind_in(model)
+    if mod in _NO_MODULE:
+        if model_kind is None:
+            raise invalid(f"{field}.model must name a ControlNet kind ({', '.join(_CONTROL_KINDS)}) "
+                          "when module is none", field=f"{field}.model")
+        return model_kind, False
+    kind = _kind_in(mod) or mod.split("_", 1)[0]
+    if model_kind is not None and model_kind != kind:
+        raise invalid(f"{field}: module {module!r} makes a {kind} map but model {model!r} is a "
+                      f"{model_kind} ControlNet", field=f"{field}.model")
+    return kind, True
+
+
+def _kind_in(name: str | None) -> str | None:
+    text = (name or "").casefold()
+    if text in ("", "none"):
+        return None
+    return next((k for k in _CONTROL_KINDS if k in text), None)
+
+
+def sampler_for(body: Txt2ImgRequest) -> str:
+    """The sampler name, with A1111 1.9's separate ``scheduler: karras`` folded in."""
+    name = body.sampler_name or body.sampler_index or DEFAULT_SAMPLER
+    sched = (body.scheduler or "automatic").strip().casefold()
+    if sched == "karras":
+        return name if name.casefold().endswith(" karras") else f"{name} Karras"
+    if sched != "automatic":
+        raise invalid(f"scheduler {body.scheduler!r} is not supported; use automatic or karras "
+                      "(or a sampler_name such as 'DPM++ 2M Karras')", field="scheduler")
+    return name
+
+
+def a1111_clip_skip(value: int | None) -> int | None:
+    """A1111's clip_skip (1 = last CLIP layer) as extra layers skipped past SDXL's penultimate.
+
+    SDXL already reads the penultimate layer, which is what A1111's 2 means; 1 and 2 both give
+    that, and each step above skips one more layer.
+    """
+    if value is None or value <= 2:
+        return None
+    return value - 2
+
+
+# -- the dialect -----------------------------------------------------------------------------
+
+
+class AlibabaSccDialect(AsyncTaskDialect):
+    """Alibaba Cloud SCC sd_txt2img / sd_img2img / sd_get_result."""
+
+    name = "alibaba"
+    prefixes = ("/scc/",)
+    field_names: ClassVar[dict[str, str]] = {
+        "guidance": "cfg_scale", "sampler": "sampler_name", "n": "batch_size",
+        "init_image": "init_images", "init_image.strength": "denoising_strength",
+        "init_image.mask": "mask", "control": "alwayson_scripts.controlnet",
+        "model": "stable_diffusion_model", "refine": "refiner",
+    }
+
+    def route_handlers(self) -> list[Any]:
+        """The two submit routes and the result query."""
+        opt = {"dialect": self.name}
+
+        @post("/scc/sd_txt2img", status_code=200, opt={
+            **opt, "kind": "generate", "schema_in": Txt2ImgRequest, "schema_out": SubmitResponse,
+            "summary": "Queue a text-to-image task (AUTOMATIC1111 fields, ControlNet units)"})
+        async def txt2img(request: Request) -> Response:
+            return await self.submit(request, Txt2ImgRequest)
+
+        @post("/scc/sd_img2img", status_code=200, opt={
+            **opt, "kind": "generate", "schema_in": Img2ImgRequest, "schema_out": SubmitResponse,
+            "summary": "Queue an image-to-image task (init_images, denoising_strength, mask)"})
+        async def img2img(request: Request) -> Response:
+            return await self.submit(request, Img2ImgRequest)
+
+        @post("/scc/sd_get_result", status_code=200, opt={
+            **opt, "kind": "poll", "schema_in": GetResultRequest, "schema_out": ResultResponse,
+            "summary": "A task's status and, once it succeeded, its image URLs"})
+        async def get_result(request: Request) -> Response:
+            principal = self._principal(request)
+            body = decode_json(await request.body(), GetResultRequest)
+            job = self.tasks.own(principal, principal.id, body.taskId)
+            return json_response(await self.result_body(job, request))
+
+        return [txt2img, img2img, get_result]
+
+    # -- submission ------------------------------------------------------------------------
+
+    async def submit(self, request: Request, schema: type[Txt2ImgRequest]) -> Response:
+        """Authenticate, decode, check everything, fetch images, admit and queue."""
+        principal = self._principal(request)
+        body = decode_json(await request.body(), schema)
+        canonical = await self.to_canonical(body)
+        engine = self.ctx.engine
+        if engine.info is not None:
+            # The engine's own checks (sizes, steps, sampler, ControlNet kinds) now, as a 400.
+            engine.prepare(canonical)
+        n = canonical.n
+        job = await self.tasks.submit(
+            principal, scope=principal.id, images=n,
+            payload={"request": msgspec.json.encode(canonical).decode(),
+                     "parameters": self.parameters(body),
+                     "resource_config": request.headers.get("x-sp-resource-config-id")},
+        )
+        return json_response(SubmitResponse(requestId=_request_id(),
+                                            data=TaskData(taskId=job.id, status=STATUS[job.status])))
+
+    async def to_canonical(self, body: Txt2ImgRequest) -> GenerationRequest:
+        """Translate a submit body; images are decoded (or fetched) here."""
+        if body.restore_faces:
+            raise invalid("restore_faces is not supported: this server has no face restoration "
+                          "model; send restore_faces false or leave it out", field="restore_faces")
+        if body.enable_hr:
+            raise invalid("enable_hr (hires fix) is not supported; ask for the final size "
+                          "directly", field="enable_hr")
+        if body.tiling:
+            raise invalid("tiling is not supported", field="tiling")
+        self._check_model(body.stable_diffusion_model)
+        vae = (body.sd_vae or "").strip().casefold()
+        if vae not in _VAE_OK:
+            raise invalid(f"sd_vae {body.sd_vae!r} is not available; this server decodes with "
+                          "its model's own SDXL VAE (Automatic or sdxl_vae.safetensors)",
+                          field="sd_vae")
+        info = self.ctx.engine.info
+        width = body.width or (info.default_width if info else 1024)
+        height = body.height or (info.default_height if info else 1024)
+        negative = body.negative_prompt if body.negative_prompt is not None else body.negtive_prompt
+        init_image = None
+        if isinstance(body, Img2ImgRequest):
+            data = await self.image(body.init_images[0], "init_images[0]")
+            mask = await self.image(body.mask, "mask") if body.mask else None
+            init_image = InitImage(data=data, strength=body.denoising_strength, mask=mask)
+        return GenerationRequest(
+            prompt=body.prompt,
+            negative_prompt=negative or "",
+            n=body.batch_size * body.n_iter,
+            width=width,
+            height=height,
+            steps=body.steps,
+            guidance=body.cfg_scale,
+            sampler=sampler_for(body),
+            seed=None if body.seed == -1 else body.seed,
+            clip_skip=a1111_clip_skip(body.clip_skip),
+            output_format="png",
+            init_image=init_image,
+            control=await self.control_units(body),
+        )
+
+    async def control_units(self, body: Txt2ImgRequest) -> tuple[ControlUnit, ...]:
+        """``alwayson_scripts.controlnet`` units → canonical units (disabled ones dropped)."""
+        script = body.alwayson_scripts.controlnet if body.alwayson_scripts else None
+        if script is None:
+            return ()
+        key = "units" if script.units is not None else "args"
+        units = (script.units if script.units is not None else script.args) or []
+        if len(units) > MAX_CONTROL_UNITS:
+            raise invalid(f"at most {MAX_CONTROL_UNITS} ControlNet units per task",
+                          field=f"alwayson_scripts.controlnet.{key}")
+        out: list[ControlUnit] = []
+        for i, unit in enumerate(units):
+            field = f"alwayson_scripts.controlnet.{key}[{i}]"
+            if not unit.enabled:
+                continue
+            if not 0 <= unit.weight <= 2:
+                raise invalid(f"{field}.weight must be between 0 and 2", field=f"{field}.weight")
+            if not 0 <= unit.guidance_start < unit.guidance_end <= 1:
+                raise invalid(f"{field}: guidance_start and guidance_end must satisfy "
+                              "0 <= guidance_start < guidance_end <= 1",
+                              field=f"{field}.guidance_start")
+            source = unit.input_image or unit.image
+            if not source:
+                raise invalid(f"{field}.input_image is required", field=f"{field}.input_image")
+            kind, preprocess = control_kind(unit.module, unit.model, field)
+            out.append(ControlUnit(
+                kind=kind, image=await self.image(source, f"{field}.input_image"),
+                weight=unit.weight, guidance_start=unit.guidance_start,
+                guidance_end=unit.guidance_end, preprocess=preprocess,
+            ))
+        return tuple(out)
+
+    async def image(self, value: str, field: str) -> bytes:
+        """Image bytes from raw base64 (A1111), a ``data:`` URI or an http(s) URL (SSRF-safe)."""
+        policy = self.tasks.fetch_policy
+        try:
+            if value.startswith(("data:", "http://", "https://")):
+                return await fetch_image(value, policy)
+            if (len(value) * 3) // 4 > policy.max_bytes + 3:
+                raise FetchRefused(f"the image is larger than the {policy.max_bytes}-byte limit")
+            try:
+                data = base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                raise FetchRefused("not valid base64, a data: URI or an http(s) URL") from None
+            await asyncio.to_thread(check_image, data, policy.max_pixels)
+            return data
+        except FetchRefused as exc:
+            raise invalid(f"{field}: {exc}", field=field) from None
+
+    def _check_model(self, name: str | None) -> None:
+        if not name or not name.strip():
+            return
+        info = self.ctx.engine.info
+        served = {info.id} if info else set()
+        if info is not None:
+            served |= {PurePath(info.source).name, PurePath(info.source).stem}
+        wanted = name.strip()
+        if wanted in served or PurePath(wanted).stem in served:
+            return
+        raise invalid(f"stable_diffusion_model {name!r} is not served here; served: "
+                      f"{info.id if info else 'none'}", field="stable_diffusion_model")
+
+    @staticmethod
+    def parameters(body: Txt2ImgRequest) -> dict[str, Any]:
+        """The request echoed in results, without its (large) images."""
+        echo = {k: v for k, v in msgspec.to_builtins(body).items() if v is not None}
+        echo.pop("init_images", None)
+        echo.pop("mask", None)
+        scripts = echo.get("alwayson_scripts") or {}
+        for units in (scripts.get("controlnet") or {}).values():
+            for unit in units or []:
+                for key in ("input_image", "image"):
+                    if unit.get(key):
+                        unit[key] = "<image>"
+        return echo
+
+    # -- JobHandler ------------------------------------------------------------------------
+
+    async def prepare(self, job: Job) -> GenerationRequest:
+        """The canonical request checked at submission, stored with the job."""
+        request = msgspec.json.decode(job.payload["request"], type=GenerationRequest)
+        return msgspec.structs.replace(request, client_id=job.payload.get("client_id"),
+                                       request_id=job.id)
+
+    # -- rendering -------------------------------------------------------------------------
+
+    async def result_body(self, job: Job, request: Request) -> ResultResponse:
+        """``sd_get_result``'s answer for ``job``."""
+        stored = msgspec.json.decode(job.payload["request"], type=GenerationRequest)
+        info: dict[str, Any] = {
+            "prompt": stored.prompt, "negative_prompt": stored.negative_prompt,
+            "width": stored.width, "height": stored.height, "steps": stored.steps,
+            "cfg_scale": stored.guidance, "sampler_name": stored.sampler,
+            "batch_size": stored.n,
+        }
+        if job.result is not None:
+            info["seed"] = job.result.seed
+            info["all_seeds"] = [img.seed for img in job.result.images]
+            info["sd_model_name"] = job.result.model
+        data = ResultData(
+            taskId=job.id, status=STATUS[job.status],
+            images=await self.tasks.media_urls(job, request),
+            parameters=job.payload.get("parameters") or {}, info=info,
+            errorMessage=job.error if job.status in (FAILED, CANCELLED, TIMED_OUT) else None,
+        )
+        if data.status == "failed" and data.errorMessage is None:
+            data.errorMessage = "the task was cancelled"
+        return ResultResponse(requestId=_request_id(), data=data)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _principal(self, request: Request) -> Principal:
+        return self.ctx.authenticate_key(bearer_token(request), self.name)
+
+    def render_failure(self, failure: Failure, request: Request) -> Response:
+        """``{requestId, code, message, success: false}`` with the real HTTP status."""
+        body = ErrorResponse(requestId=_request_id(), code=CODES.get(failure.cause, "InternalError"),
+                             message=failure.message)
+        return json_response(body, failure.status, retry_headers(failure))
+
+
+def _request_id() -> str:
+    return str(uuid.uuid4()).upper()
+
+
+DIALECT = AlibabaSccDialect
