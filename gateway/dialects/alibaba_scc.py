@@ -202,8 +202,8 @@ def control_kind(module: str | None, model: str | None, field: str) -> tuple[str
         return model_kind, False
     kind = _kind_in(mod) or mod.split("_", 1)[0]
     if model_kind is not None and model_kind != kind:
-        raise invalid(f"{field}: module {module!r} makes a {kind} map but model {model!r} is a "
-                      f"{model_kind} ControlNet", field=f"{field}.model")
+        raise invalid(f"{field}.model {model!r} is a {model_kind} ControlNet but module "
+                      f"{module!r} makes a {kind} map", field=f"{field}.model")
     return kind, True
 
 
