@@ -248,8 +248,8 @@ class DashScopeDialect(AsyncTaskDialect):
         info = self.ctx.engine.info
         served = info.id if info else None
         if body.model not in MODELS and body.model != served:
-            raise invalid(f"Model not exist. Models served here: {served or 'none'}, "
-                          f"{', '.join(MODELS)}", field="model")
+            raise invalid(f"Model not exist: model {body.model!r} is not served here; use "
+                          f"{served or 'none'} or one of {', '.join(MODELS)}", field="model")
         inp = body.input
         for name in ("ref_img", "sketch_image_url", "base_image_url", "mask_image_url", "images"):
             if getattr(inp, name):
