@@ -121,14 +121,22 @@ def diffusers_runner_factory(config: EngineConfig) -> tuple[BatchRunner, ModelIn
         ref_source = loader.resolve(refiner_name, cache_dir=config.cache_dir,
                                     allow_download=config.allow_download)
         refiner = loader.load_refiner(ref_source, base, choice)
-    from inference.compile import CompileCache, CompileOptions, apply_compile, cache_key
+    from inference.compile import (
+        CompileCache,
+        CompileOptions,
+        apply_compile,
+        cache_key,
+        prepare_for_compile,
+    )
     from inference.quantize import quantize_unet
 
-    quantize_unet(base, config.quantize, choice.device)  # type: ignore[arg-type]
     compile_on = config.compile if config.compile is not None else choice.device.startswith("cuda")
+    options = CompileOptions(scope=config.compile_scope, mode=config.compile_mode)  # type: ignore[arg-type]
+    if compile_on:
+        prepare_for_compile(base, options)
+    quantize_unet(base, config.quantize, choice.device)  # type: ignore[arg-type]
     cache_dir: Path | None = None
     if compile_on:
-        options = CompileOptions(scope=config.compile_scope, mode=config.compile_mode)  # type: ignore[arg-type]
         key = cache_key(str(source.path), choice.dtype, options,
                         {"quantize": config.quantize, "refiner": str(refiner_name)})
         cache_dir = config.cache_dir / "compile" / key
