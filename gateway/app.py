@@ -38,11 +38,22 @@ class DialectRouter:
         # Paths nobody owns (/health, /media, unknown routes) answer in OpenAI's envelope, the
         # most widely understood one.
         self.fallback = next((d for d in dialects if d.name == "openai"), dialects[0])
+        self.by_name = {d.name: d for d in dialects}
 
     def for_path(self, path: str) -> Dialect:
         """The dialect with the longest prefix matching ``path``."""
         best = max(self.dialects, key=lambda d: d.owns(path))
         return best if best.owns(path) else self.fallback
+
+    def for_scope(self, scope: Scope) -> Dialect:
+        """The dialect of the route that matched, else the path's owner.
+
+        One path can belong to two dialects by method (``GET /models/{id}`` is OpenAI's,
+        ``POST /models/{id}`` Hugging Face's), so a matched handler's ``opt["dialect"]`` wins.
+        """
+        handler = scope.get("route_handler")
+        name = (getattr(handler, "opt", None) or {}).get("dialect")
+        return self.by_name.get(name) or self.for_path(scope["path"])
 
 
 def _metrics_middleware(metrics: Metrics, router: DialectRouter) -> Any:
@@ -108,10 +119,10 @@ def create_app(
     router = DialectRouter(dialects)
 
     def on_error(request: Request, exc: Exception) -> Response:
+        dialect = router.for_scope(request.scope)
         if isinstance(exc, ClientDisconnected):
-            metrics.errors.labels(router.for_path(request.url.path).name, "cancelled").inc()
+            metrics.errors.labels(dialect.name, "cancelled").inc()
             return Response(content=b"", status_code=499)
-        dialect = router.for_path(request.url.path)
         failure = failure_from(exc, dialect.field_names)
         metrics.errors.labels(dialect.name, _metric_cause(failure.cause)).inc()
         return dialect.render_failure(failure, request)
