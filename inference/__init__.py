@@ -1,6 +1,7 @@
 """Model loading, samplers, the executor and the batch scheduler. Knows nothing of HTTP or dialects."""
 
 from inference.engine import Engine, EngineConfig, EngineState, ModelInfo
+from inference.progress import Progress, ProgressSnapshot
 from inference.request import (
     ControlUnit,
     GeneratedImage,
@@ -23,6 +24,8 @@ __all__ = [
     "InitImage",
     "Lora",
     "ModelInfo",
+    "Progress",
+    "ProgressSnapshot",
     "Refine",
     "Timings",
 ]
