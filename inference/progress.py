@@ -148,6 +148,7 @@ class ProgressHub:
         run = _Running(batch=batch, started=time.monotonic(), base_total=base, refine_total=refine)
         self._running = run
         self._preview = None
+        self._last_preview_at = 0.0  # a new batch gets its first preview at its first step
         for ticket in batch.tickets():
             if ticket.on_progress is None or ticket.progress_started or not _alive(ticket):
                 continue
