@@ -44,6 +44,9 @@ class Progress(msgspec.Struct, kw_only=True):
     (0-based) of ``partial_images``, encoded in the request's output format (base64 too when the
     request wants base64). ``step`` counts denoising steps done out of ``total_steps`` (refiner
     steps included).
+
+    A request whose ``n`` images span several batches gets one ``started`` report, and step
+    counts restart with each batch. Previews show the request's first image in its first batch.
     """
 
     step: int
