@@ -17,6 +17,7 @@ import msgspec
 from msgspec import Meta
 
 from inference import EngineConfig
+from inference.controlnet import parse_controlnets
 
 ENV_PREFIX = "IMAGEGATE_"
 
@@ -88,6 +89,9 @@ class Settings(msgspec.Struct, kw_only=True):
     results_dir: Annotated[str | None, Meta(description="Where async job result images live (default: DATA_DIR/results).")] = None
     log_level: Annotated[str, Meta(description="Log level.")] = "info"
     log_format: Annotated[str, Meta(description="text or json.")] = "text"
+    # -- inference features: ControlNet, LoRA -------------------------------------------------
+    controlnet: Annotated[str, Meta(description="ControlNets to serve, as comma-separated kind=path pairs (diffusers ControlNetModel folders), e.g. canny=/models/cn-canny; tiny-sdxl serves its own canny.")] = ""
+    lora_dir: Annotated[str | None, Meta(description="Folder of <name>.safetensors LoRA files (diffusers or kohya format) that requests may name; tiny-sdxl falls back to its own folder with tiny-lora.")] = None
 
     @property
     def cache_path(self) -> Path:
@@ -159,6 +163,8 @@ class Settings(msgspec.Struct, kw_only=True):
             max_steps=self.max_steps,
             warmup_sizes=_size_list(self.warmup_sizes),
             warmup_batch_sizes=tuple(int(b) for b in self.warmup_batch_sizes.split(",") if b.strip()),
+            controlnets=parse_controlnets(self.controlnet),
+            lora_dir=Path(self.lora_dir).expanduser() if self.lora_dir else None,
         )
 
 
