@@ -102,7 +102,7 @@ def create_app(
     ctx.jobs = JobRunner(
         job_store(settings.data_path, settings.results_dir or ""), engine,
         concurrency=settings.job_concurrency, sweep_interval_s=settings.job_sweep_interval_s,
-        on_success=ctx.record_job_usage,
+        on_success=ctx.record_job_usage, data_dir=settings.data_path, port=settings.port,
     )
     dialects = [cls(ctx) for cls in discover()]
     router = DialectRouter(dialects)
