@@ -163,14 +163,6 @@ def serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    # Port first, then the data dir lock, then the model: a busy port or a data dir in use by
-    # another server fails in a second, before any store is opened or the model loads.
-    sock = _listen(settings)
-    if sock is None:
-        return 2
-    if not _lock_data_dir(settings):
-        sock.close()
-        return 2
     started = time.perf_counter()
     from inference.loader import ModelNotFound, hub_offline_by_default, resolve
 
@@ -180,6 +172,15 @@ def serve(args: argparse.Namespace) -> int:
             resolve(name, cache_dir=settings.cache_path, allow_download=settings.allow_download)
     except ModelNotFound as exc:
         print(f"imagegate: {exc}", file=sys.stderr)
+        return 2
+    # Finding the model reads no store. Then the port, then the data dir lock, and only then the
+    # app (stores) and the model load: a busy port or a data dir in use by another server fails
+    # in about a second, before any store is opened.
+    sock = _listen(settings)
+    if sock is None:
+        return 2
+    if not _lock_data_dir(settings):
+        sock.close()
         return 2
     logger.info("model %s found in %.1fs; starting on http://%s:%d", settings.model,
                 time.perf_counter() - started, settings.host, settings.port)

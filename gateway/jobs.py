@@ -188,20 +188,24 @@ class JobRunner:
                     await asyncio.sleep(min(remaining, poll))
 
     def cancel(self, job_id: str) -> Job | None:
-        """Cancel a queued or running job; a finished one is returned unchanged."""
+        """Cancel a queued or running job; a finished one is returned unchanged.
+
+        A job running on another replica (shared store) is marked here; that replica sees
+        the change within a heartbeat and drops the work.
+        """
         now = time.time()
         job = self.store.update(job_id, (QUEUED,), status=CANCELLED, finished_at=now)
         if job is not None:
             self._finish(job)
             return job
-        task = self._active.get(job_id)
-        if task is not None:
-            job = self.store.update(job_id, (RUNNING,), status=CANCELLED, finished_at=now)
-            if job is not None:
+        job = self.store.update(job_id, (RUNNING,), status=CANCELLED, finished_at=now)
+        if job is not None:
+            task = self._active.get(job_id)
+            if task is not None:
                 self._cancelling.add(job_id)
                 task.cancel()
-                self._finish(job)
-                return job
+            self._finish(job)
+            return job
         return self.store.get(job_id)
 
     def retry(self, job_id: str, max_retries: int | None = None) -> Job | None:

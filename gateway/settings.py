@@ -84,6 +84,10 @@ class Settings(msgspec.Struct, kw_only=True):
     results_dir: Annotated[str | None, Meta(description="Where async job result images live (default: DATA_DIR/results).")] = None
     log_level: Annotated[str, Meta(description="Log level.")] = "info"
     log_format: Annotated[str, Meta(description="text or json.")] = "text"
+    # Replicas sharing Redis (docs/replicas.md).
+    redis_url: Annotated[str | None, Meta(description="Redis URL (redis://host:6379/0): async jobs, their images, URL-mode images, quota counters and the usage ledger live there, shared by every replica given the same URL and prefix.")] = None
+    redis_prefix: Annotated[str, Meta(description="Prefix of every Redis key this server writes (replicas of one deployment share it).")] = "imagegate"
+    replica_id: Annotated[str | None, Meta(description="Name of this replica in job records (RunPod workerId) and logs (default: random per start).")] = None
 
     @property
     def cache_path(self) -> Path:

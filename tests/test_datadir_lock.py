@@ -59,7 +59,7 @@ def test_busy_port_fails_fast_before_touching_the_data_dir(tmp_path: Any) -> Non
     assert proc.returncode == 2, proc.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr, proc.stderr
     assert not (tmp_path / "data").exists(), "the data dir was touched before the port check"
-    assert "model tiny-sdxl found" not in proc.stderr, "the model was looked up first"
+    assert "loaded tiny-sdxl" not in proc.stderr, "the model loaded before the port check"
 
 
 def test_lock_is_reentrant_in_process_and_exclusive_across_processes(tmp_path: Any) -> None:
