@@ -21,8 +21,9 @@ from gateway.dialects import discover
 from gateway.dialects.base import Dialect
 from gateway.disconnect import ClientDisconnected
 from gateway.errors import ApiError, failure_from
-from gateway.jobs import JobRunner, job_store
+from gateway.jobs import JobRunner
 from gateway.media import MediaStore
+from gateway.replicas import build_stores
 from gateway.settings import Settings
 from inference import Engine, EngineState
 from observability.metrics import Metrics
@@ -103,17 +104,20 @@ def create_app(
     """Build the Litestar app. Tests pass their own ``engine`` (e.g. with a fake runner)."""
     metrics = metrics or Metrics()
     engine = engine or Engine(settings.engine_config(), metrics)
+    stores = build_stores(settings)
     ctx = GatewayContext(
         settings=settings,
         engine=engine,
         keys=keys or KeyStore.from_config(settings.api_keys, settings.keys_path),
-        media=MediaStore(settings.data_path / "media", settings.url_ttl_s),
+        media=stores.media,
         metrics=metrics,
+        quotas=stores.quotas,
+        ledger=stores.ledger,
     )
     ctx.jobs = JobRunner(
-        job_store(settings.data_path, settings.results_dir or ""), engine,
+        stores.tasks, engine, worker_id=settings.replica_id,
         concurrency=settings.job_concurrency, sweep_interval_s=settings.job_sweep_interval_s,
-        on_success=ctx.record_job_usage,
+        on_success=ctx.record_job_usage, data_dir=settings.data_path, port=settings.port,
     )
     dialects = [cls(ctx) for cls in discover()]
     router = DialectRouter(dialects)

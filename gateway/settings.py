@@ -92,6 +92,10 @@ class Settings(msgspec.Struct, kw_only=True):
     # -- inference features: ControlNet, LoRA -------------------------------------------------
     controlnet: Annotated[str, Meta(description="ControlNets to serve, as comma-separated kind=path pairs (diffusers ControlNetModel folders), e.g. canny=/models/cn-canny; tiny-sdxl serves its own canny.")] = ""
     lora_dir: Annotated[str | None, Meta(description="Folder of <name>.safetensors LoRA files (diffusers or kohya format) that requests may name; tiny-sdxl falls back to its own folder with tiny-lora.")] = None
+    # Replicas sharing Redis (docs/replicas.md).
+    redis_url: Annotated[str | None, Meta(description="Redis URL (redis://host:6379/0): async jobs, their images, URL-mode images, quota counters and the usage ledger live there, shared by every replica given the same URL and prefix.")] = None
+    redis_prefix: Annotated[str, Meta(description="Prefix of every Redis key this server writes (replicas of one deployment share it).")] = "imagegate"
+    replica_id: Annotated[str | None, Meta(description="Name of this replica in job records (RunPod workerId) and logs (default: random per start).")] = None
 
     @property
     def cache_path(self) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from gateway.fetch import AddressRefused, FetchPolicy, FetchRefused, post_json
 
@@ -27,6 +28,19 @@ class WebhookSender:
     def send(self, url: str, body: bytes) -> asyncio.Task[bool]:
         """Start delivering ``body`` to ``url``; the task's result says whether it arrived."""
         task = asyncio.create_task(self.deliver(url, body), name="imagegate-webhook")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def send_rendered(self, url: str, render: Callable[[], Awaitable[bytes | None]]
+                      ) -> asyncio.Task[bool]:
+        """Like :meth:`send`, with the body rendered first in the same task (off the caller)."""
+
+        async def run() -> bool:
+            body = await render()
+            return body is not None and await self.deliver(url, body)
+
+        task = asyncio.create_task(run(), name="imagegate-webhook")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task

@@ -1,28 +1,26 @@
 """RunPod serverless queue API, speaking runpod-workers/worker-sdxl's input and output.
 
 Routes live under ``/v2/{endpoint_id}/`` so the ``runpod`` SDK works with
-``RUNPOD_ENDPOINT_BASE_URL=http://HOST:PORT/v2``. Jobs go through the durable task store
-(:mod:`inference.tasks`) and the job runner (:mod:`gateway.jobs`).
+``RUNPOD_ENDPOINT_BASE_URL=http://HOST:PORT/v2``. Admission, job storage, ownership, results and
+webhooks come from the shared async machinery (:mod:`gateway.async_tasks`); this module is the
+wire format only.
 
 Wire facts: shared/reference/api-dialects.md §4. Docs: docs/runpod.md.
 """
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import time
 import uuid
 from typing import Any, ClassVar
 
 import msgspec
 from litestar import Request, Response, get, post
 
+from auth.keys import Principal
+from gateway.async_tasks import MAX_TTL_S, MIN_EXECUTION_S, MIN_TTL_S, AsyncTaskDialect
 from gateway.context import bearer_token
-from gateway.dialects.base import Dialect
 from gateway.errors import ApiError, Failure, failure_from, invalid
-from gateway.fetch import AllowList, FetchPolicy, FetchRefused, fetch_image, resolve_checked
-from gateway.webhooks import WebhookSender
+from gateway.fetch import FetchRefused, fetch_image
 from gateway.wire import decode_json, json_response, retry_headers
 from inference import GenerationRequest, InitImage, Refine
 from inference.tasks import (
@@ -85,17 +83,24 @@ SCHEMA: dict[str, tuple[tuple[type, ...], Any]] = {
 }
 _TYPE_NAMES = {_INT: "int", _FLOAT: "float", _STR: "str"}
 
-MIN_TTL_MS = 1_000
-MAX_TTL_MS = 7 * 24 * 3600 * 1000
-MIN_EXEC_MS = 1_000
+# worker-sdxl documents no prompt limit. The CLIP encoders read 77 tokens per chunk; 2,000
+# characters is ~400-500 tokens (6-7 chunks), far past what changes an SDXL image, and keeps a
+# megabyte "prompt" from costing seconds of executor time.
+MAX_PROMPT_CHARS = 2000
+MIN_TTL_MS = int(MIN_TTL_S * 1000)
+MAX_TTL_MS = int(MAX_TTL_S * 1000)
+MIN_EXEC_MS = int(MIN_EXECUTION_S * 1000)
 
 
 class InputError(Exception):
     """The job input failed validation; the message lists every problem."""
 
 
-def validate_input(raw: dict[str, Any]) -> dict[str, Any]:
+def validate_input(raw: dict[str, Any], max_steps: int = 150) -> dict[str, Any]:
     """worker-sdxl's validation: unknown keys, types and constraints; defaults filled in.
+
+    Step-like fields are bounded by ``max_steps`` (``--max-steps``), prompts by
+    :data:`MAX_PROMPT_CHARS`.
 
     Raises :class:`InputError` with every problem, each naming its field.
     """
@@ -116,8 +121,14 @@ def validate_input(raw: dict[str, Any]) -> dict[str, Any]:
         out[key] = float(value) if types is _FLOAT else value
     checks = (
         ("num_images", lambda v: 0 < v < 3, "must be 1 or 2"),
-        ("num_inference_steps", lambda v: v >= 1, "must be at least 1"),
-        ("refiner_inference_steps", lambda v: v >= 1, "must be at least 1"),
+        ("num_inference_steps", lambda v: 1 <= v <= max_steps,
+         f"must be between 1 and {max_steps}"),
+        ("refiner_inference_steps", lambda v: 1 <= v <= max_steps,
+         f"must be between 1 and {max_steps}"),
+        ("prompt", lambda v: len(v) <= MAX_PROMPT_CHARS,
+         f"at most {MAX_PROMPT_CHARS} characters"),
+        ("negative_prompt", lambda v: len(v) <= MAX_PROMPT_CHARS,
+         f"at most {MAX_PROMPT_CHARS} characters"),
         ("guidance_scale", lambda v: 0 <= v <= 100, "must be between 0 and 100"),
         ("strength", lambda v: 0 < v <= 1, "must be greater than 0 and at most 1"),
         ("high_noise_frac", lambda v: 0 < v < 1, "must be between 0 and 1 (exclusive)"),
@@ -157,7 +168,7 @@ def _ms(seconds: float | None) -> int:
 # -- the dialect -----------------------------------------------------------------------------
 
 
-class RunPodDialect(Dialect):
+class RunPodDialect(AsyncTaskDialect):
     """RunPod's serverless queue API with worker-sdxl's schema."""
 
     name = "runpod"
@@ -166,20 +177,6 @@ class RunPodDialect(Dialect):
         "steps": "num_inference_steps", "guidance": "guidance_scale", "sampler": "scheduler",
         "n": "num_images", "init_image": "image_url", "refine": "refiner",
     }
-
-    def __init__(self, ctx: Any) -> None:
-        super().__init__(ctx)
-        s = ctx.settings
-        self.fetch_policy = FetchPolicy(
-            allow=AllowList.parse(s.fetch_allow), max_bytes=s.fetch_max_bytes,
-            timeout_s=s.fetch_timeout_s, max_pixels=s.fetch_max_pixels,
-        )
-        self.webhook_policy = FetchPolicy(allow=AllowList.parse(s.webhook_allow),
-                                          timeout_s=s.webhook_timeout_s)
-        self.webhooks = WebhookSender(self.webhook_policy, retries=2,
-                                      retry_delay_s=s.webhook_retry_delay_s)
-        self.jobs = ctx.jobs
-        self.jobs.register(self.name, self)
 
     def route_handlers(self) -> list[Any]:
         """The queue API under ``/v2/{endpoint_id}``."""
@@ -201,44 +198,49 @@ class RunPodDialect(Dialect):
                               field="wait") from None
             wait = min(max(wait, 1_000), 300_000)
             job = await self.submit(request, endpoint_id)
-            done = await self.jobs.wait(job.id, wait / 1000)
+            done = await self.tasks.wait(job.id, wait / 1000)
             if done is None:
                 raise ApiError("not_found", f"job {job.id} expired (policy.ttl) before it finished")
             full = done.status not in (QUEUED, RUNNING)
-            return json_response(await asyncio.to_thread(self.status_body, done, full=full))
+            return json_response(await self.status_body(done, full=full))
 
         @get(f"{base}/status/{{job_id:str}}", opt={**opt, "kind": "poll"})
         async def status(request: Request, endpoint_id: str, job_id: str) -> Response:
             job = self._own_job(request, endpoint_id, job_id)
-            return json_response(await asyncio.to_thread(self.status_body, job))
+            return json_response(await self.status_body(job))
 
         @post(f"{base}/cancel/{{job_id:str}}", status_code=200, opt=opt)
         async def cancel(request: Request, endpoint_id: str, job_id: str) -> Response:
             self._own_job(request, endpoint_id, job_id)
-            job = self.jobs.cancel(job_id)
+            job = self.tasks.cancel(job_id)
             if job is None:
                 raise ApiError("not_found", f"job {job_id} not found")
             return json_response({"id": job.id, "status": STATUS[job.status]})
 
         @post(f"{base}/retry/{{job_id:str}}", status_code=200, opt=opt)
         async def retry(request: Request, endpoint_id: str, job_id: str) -> Response:
-            current = self._own_job(request, endpoint_id, job_id)
-            job = self.jobs.retry(job_id)
-            if job is None:
+            principal = self._principal(request)
+            current = self.tasks.own(principal, self._scope(principal.id, endpoint_id), job_id)
+            if current.status not in (FAILED, TIMED_OUT):
                 raise invalid(f"job {job_id} is {STATUS[current.status]}; only FAILED or "
+                              "TIMED_OUT jobs can be retried")
+            job = self.tasks.retry(principal, current)
+            if job is None:
+                latest = self.tasks.own(principal, current.scope, job_id)
+                raise invalid(f"job {job_id} is {STATUS[latest.status]}; only FAILED or "
                               "TIMED_OUT jobs can be retried")
             return json_response({"id": job.id, "status": STATUS[job.status]})
 
         @post(f"{base}/purge-queue", status_code=200, opt=opt)
         async def purge_queue(request: Request, endpoint_id: str) -> Response:
-            principal = self.ctx.authenticate_key(bearer_token(request), self.name)
-            removed = self.jobs.purge(self.name, self._scope(principal.id, endpoint_id))
+            principal = self._principal(request)
+            removed = self.tasks.purge(self._scope(principal.id, endpoint_id))
             return json_response({"removed": removed, "status": "completed"})
 
         @get(f"{base}/health", opt=opt)
         async def health(request: Request, endpoint_id: str) -> Response:
-            principal = self.ctx.authenticate_key(bearer_token(request), self.name)
-            stats = self.jobs.store.stats(self.name, self._scope(principal.id, endpoint_id))
+            principal = self._principal(request)
+            stats = self.tasks.stats(self._scope(principal.id, endpoint_id))
             return json_response(self.health_body(stats))
 
         return [run, runsync, status, cancel, retry, purge_queue, health]
@@ -247,65 +249,40 @@ class RunPodDialect(Dialect):
 
     async def submit(self, request: Request, endpoint_id: str) -> Job:
         """Authenticate, check the envelope, admit and store a queued job."""
-        principal = self.ctx.authenticate_key(bearer_token(request), self.name)
+        principal = self._principal(request)
         body = decode_json(await request.body(), RunRequest)
         if body.s3Config:
             raise invalid("s3Config is not supported: results are returned inline as data URIs",
                           field="s3Config")
-        settings = self.ctx.settings
         policy = body.policy or Policy()
-        ttl_ms = policy.ttl if policy.ttl is not None else settings.job_ttl_s * 1000
-        if not MIN_TTL_MS <= ttl_ms <= MAX_TTL_MS:
-            raise invalid(f"policy.ttl must be between {MIN_TTL_MS} and {MAX_TTL_MS} ms",
-                          field="policy.ttl")
-        exec_ms = (policy.executionTimeout if policy.executionTimeout is not None
-                   else settings.job_execution_timeout_s * 1000)
-        if not MIN_EXEC_MS <= exec_ms <= MAX_TTL_MS:
-            raise invalid(f"policy.executionTimeout must be between {MIN_EXEC_MS} and "
-                          f"{MAX_TTL_MS} ms", field="policy.executionTimeout")
-        if body.webhook is not None:
-            try:
-                await resolve_checked(body.webhook, self.webhook_policy)
-            except FetchRefused as exc:
-                raise invalid(f"webhook: {exc}", field="webhook") from None
+        ttl_s = exec_s = None
+        if policy.ttl is not None:
+            if not MIN_TTL_MS <= policy.ttl <= MAX_TTL_MS:
+                raise invalid(f"policy.ttl must be between {MIN_TTL_MS} and {MAX_TTL_MS} ms",
+                              field="policy.ttl")
+            ttl_s = policy.ttl / 1000
+        if policy.executionTimeout is not None:
+            if not MIN_EXEC_MS <= policy.executionTimeout <= MAX_TTL_MS:
+                raise invalid(f"policy.executionTimeout must be between {MIN_EXEC_MS} and "
+                              f"{MAX_TTL_MS} ms", field="policy.executionTimeout")
+            exec_s = policy.executionTimeout / 1000
         n = body.input.get("num_images", 1)
         images = n if isinstance(n, int) and 0 < n < 3 else 1
-        self._admit(images)
-        self.ctx.admit(principal)
-        now = time.time()
-        job = Job(
-            id=f"{uuid.uuid4()}-u1",
-            dialect=self.name,
-            scope=self._scope(principal.id, endpoint_id),
-            payload={"input": body.input, "client_id": principal.id},
-            created_at=now,
-            expires_at=now + ttl_ms / 1000,
-            execution_timeout_s=exec_ms / 1000,
-            webhook=body.webhook,
-            images=images,
+        return await self.tasks.submit(
+            principal, scope=self._scope(principal.id, endpoint_id),
+            payload={"input": body.input}, images=images, ttl_s=ttl_s,
+            execution_timeout_s=exec_s, webhook=body.webhook, job_id=f"{uuid.uuid4()}-u1",
         )
-        return self.jobs.submit(job)
-
-    def _admit(self, images: int) -> None:
-        """429 when the engine's queue is full or too many jobs wait."""
-        engine = self.ctx.engine
-        if not engine.has_room(images):
-            raise ApiError("overload", f"the queue is full ({engine.queued_images} images "
-                           "waiting); retry shortly", retry_after=1.0)
-        waiting = self.jobs.store.count((QUEUED,))
-        if waiting >= self.ctx.settings.job_queue_max:
-            raise ApiError("overload", f"too many queued jobs ({waiting}); retry shortly",
-                           retry_after=1.0)
 
     # -- JobHandler ------------------------------------------------------------------------
 
     async def prepare(self, job: Job) -> GenerationRequest:
         """Validate the stored input and build the canonical request (fetching image_url)."""
-        inp = validate_input(job.payload.get("input") or {})
+        inp = validate_input(job.payload.get("input") or {}, self.ctx.settings.max_steps)
         init_image = None
         if inp["image_url"]:
             try:
-                data = await fetch_image(inp["image_url"], self.fetch_policy)
+                data = await fetch_image(inp["image_url"], self.tasks.fetch_policy)
             except FetchRefused as exc:
                 raise InputError(f"image_url: {exc}") from None
             init_image = InitImage(data=data, strength=inp["strength"])
@@ -340,15 +317,13 @@ class RunPodDialect(Dialect):
             return str(exc)
         return failure_from(exc, self.field_names).message
 
-    def finished(self, job: Job) -> None:
-        """Deliver the webhook, if the job has one."""
-        if job.webhook:
-            body = msgspec.json.encode(self.status_body(job))
-            self.webhooks.send(job.webhook, body)
+    async def webhook_body(self, job: Job) -> bytes:
+        """The webhook POST body: the full ``/status`` body."""
+        return msgspec.json.encode(await self.status_body(job))
 
     # -- rendering -------------------------------------------------------------------------
 
-    def status_body(self, job: Job, *, full: bool = True) -> dict[str, Any]:
+    async def status_body(self, job: Job, *, full: bool = True) -> dict[str, Any]:
         """The ``/status`` body; ``full=False`` gives the short ``{id, status}`` form."""
         body: dict[str, Any] = {"id": job.id, "status": STATUS[job.status]}
         if not full:
@@ -360,11 +335,7 @@ class RunPodDialect(Dialect):
         if job.worker_id:
             body["workerId"] = job.worker_id
         if job.status == COMPLETED and job.result is not None:
-            images = [
-                "data:image/png;base64,"
-                + base64.b64encode(self.jobs.store.read_image(job.id, img)).decode("ascii")
-                for img in job.result.images
-            ]
+            images = await self.tasks.data_uris(job)
             body["output"] = {"images": images, "image_url": images[0] if images else None,
                               "seed": job.result.seed}
         if job.error is not None:
@@ -374,7 +345,7 @@ class RunPodDialect(Dialect):
     def health_body(self, stats: dict[str, int]) -> dict[str, Any]:
         """``/health``: job counts for this endpoint and the one worker (this server)."""
         engine = self.ctx.engine
-        running = 1 if self.jobs.running else 0
+        running = 1 if self.tasks.jobs.running else 0
         ready = engine.ready
         return {
             "jobs": {
@@ -398,13 +369,12 @@ class RunPodDialect(Dialect):
     def _scope(client_id: str, endpoint_id: str) -> str:
         return f"{client_id}/{endpoint_id}"
 
+    def _principal(self, request: Request) -> Principal:
+        return self.ctx.authenticate_key(bearer_token(request), self.name)
+
     def _own_job(self, request: Request, endpoint_id: str, job_id: str) -> Job:
-        principal = self.ctx.authenticate_key(bearer_token(request), self.name)
-        job = self.jobs.store.get(job_id)
-        if job is None or job.dialect != self.name or \
-                job.scope != self._scope(principal.id, endpoint_id):
-            raise ApiError("not_found", f"job {job_id} not found (unknown or expired)")
-        return job
+        principal = self._principal(request)
+        return self.tasks.own(principal, self._scope(principal.id, endpoint_id), job_id)
 
     def render_failure(self, failure: Failure, request: Request) -> Response:
         """API errors: a real HTTP status and ``{"error": message}``."""

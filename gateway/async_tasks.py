@@ -1,0 +1,264 @@
+"""What every asynchronous task API shares: submit → poll/webhook → result.
+
+RunPod, Alibaba SCC, DashScope and ModelsLab all accept a job, hand back an id, and later
+report its state and its images. Everything dialect-neutral about that lives here, so a new
+task API is only its wire format.
+
+How a new async dialect plugs in:
+
+1. Subclass :class:`AsyncTaskDialect` (set ``name``, ``prefixes``, ``field_names``) and write
+   ``route_handlers`` and ``render_failure`` as for any :class:`~gateway.dialects.base.Dialect`.
+2. Submit route: authenticate, decode the body, then
+   ``job = await self.tasks.submit(principal, scope=..., payload=..., images=n, ttl_s=...,
+   execution_timeout_s=..., webhook=url)``: the webhook URL is SSRF-checked, admission runs
+   (503 + Retry-After while draining, 429 when the engine or the job queue is full, the
+   client's quota via ``ctx.admit``) and a queued :class:`~inference.tasks.Job` is stored.
+3. Poll route: ``job = self.tasks.own(principal, scope, job_id)`` (404 for anyone else's job),
+   then render ``job.status`` (``inference.tasks`` constants) with ``await
+   self.tasks.data_uris(job)`` or ``await self.tasks.media_urls(job, request)`` (expiring URLs
+   on ``/media``). ``self.tasks.wait``, ``cancel``, ``retry``, ``purge`` and ``stats`` serve the
+   other verbs.
+4. Implement ``async prepare(job) -> GenerationRequest`` (validate the stored payload; raise to
+   fail the job: ``error_message`` turns the exception into the job's error text), and
+   ``async webhook_body(job) -> bytes`` when the API has webhooks (sent once the job is final,
+   with retries, through the SSRF-safe sender).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+import uuid
+from abc import abstractmethod
+from typing import Any, ClassVar
+
+from litestar import Request
+
+from auth.keys import Principal
+from gateway.dialects.base import Dialect
+from gateway.errors import ApiError, failure_from, invalid
+from gateway.fetch import AllowList, FetchPolicy, FetchRefused, resolve_checked
+from gateway.webhooks import WebhookSender
+from inference import EngineState, GenerationRequest
+from inference.tasks import COMPLETED, QUEUED, Job, StoredImage
+
+# Bounds on what a client may ask of a job's lifetime (vendors use ms or s; these are seconds).
+MIN_TTL_S = 1.0
+MAX_TTL_S = 7 * 24 * 3600.0
+MIN_EXECUTION_S = 1.0
+# How often one job may be retried by its client (each retry is admitted like a new request).
+MAX_RETRIES = 3
+# Retry-After for a draining server: long enough for a load balancer to pick another replica.
+DRAIN_RETRY_AFTER_S = 5.0
+
+
+class TaskService:
+    """The shared job machinery one async dialect uses (``dialect.tasks``)."""
+
+    def __init__(self, ctx: Any, dialect: str, handler: Any, *, webhook_retries: int = 2) -> None:
+        self.ctx = ctx
+        self.dialect = dialect
+        self.handler = handler
+        s = ctx.settings
+        self.fetch_policy = FetchPolicy(
+            allow=AllowList.parse(s.fetch_allow), max_bytes=s.fetch_max_bytes,
+            timeout_s=s.fetch_timeout_s, max_pixels=s.fetch_max_pixels,
+        )
+        self.webhook_policy = FetchPolicy(allow=AllowList.parse(s.webhook_allow),
+                                          timeout_s=s.webhook_timeout_s)
+        self.webhooks = WebhookSender(self.webhook_policy, retries=webhook_retries,
+                                      retry_delay_s=s.webhook_retry_delay_s)
+        self.jobs = ctx.jobs
+        self.jobs.register(dialect, handler)
+
+    @property
+    def store(self) -> Any:
+        """The task store (SQLite, or Redis for replicas)."""
+        return self.jobs.store
+
+    # -- admission -------------------------------------------------------------------------
+
+    def admit(self, principal: Principal, images: int) -> None:
+        """Refuse work the server cannot take now, then count the request against quotas.
+
+        503 + Retry-After while draining (a load balancer then fails over), 429 when the
+        engine's queue or the job queue is full; quota refusals come from ``ctx.admit``.
+        """
+        engine = self.ctx.engine
+        if engine.state in (EngineState.DRAINING, EngineState.STOPPED):
+            raise ApiError("shutdown", "the server is shutting down and accepts no new jobs; "
+                           "retry on another replica", retry_after=DRAIN_RETRY_AFTER_S)
+        if engine.state is EngineState.FAILED:
+            raise ApiError("not_ready", "the model failed to load; this server cannot run jobs",
+                           retry_after=DRAIN_RETRY_AFTER_S)
+        if not engine.has_room(images):
+            raise ApiError("overload", f"the queue is full ({engine.queued_images} images "
+                           "waiting); retry shortly", retry_after=1.0)
+        waiting = self.store.count((QUEUED,))
+        if waiting >= self.ctx.settings.job_queue_max:
+            raise ApiError("overload", f"too many queued jobs ({waiting}); retry shortly",
+                           retry_after=1.0)
+        self.ctx.admit(principal)
+
+    async def check_webhook(self, url: str, field: str = "webhook") -> None:
+        """400 naming ``field`` unless ``url`` passes the SSRF rules for webhooks."""
+        try:
+            await resolve_checked(url, self.webhook_policy)
+        except FetchRefused as exc:
+            raise invalid(f"{field}: {exc}", field=field) from None
+
+    async def submit(
+        self,
+        principal: Principal,
+        *,
+        scope: str,
+        payload: dict[str, Any],
+        images: int = 1,
+        ttl_s: float | None = None,
+        execution_timeout_s: float | None = None,
+        webhook: str | None = None,
+        webhook_field: str = "webhook",
+        job_id: str | None = None,
+    ) -> Job:
+        """Check, admit and store a queued job; ``payload`` gains ``client_id``.
+
+        ``ttl_s``/``execution_timeout_s`` default to the server settings; the caller validates
+        client-given values against :data:`MIN_TTL_S` etc. in its own field names.
+        """
+        if webhook is not None:
+            await self.check_webhook(webhook, webhook_field)
+        self.admit(principal, images)
+        settings = self.ctx.settings
+        now = time.time()
+        job = Job(
+            id=job_id or str(uuid.uuid4()),
+            dialect=self.dialect,
+            scope=scope,
+            payload={**payload, "client_id": principal.id},
+            created_at=now,
+            expires_at=now + (ttl_s if ttl_s is not None else settings.job_ttl_s),
+            execution_timeout_s=(execution_timeout_s if execution_timeout_s is not None
+                                 else settings.job_execution_timeout_s),
+            webhook=webhook,
+            images=images,
+        )
+        return self.jobs.submit(job)
+
+    # -- lookups and verbs -----------------------------------------------------------------
+
+    def own(self, principal: Principal, scope: str, job_id: str) -> Job:
+        """The job if it belongs to this dialect and ``scope``; else a 404 :class:`ApiError`."""
+        job = self.store.get(job_id)
+        if job is None or job.dialect != self.dialect or job.scope != scope:
+            raise ApiError("not_found", f"job {job_id} not found (unknown or expired)")
+        return job
+
+    async def wait(self, job_id: str, timeout_s: float) -> Job | None:
+        """Wait up to ``timeout_s`` for the job to be final; its state then (``None``: expired)."""
+        return await self.jobs.wait(job_id, timeout_s)
+
+    def cancel(self, job_id: str) -> Job | None:
+        """Cancel a queued or running job; a final one comes back unchanged."""
+        return self.jobs.cancel(job_id)
+
+    def retry(self, principal: Principal, job: Job) -> Job | None:
+        """Queue a FAILED/TIMED_OUT job again, admitted and counted like a new request.
+
+        ``None`` when the job is not in a retryable state; a 400 once it was retried
+        :data:`MAX_RETRIES` times.
+        """
+        if job.retries >= MAX_RETRIES:
+            raise invalid(f"job {job.id} was already retried {job.retries} times "
+                          f"(at most {MAX_RETRIES}); submit a new job")
+        self.admit(principal, job.images)
+        return self.jobs.retry(job.id, max_retries=MAX_RETRIES)
+
+    def purge(self, scope: str) -> int:
+        """Remove this scope's queued jobs; how many went."""
+        return self.jobs.purge(self.dialect, scope)
+
+    def stats(self, scope: str) -> dict[str, int]:
+        """Counts by status in this scope, plus ``retried``."""
+        return self.store.stats(self.dialect, scope)
+
+    # -- results ---------------------------------------------------------------------------
+
+    async def images(self, job: Job) -> list[tuple[StoredImage, bytes]]:
+        """A completed job's images with their bytes (read off the event loop)."""
+        if job.status != COMPLETED or job.result is None:
+            return []
+        store = self.store
+
+        def read() -> list[tuple[StoredImage, bytes]]:
+            return [(img, store.read_image(job.id, img)) for img in job.result.images]
+
+        return await asyncio.to_thread(read)
+
+    async def data_uris(self, job: Job) -> list[str]:
+        """A completed job's images as ``data:`` URIs (empty for any other state)."""
+        return [f"data:{img.media_type};base64," + base64.b64encode(data).decode("ascii")
+                for img, data in await self.images(job)]
+
+    async def media_urls(self, job: Job, request: Request) -> list[str]:
+        """A completed job's images as expiring ``/media`` URLs (``--url-ttl-s``).
+
+        The media names are remembered on the job, so polling does not copy the images again
+        until the URLs are about to expire.
+        """
+        if job.status != COMPLETED or job.result is None:
+            return []
+        base = self.ctx.public_base_url(request)
+        media = self.ctx.media
+        fresh_until = job.media_at + media.ttl_s * 0.9
+        if job.media and time.time() < fresh_until:
+            return [f"{base}/media/{name}" for name in job.media]
+        pairs = await self.images(job)
+        names = await asyncio.to_thread(
+            lambda: [media.put(data, img.media_type) for img, data in pairs])
+        self.store.update(job.id, None, media=names, media_at=time.time())
+        return [f"{base}/media/{name}" for name in names]
+
+    # -- webhooks --------------------------------------------------------------------------
+
+    def send_webhook(self, job: Job) -> None:
+        """Render and deliver the job's webhook in the background (no-op without one)."""
+        if not job.webhook:
+            return
+        url = job.webhook
+
+        async def render() -> bytes | None:
+            return await self.handler.webhook_body(job)
+
+        self.webhooks.send_rendered(url, render)
+
+
+class AsyncTaskDialect(Dialect):
+    """Base of a task API.
+
+    Subclasses add routes, ``prepare`` and, if they have webhooks, ``webhook_body``;
+    ``self.tasks`` does the rest (see the module docstring).
+    """
+
+    #: Delivery attempts after the first for a webhook that does not answer 2xx.
+    webhook_retries: ClassVar[int] = 2
+
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        self.tasks = TaskService(ctx, self.name, self, webhook_retries=self.webhook_retries)
+
+    @abstractmethod
+    async def prepare(self, job: Job) -> GenerationRequest:
+        """The canonical request for a stored job; raise to fail the job."""
+
+    def error_message(self, exc: BaseException) -> str:
+        """The job's error text for ``exc``, in this dialect's field names."""
+        return failure_from(exc, self.field_names).message
+
+    async def webhook_body(self, job: Job) -> bytes | None:
+        """The body POSTed to ``job.webhook`` once the job is final (``None``: send nothing)."""
+        return None
+
+    def finished(self, job: Job) -> None:
+        """Runner hook: a job reached a final state."""
+        self.tasks.send_webhook(job)
