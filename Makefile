@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.imagegate-installed
 
-.PHONY: setup serve test lint bench clean image
+.PHONY: setup serve test lint bench bench-gpu clean image
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run $(ARGS)
+
+# Full-size SDXL (random weights) on a CUDA GPU: bare vs served, compile, FP8 (bench/gpu_e2e.py).
+bench-gpu: $(STAMP)
+	OUT=$${OUT:-bench/results/latest} $(PY) -m bench.gpu_e2e $(ARGS)
 
 # Container images: imagegate:<version> (CUDA, Dockerfile) and imagegate:<version>-cpu
 # (tiny-sdxl on CPU, Dockerfile.cpu). Needs a running docker daemon.

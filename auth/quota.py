@@ -40,8 +40,11 @@ class QuotaLimiter:
     """Checks and counts requests against each principal's ``rps`` and ``daily`` limits."""
 
     def __init__(self, storage_uri: str = "memory://",
-                 clock: Callable[[], float] = time.time) -> None:
-        self.storage = storage_from_string(storage_uri)
+                 clock: Callable[[], float] = time.time, key_prefix: str | None = None) -> None:
+        # In-memory counters reset when the process restarts; Redis ones do not.
+        options = {"key_prefix": key_prefix} if key_prefix and storage_uri.startswith(
+            ("redis://", "rediss://", "redis+")) else {}
+        self.storage = storage_from_string(storage_uri, **options)
         self._moving = MovingWindowRateLimiter(self.storage)
         self._fixed = FixedWindowRateLimiter(self.storage)
         self.clock = clock

@@ -1,4 +1,7 @@
-"""Benchmark harness. ``python -m bench.run [--sections encoding,load,overhead,gpu] [--quick]``.
+"""Benchmark harness. ``python -m bench.run [--sections encoding,load,overhead] [--quick]``.
+
+The GPU measurement is ``python -m bench.gpu_e2e`` (``make bench-gpu``): it needs a CUDA GPU and
+writes JSON lines that docs/benchmarks.md section 4 is transcribed from.
 
 Writes its results, with the machine, versions and settings, to docs/benchmarks.md.
 """
@@ -269,18 +272,6 @@ def bench_overhead(duration: int) -> tuple[str, float]:
     return table, full / bare
 
 
-# -- 4. GPU ----------------------------------------------------------------------------------
-
-def gpu_section() -> str:
-    import torch
-
-    if not torch.cuda.is_available():
-        return ("Not run: no CUDA GPU on this machine. `python -m bench.gpu_sdxl` runs the "
-                "full-size SDXL measurements where one is present.")
-    out = subprocess.run([sys.executable, "-m", "bench.gpu_sdxl"], capture_output=True, text=True)
-    return out.stdout or out.stderr
-
-
 # -- document --------------------------------------------------------------------------------
 
 def replace_section(doc: str, name: str, body: str) -> str:
@@ -293,7 +284,7 @@ def replace_section(doc: str, name: str, body: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sections", default="encoding,load,overhead,gpu")
+    parser.add_argument("--sections", default="encoding,load,overhead")
     parser.add_argument("--quick", action="store_true", help="short runs, for trying the harness")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20)
@@ -328,8 +319,6 @@ def main() -> None:
         micro = bench_micro()
         doc = replace_section(doc, "overhead", f"{stamp}\n\n{note}\n\n{table}\n\n"
                               f"Per-request costs measured one by one (same machine):\n\n{micro}")
-    if "gpu" in sections:
-        doc = replace_section(doc, "gpu", gpu_section())
     DOC.parent.mkdir(exist_ok=True)
     DOC.write_text(doc)
     print(f"wrote {DOC}")

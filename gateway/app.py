@@ -21,8 +21,9 @@ from gateway.dialects import discover
 from gateway.dialects.base import Dialect
 from gateway.disconnect import ClientDisconnected
 from gateway.errors import ApiError, failure_from
-from gateway.jobs import JobRunner, job_store
+from gateway.jobs import JobRunner
 from gateway.media import MediaStore
+from gateway.replicas import build_stores
 from gateway.settings import Settings
 from inference import Engine, EngineState
 from observability.metrics import Metrics
@@ -38,11 +39,22 @@ class DialectRouter:
         # Paths nobody owns (/health, /media, unknown routes) answer in OpenAI's envelope, the
         # most widely understood one.
         self.fallback = next((d for d in dialects if d.name == "openai"), dialects[0])
+        self.by_name = {d.name: d for d in dialects}
 
     def for_path(self, path: str) -> Dialect:
         """The dialect with the longest prefix matching ``path``."""
         best = max(self.dialects, key=lambda d: d.owns(path))
         return best if best.owns(path) else self.fallback
+
+    def for_scope(self, scope: Scope) -> Dialect:
+        """The dialect of the route that matched, else the path's owner.
+
+        One path can belong to two dialects by method (``GET /models/{id}`` is OpenAI's,
+        ``POST /models/{id}`` Hugging Face's), so a matched handler's ``opt["dialect"]`` wins.
+        """
+        handler = scope.get("route_handler")
+        name = (getattr(handler, "opt", None) or {}).get("dialect")
+        return self.by_name.get(name) or self.for_path(scope["path"])
 
 
 def _metrics_middleware(metrics: Metrics, router: DialectRouter) -> Any:
@@ -92,26 +104,29 @@ def create_app(
     """Build the Litestar app. Tests pass their own ``engine`` (e.g. with a fake runner)."""
     metrics = metrics or Metrics()
     engine = engine or Engine(settings.engine_config(), metrics)
+    stores = build_stores(settings)
     ctx = GatewayContext(
         settings=settings,
         engine=engine,
         keys=keys or KeyStore.from_config(settings.api_keys, settings.keys_path),
-        media=MediaStore(settings.data_path / "media", settings.url_ttl_s),
+        media=stores.media,
         metrics=metrics,
+        quotas=stores.quotas,
+        ledger=stores.ledger,
     )
     ctx.jobs = JobRunner(
-        job_store(settings.data_path, settings.results_dir or ""), engine,
+        stores.tasks, engine, worker_id=settings.replica_id,
         concurrency=settings.job_concurrency, sweep_interval_s=settings.job_sweep_interval_s,
-        on_success=ctx.record_job_usage,
+        on_success=ctx.record_job_usage, data_dir=settings.data_path, port=settings.port,
     )
     dialects = [cls(ctx) for cls in discover()]
     router = DialectRouter(dialects)
 
     def on_error(request: Request, exc: Exception) -> Response:
+        dialect = router.for_scope(request.scope)
         if isinstance(exc, ClientDisconnected):
-            metrics.errors.labels(router.for_path(request.url.path).name, "cancelled").inc()
+            metrics.errors.labels(dialect.name, "cancelled").inc()
             return Response(content=b"", status_code=499)
-        dialect = router.for_path(request.url.path)
         failure = failure_from(exc, dialect.field_names)
         metrics.errors.labels(dialect.name, _metric_cause(failure.cause)).inc()
         return dialect.render_failure(failure, request)

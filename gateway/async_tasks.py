@@ -204,8 +204,8 @@ class TaskService:
         """A completed job's images as expiring ``/media`` URLs (``--url-ttl-s``).
 
         ``request`` gives the public base URL; a webhook, which has no request, passes the
-        base URL the job was submitted at instead. The media names are remembered on the job, so polling does not copy the images again
-        until the URLs are about to expire.
+        base URL the job was submitted at instead. The media names are remembered on the job,
+        so polling does not copy the images again until the URLs are about to expire.
         """
         if job.status != COMPLETED or job.result is None:
             return []

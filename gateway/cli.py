@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -172,13 +173,50 @@ def serve(args: argparse.Namespace) -> int:
     except ModelNotFound as exc:
         print(f"imagegate: {exc}", file=sys.stderr)
         return 2
+    # Finding the model reads no store. Then the port, then the data dir lock, and only then the
+    # app (stores) and the model load: a busy port or a data dir in use by another server fails
+    # in about a second, before any store is opened.
+    sock = _listen(settings)
+    if sock is None:
+        return 2
+    if not _lock_data_dir(settings):
+        sock.close()
+        return 2
     logger.info("model %s found in %.1fs; starting on http://%s:%d", settings.model,
                 time.perf_counter() - started, settings.host, settings.port)
     from gateway.app import create_app
     from gateway.server import run
 
-    run(settings, create_app(settings, keys=keys))
+    run(settings, create_app(settings, keys=keys), sock)
     return 0
+
+
+def _listen(settings: Settings) -> socket.socket | None:
+    """The bound listening socket for ``serve``, or ``None`` after printing why not."""
+    from gateway.server import bind
+
+    try:
+        return bind(settings.host, settings.port)
+    except OSError as exc:
+        print(f"imagegate: cannot listen on {settings.host}:{settings.port}: "
+              f"{exc.strerror or exc}. Is another server running there? Pick another --port.",
+              file=sys.stderr)
+        return None
+
+
+def _lock_data_dir(settings: Settings) -> bool:
+    """Hold the data dir for this process's life; False after printing who else holds it."""
+    from gateway import datadir
+
+    try:
+        datadir.acquire(settings.data_path, settings.port)
+    except datadir.DataDirBusy as exc:
+        print(f"imagegate: {exc}", file=sys.stderr)
+        return False
+    except OSError as exc:
+        print(f"imagegate: cannot use the data dir {settings.data_path}: {exc}", file=sys.stderr)
+        return False
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> int:

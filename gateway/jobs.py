@@ -18,12 +18,14 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from gateway import datadir
 from inference import Engine, EngineState, GenerationRequest, GenerationResult
 from inference import errors as ie
 from inference.tasks import (
     CANCELLED,
     COMPLETED,
     FAILED,
+    FINISHED,
     QUEUED,
     RUNNING,
     TIMED_OUT,
@@ -31,6 +33,7 @@ from inference.tasks import (
     SqliteTaskStore,
     StoredResult,
     TaskStore,
+    requeue_changes,
 )
 
 logger = logging.getLogger(__name__)
@@ -64,8 +67,17 @@ class JobRunner:
         sweep_interval_s: float = 30.0,
         worker_id: str | None = None,
         on_success: Callable[[GenerationRequest, GenerationResult], None] | None = None,
+        data_dir: Path | None = None,
+        port: int | None = None,
+        heartbeat_s: float = 2.0,
     ) -> None:
         self.store = store
+        # The data dir is locked while the store is open (one server per data dir).
+        self.data_dir = data_dir
+        self.port = port
+        # Shared stores (Redis): how often this server says it is alive and looks for jobs of
+        # dead servers; a server silent for 5 heartbeats is dead.
+        self.heartbeat_s = heartbeat_s
         self.engine = engine
         self.concurrency = max(1, concurrency)
         self.sweep_interval_s = sweep_interval_s
@@ -101,17 +113,36 @@ class JobRunner:
             await self.close()
 
     async def start(self) -> None:
-        """Open the store and start the dispatcher and sweeper."""
-        self.store.open()
-        failed = self.store.fail_interrupted()
-        if failed:
-            logger.warning("marked %d interrupted job(s) failed after a restart", failed)
+        """Lock the data dir, open the store, reclaim jobs of dead servers, start the loops.
+
+        Queued jobs are left as they are and run; running jobs whose server is gone go back to
+        the queue once (see :func:`inference.tasks.requeue_changes`).
+        """
+        if self.data_dir is not None:
+            datadir.acquire(self.data_dir, self.port)
+        try:
+            self.store.open()
+        except BaseException:
+            if self.data_dir is not None:
+                datadir.release(self.data_dir)
+            raise
+        self.store.heartbeat(self.worker_id, self.heartbeat_s * 5)
+        self._reclaim()
         self._wake = asyncio.Event()
         self._closing = False
         self._loops = [
             asyncio.create_task(self._dispatch(), name="imagegate-jobs-dispatch"),
             asyncio.create_task(self._sweep(), name="imagegate-jobs-sweep"),
         ]
+        if getattr(self.store, "shared", False):
+            self._loops.append(asyncio.create_task(self._watch(), name="imagegate-jobs-watch"))
+
+    def _reclaim(self) -> None:
+        requeued, failed = self.store.reclaim()
+        if requeued or failed:
+            logger.warning("jobs of a stopped server: %d re-queued, %d failed (interrupted twice)",
+                           requeued, failed)
+            self._kick()
 
     async def close(self) -> None:
         """Stop the loops, fail jobs still running (the restart rule would anyway), close."""
@@ -124,6 +155,8 @@ class JobRunner:
             task.cancel()
         await asyncio.gather(*active, return_exceptions=True)
         self.store.close()
+        if self.data_dir is not None:
+            datadir.release(self.data_dir)
 
     # -- operations ------------------------------------------------------------------------
 
@@ -135,28 +168,44 @@ class JobRunner:
         return job
 
     async def wait(self, job_id: str, timeout_s: float) -> Job | None:
-        """Wait up to ``timeout_s`` for the job to finish; return its current state."""
-        event = self._done.get(job_id)
-        if event is not None:
+        """Wait up to ``timeout_s`` for the job to finish; return its current state.
+
+        A job run here wakes the waiter at once; one run by another replica is seen by polling.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        poll = 0.25 if getattr(self.store, "shared", False) else 1.0
+        while True:
+            job = self.store.get(job_id)
+            remaining = deadline - loop.time()
+            if job is None or job.status in FINISHED or remaining <= 0:
+                return job
+            event = self._done.get(job_id)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), timeout_s)
-        return self.store.get(job_id)
+                if event is not None:
+                    await asyncio.wait_for(event.wait(), min(remaining, poll))
+                else:
+                    await asyncio.sleep(min(remaining, poll))
 
     def cancel(self, job_id: str) -> Job | None:
-        """Cancel a queued or running job; a finished one is returned unchanged."""
+        """Cancel a queued or running job; a finished one is returned unchanged.
+
+        A job running on another replica (shared store) is marked here; that replica sees
+        the change within a heartbeat and drops the work.
+        """
         now = time.time()
         job = self.store.update(job_id, (QUEUED,), status=CANCELLED, finished_at=now)
         if job is not None:
             self._finish(job)
             return job
-        task = self._active.get(job_id)
-        if task is not None:
-            job = self.store.update(job_id, (RUNNING,), status=CANCELLED, finished_at=now)
-            if job is not None:
+        job = self.store.update(job_id, (RUNNING,), status=CANCELLED, finished_at=now)
+        if job is not None:
+            task = self._active.get(job_id)
+            if task is not None:
                 self._cancelling.add(job_id)
                 task.cancel()
-                self._finish(job)
-                return job
+            self._finish(job)
+            return job
         return self.store.get(job_id)
 
     def retry(self, job_id: str, max_retries: int | None = None) -> Job | None:
@@ -193,8 +242,8 @@ class JobRunner:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 1.0)
             self._wake.clear()
-            if self.engine.state in (EngineState.LOADING, EngineState.WARMING):
-                continue  # jobs stay queued while the model loads
+            if self.engine.state is not EngineState.READY:
+                continue  # jobs stay queued while the model loads (or for the next server)
             free = self.concurrency - len(self._active)
             if free <= 0:
                 continue
@@ -229,6 +278,8 @@ class JobRunner:
                     f"{job.execution_timeout_s:g}s")}
             except ie.DeadlineExceeded as exc:
                 changes = {"status": TIMED_OUT, "error": exc.message}
+            except ie.ShuttingDown:
+                changes = requeue_changes(job)  # this server drains: another one runs it
             else:
                 images = [(img.data, img.media_type, img.seed, img.width, img.height)
                           for img in result.images]
@@ -242,9 +293,8 @@ class JobRunner:
             if job.id in self._cancelling or not self._closing:
                 changes = {"status": CANCELLED}
             else:
-                changes = {"status": FAILED,
-                           "error": "the server shut down before this job finished; retry it"}
-                self._record(job, changes)
+                # Shutting down: back to the queue for the next server (once).
+                self._record(job, requeue_changes(job))
                 raise
         except Exception as exc:  # noqa: BLE001 - any failure becomes the job's error
             message = handler.error_message(exc) if handler else str(exc)
@@ -254,7 +304,13 @@ class JobRunner:
     def _record(self, job: Job, changes: dict[str, Any]) -> None:
         self._active.pop(job.id, None)
         self._cancelling.discard(job.id)
-        final = self.store.update(job.id, (RUNNING,), finished_at=time.time(), **changes)
+        if changes.get("status") == QUEUED:
+            self.store.update(job.id, (RUNNING,), owner=self.worker_id, **changes)
+            self._release(job.id)
+            self._kick()
+            return
+        final = self.store.update(job.id, (RUNNING,), owner=self.worker_id,
+                                  **{"finished_at": time.time(), **changes})
         if final is not None:
             self._finish(final)
         else:
@@ -283,6 +339,23 @@ class JobRunner:
                 return await self.engine.generate(request)
             except ie.QueueFull as exc:
                 await asyncio.sleep(min(max(exc.retry_after, 0.1), 1.0))
+
+    async def _watch(self) -> None:
+        """Shared stores: heartbeat, reclaim dead servers' jobs, stop jobs cancelled elsewhere."""
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            try:
+                await asyncio.to_thread(self.store.heartbeat, self.worker_id,
+                                        self.heartbeat_s * 5)
+                await asyncio.to_thread(self._reclaim)
+                for job_id, task in list(self._active.items()):
+                    job = await asyncio.to_thread(self.store.get, job_id)
+                    if job is None or job.status != RUNNING or job.worker_id != self.worker_id:
+                        self._cancelling.add(job_id)
+                        task.cancel()
+                self._kick()
+            except Exception:
+                logger.exception("job watch failed")
 
     async def _sweep(self) -> None:
         while True:

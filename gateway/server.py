@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from types import FrameType
 
 import uvicorn
@@ -61,8 +62,26 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
-def run(settings: Settings, app: Litestar) -> None:
-    """Serve ``app`` until a signal drains and stops it."""
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port``, or ``OSError`` (e.g. address in use).
+
+    Bound before the model loads, so a busy port fails fast; uvicorn then serves on it.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except BaseException:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def run(settings: Settings, app: Litestar, sock: socket.socket | None = None) -> None:
+    """Serve ``app`` (on ``sock`` when given) until a signal drains and stops it."""
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -72,4 +91,5 @@ def run(settings: Settings, app: Litestar) -> None:
         timeout_graceful_shutdown=5,
         lifespan="on",
     )
-    DrainingServer(config, app, settings.drain_timeout_s).run()
+    DrainingServer(config, app, settings.drain_timeout_s).run(
+        sockets=[sock] if sock is not None else None)

@@ -17,6 +17,7 @@ import msgspec
 from msgspec import Meta
 
 from inference import EngineConfig
+from inference.controlnet import parse_controlnets
 
 ENV_PREFIX = "IMAGEGATE_"
 
@@ -88,6 +89,13 @@ class Settings(msgspec.Struct, kw_only=True):
     results_dir: Annotated[str | None, Meta(description="Where async job result images live (default: DATA_DIR/results).")] = None
     log_level: Annotated[str, Meta(description="Log level.")] = "info"
     log_format: Annotated[str, Meta(description="text or json.")] = "text"
+    # -- inference features: ControlNet, LoRA -------------------------------------------------
+    controlnet: Annotated[str, Meta(description="ControlNets to serve, as comma-separated kind=path pairs (diffusers ControlNetModel folders), e.g. canny=/models/cn-canny; tiny-sdxl serves its own canny.")] = ""
+    lora_dir: Annotated[str | None, Meta(description="Folder of <name>.safetensors LoRA files (diffusers or kohya format) that requests may name; tiny-sdxl falls back to its own folder with tiny-lora.")] = None
+    # Replicas sharing Redis (docs/replicas.md).
+    redis_url: Annotated[str | None, Meta(description="Redis URL (redis://host:6379/0): async jobs, their images, URL-mode images, quota counters and the usage ledger live there, shared by every replica given the same URL and prefix.")] = None
+    redis_prefix: Annotated[str, Meta(description="Prefix of every Redis key this server writes (replicas of one deployment share it).")] = "imagegate"
+    replica_id: Annotated[str | None, Meta(description="Name of this replica in job records (RunPod workerId) and logs (default: random per start).")] = None
     # Async task dialects (Alibaba SCC, DashScope, ModelsLab).
     modelslab_wait_s: Annotated[float, Meta(ge=0, le=300, description="How long a ModelsLab text2img call waits for its images before answering status processing with a fetch_result URL.")] = 20.0
 
@@ -161,6 +169,8 @@ class Settings(msgspec.Struct, kw_only=True):
             max_steps=self.max_steps,
             warmup_sizes=_size_list(self.warmup_sizes),
             warmup_batch_sizes=tuple(int(b) for b in self.warmup_batch_sizes.split(",") if b.strip()),
+            controlnets=parse_controlnets(self.controlnet),
+            lora_dir=Path(self.lora_dir).expanduser() if self.lora_dir else None,
         )
 
 

@@ -8,6 +8,7 @@ except PackageNotFoundError:  # a checkout used without installing
     __version__ = "0.0.0+unknown"
 
 from inference.engine import Engine, EngineConfig, EngineState, ModelInfo
+from inference.progress import Progress, ProgressSnapshot
 from inference.request import (
     ControlUnit,
     GeneratedImage,
@@ -30,6 +31,8 @@ __all__ = [
     "InitImage",
     "Lora",
     "ModelInfo",
+    "Progress",
+    "ProgressSnapshot",
     "Refine",
     "Timings",
     "__version__",

@@ -4,18 +4,32 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from inference.request import GenerationRequest, InitImage, Lora, Refine
 
+if TYPE_CHECKING:
+    from inference.progress import Progress
+
+
+class ControlKey(msgspec.Struct, frozen=True):
+    """The part of a ControlNet unit that must match within a batch (images may differ)."""
+
+    kind: str
+    weight: float
+    guidance_start: float
+    guidance_end: float
+
 
 class BatchKey(msgspec.Struct, frozen=True):
     """Everything that must be equal for images to share one pipeline call.
 
-    Prompts, negative prompts, seeds, init images and ``n`` may differ within a batch.
+    Prompts, negative prompts, seeds, init images, masks, control images and ``n`` may differ
+    within a batch; whether there is a mask, and the ControlNet units' kinds and timings, may not.
     """
 
     model: str
@@ -28,6 +42,8 @@ class BatchKey(msgspec.Struct, frozen=True):
     img2img_strength: float | None
     refine: Refine | None
     loras: tuple[Lora, ...]
+    inpaint: bool = False
+    control: tuple[ControlKey, ...] = ()
 
     @classmethod
     def of(cls, request: GenerationRequest, model: str, sampler: str) -> BatchKey:
@@ -43,6 +59,11 @@ class BatchKey(msgspec.Struct, frozen=True):
             img2img_strength=request.init_image.strength if request.init_image else None,
             refine=request.refine,
             loras=request.loras,
+            inpaint=request.init_image is not None and request.init_image.mask is not None,
+            control=tuple(
+                ControlKey(u.kind, u.weight, u.guidance_start, u.guidance_end)
+                for u in request.control
+            ),
         )
 
 
@@ -70,6 +91,13 @@ class Ticket:
     prompt_tokens: int = 0
     # Work units of the whole request (inference.cost), for cost-based admission.
     units: float = 0.0
+    # Progress reporting (inference/progress.py): the caller's callback and what it was sent.
+    on_progress: Callable[[Progress], None] | None = None
+    progress_started: bool = False
+    progress_closed: bool = False
+    last_progress_at: float = 0.0
+    partials_sent: int = 0
+    partial_waiters: list[asyncio.Future[Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.pending and not self.outputs:

@@ -19,6 +19,7 @@ import msgspec
 from inference import __version__
 from inference.batch import Batch, BatchKey, Slot, Ticket
 from inference.compile import CompileCache, CompileWatch
+from inference.controlnet import PREPROCESSORS
 from inference.cost import image_megapixels, image_units
 from inference.encoder import EncoderPool
 from inference.errors import (
@@ -29,6 +30,8 @@ from inference.errors import (
     ShuttingDown,
 )
 from inference.executor import Executor
+from inference.lora import LoraLibrary
+from inference.progress import ObservedRunner, Progress, ProgressHub, ProgressSnapshot
 from inference.request import GenerationRequest, GenerationResult
 from inference.runner import BatchRunner
 from inference.samplers import SamplerRegistry
@@ -40,6 +43,25 @@ from observability.metrics import Metrics
 logger = logging.getLogger(__name__)
 
 MAX_SEED = 2**32 - 1
+# Bounds on the per-request feature fields (each costs compute or memory).
+MAX_PARTIAL_IMAGES = 10
+MAX_CONTROL_UNITS = 3
+CONTROL_WEIGHT_RANGE = (0.0, 2.0)
+MAX_LORAS = 5
+LORA_WEIGHT_RANGE = (-5.0, 5.0)
+
+
+def _check_image_header(data: bytes, field: str) -> None:
+    """Refuse bytes that are not an image Pillow can open (header only; decoding comes later)."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)):
+            pass
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise InvalidRequest(f"{field} is not a readable image: {exc}", field=field) from exc
 
 
 class EngineConfig(msgspec.Struct, kw_only=True):
@@ -69,6 +91,10 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     max_prompt_chars: int = 8000
     warmup_sizes: tuple[tuple[int, int], ...] = ()
     warmup_batch_sizes: tuple[int, ...] = (1,)
+    # ControlNets as (kind, diffusers folder) pairs; tiny-sdxl adds its own canny.
+    controlnets: tuple[tuple[str, str], ...] = ()
+    # Folder of <name>.safetensors LoRA files; tiny-sdxl falls back to its own (tiny-lora).
+    lora_dir: Path | None = None
 
 
 class EngineState(enum.Enum):
@@ -98,6 +124,10 @@ class ModelInfo(msgspec.Struct, kw_only=True):
     quantize: str = "none"
     # Folder of this model's torch.compile caches (None when compile is off).
     compile_cache: str | None = None
+    # ControlNet kinds served (GenerationRequest.control[].kind).
+    control_kinds: tuple[str, ...] = ()
+    # Where requests' LoRA names are looked up; None: no LoRA support.
+    lora_dir: str | None = None
 
 
 RunnerFactory = Callable[["EngineConfig"], tuple[BatchRunner, "ModelInfo"]]
@@ -106,6 +136,7 @@ RunnerFactory = Callable[["EngineConfig"], tuple[BatchRunner, "ModelInfo"]]
 def diffusers_runner_factory(config: EngineConfig) -> tuple[BatchRunner, ModelInfo]:
     """Load the configured model (and refiner) into a :class:`DiffusersRunner`."""
     from inference import loader
+    from inference.controlnet import load_controlnets
     from inference.runner import DiffusersRunner
 
     loader.hub_offline_by_default(config.allow_download)
@@ -121,14 +152,22 @@ def diffusers_runner_factory(config: EngineConfig) -> tuple[BatchRunner, ModelIn
         ref_source = loader.resolve(refiner_name, cache_dir=config.cache_dir,
                                     allow_download=config.allow_download)
         refiner = loader.load_refiner(ref_source, base, choice)
-    from inference.compile import CompileCache, CompileOptions, apply_compile, cache_key
+    from inference.compile import (
+        CompileCache,
+        CompileOptions,
+        apply_compile,
+        cache_key,
+        prepare_for_compile,
+    )
     from inference.quantize import quantize_unet
 
-    quantize_unet(base, config.quantize, choice.device)  # type: ignore[arg-type]
     compile_on = config.compile if config.compile is not None else choice.device.startswith("cuda")
+    options = CompileOptions(scope=config.compile_scope, mode=config.compile_mode)  # type: ignore[arg-type]
+    if compile_on:
+        prepare_for_compile(base, options)
+    quantize_unet(base, config.quantize, choice.device)  # type: ignore[arg-type]
     cache_dir: Path | None = None
     if compile_on:
-        options = CompileOptions(scope=config.compile_scope, mode=config.compile_mode)  # type: ignore[arg-type]
         key = cache_key(str(source.path), choice.dtype, options,
                         {"quantize": config.quantize, "refiner": str(refiner_name)})
         cache_dir = config.cache_dir / "compile" / key
@@ -136,7 +175,12 @@ def diffusers_runner_factory(config: EngineConfig) -> tuple[BatchRunner, ModelIn
         logger.info("compile cache %s (%s)", cache_dir, "warm" if warm else "cold")
         apply_compile(base, options)
     samplers = SamplerRegistry.standard()
-    runner = DiffusersRunner(base, samplers, refiner=refiner, device=choice.device)
+    tiny_root = source.path.parent if source.kind == "tiny" else None
+    controlnets = load_controlnets(config.controlnets, device=choice.device, dtype=choice.dtype,
+                                   tiny_root=tiny_root)
+    lora_dir = config.lora_dir or (tiny_root / "loras" if tiny_root is not None else None)
+    runner = DiffusersRunner(base, samplers, refiner=refiner, device=choice.device,
+                             controlnets=controlnets, loras=LoraLibrary(lora_dir))
     sample = base.unet.config.sample_size * base.vae_scale_factor
     makes_noise = source.kind == "tiny"
     info = ModelInfo(
@@ -152,6 +196,8 @@ def diffusers_runner_factory(config: EngineConfig) -> tuple[BatchRunner, ModelIn
         device=choice.device,
         quantize=config.quantize,
         compile_cache=str(cache_dir) if cache_dir else None,
+        control_kinds=tuple(sorted(controlnets)),
+        lora_dir=str(lora_dir) if lora_dir is not None else None,
     )
     return runner, info
 
@@ -180,6 +226,8 @@ class Engine:
         self._executor: Executor | None = None
         self._encoder: EncoderPool | None = None
         self._runner: BatchRunner | None = None
+        self._hub: ProgressHub | None = None
+        self._loras: LoraLibrary | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -209,7 +257,9 @@ class Engine:
         logger.info("model %s loaded in %.1fs; warming up", info.id, time.perf_counter() - started)
         # A runner may bring its own compile watch (tests do); otherwise dynamo's counters.
         watch = getattr(runner, "compile_watch", None) or CompileWatch(info.compiled)
-        self._executor = Executor(runner, watch=watch)
+        self._hub = ProgressHub(asyncio.get_running_loop(),
+                                png_level=self.config.png_compress_level)
+        self._executor = Executor(ObservedRunner(runner, self._hub), watch=watch)
         self._scheduler = Scheduler(
             self._executor, self._encoder, self.metrics, model=info.id,
             max_batch_images=self.config.max_batch_images,
@@ -287,6 +337,8 @@ class Engine:
             self._executor.shutdown()
         if self._encoder is not None:
             self._encoder.shutdown()
+        if self._hub is not None:
+            self._hub.shutdown()
         self.state = EngineState.STOPPED
 
     def sample_accelerator_memory(self) -> None:
@@ -348,13 +400,93 @@ class Engine:
                 "this request needs the SDXL refiner, but the server was started without --refiner",
                 field="refine",
             )
-        if request.loras:
-            raise FeatureUnavailable("LoRA adapters are not configured on this server", field="loras")
+        if not 0 <= request.partial_images <= MAX_PARTIAL_IMAGES:
+            raise InvalidRequest(f"partial_images must be between 0 and {MAX_PARTIAL_IMAGES}",
+                                 field="partial_images")
+        self._check_init_image(request)
+        self._check_control(request)
+        self._check_loras(request)
         sampler = self.samplers.canonical_name(request.sampler)
         prompt, negative = self.styles.apply(request.style, request.prompt, request.negative_prompt)
         return msgspec.structs.replace(
             request, sampler=sampler, prompt=prompt, negative_prompt=negative, style=None
         )
+
+    def _check_init_image(self, request: GenerationRequest) -> None:
+        init = request.init_image
+        if init is None:
+            return
+        if not 0.0 < init.strength <= 1.0:
+            raise InvalidRequest("init_image.strength must be above 0 and at most 1",
+                                 field="init_image.strength")
+        if int(request.steps * init.strength) < 1:
+            raise InvalidRequest(
+                f"init_image.strength {init.strength:g} with {request.steps} steps leaves no "
+                "denoising step; raise one of them", field="init_image.strength")
+        _check_image_header(init.data, "init_image")
+        if init.mask is not None:
+            _check_image_header(init.mask, "init_image.mask")
+            if request.refine is not None:
+                raise FeatureUnavailable("the refiner cannot be combined with a mask",
+                                         field="refine")
+
+    def _check_control(self, request: GenerationRequest) -> None:
+        if not request.control:
+            return
+        served = self.info.control_kinds if self.info is not None else ()
+        if len(request.control) > MAX_CONTROL_UNITS:
+            raise InvalidRequest(f"at most {MAX_CONTROL_UNITS} ControlNet units per request",
+                                 field="control")
+        if request.refine is not None:
+            raise FeatureUnavailable("the refiner cannot be combined with ControlNet",
+                                     field="refine")
+        low, high = CONTROL_WEIGHT_RANGE
+        for unit in request.control:
+            if unit.kind not in served:
+                raise FeatureUnavailable(
+                    f"ControlNet {unit.kind!r} is not served here; served: "
+                    f"{', '.join(served) or 'none'}", field="control")
+            if unit.preprocess and unit.kind not in PREPROCESSORS:
+                raise FeatureUnavailable(
+                    f"no {unit.kind} preprocessor here; send a ready {unit.kind} map with "
+                    "preprocessing off", field="control")
+            if not low <= unit.weight <= high:
+                raise InvalidRequest(f"control weight must be between {low:g} and {high:g}",
+                                     field="control")
+            if not 0.0 <= unit.guidance_start < unit.guidance_end <= 1.0:
+                raise InvalidRequest(
+                    "control guidance_start and guidance_end must satisfy 0 <= start < end <= 1",
+                    field="control")
+            _check_image_header(unit.image, "control")
+
+    def _check_loras(self, request: GenerationRequest) -> None:
+        if not request.loras:
+            return
+        if len(request.loras) > MAX_LORAS:
+            raise InvalidRequest(f"at most {MAX_LORAS} LoRAs per request", field="loras")
+        low, high = LORA_WEIGHT_RANGE
+        for lora in request.loras:
+            if not low <= lora.weight <= high:
+                raise InvalidRequest(f"LoRA weight must be between {low:g} and {high:g}",
+                                     field="loras")
+        if self._loras is None:
+            folder = self.info.lora_dir if self.info is not None else None
+            self._loras = LoraLibrary(Path(folder) if folder else None)
+        self._loras.check(request.loras)
+
+    def lora_names(self) -> list[str]:
+        """LoRA adapter names requests may use now (empty when LoRA is not configured)."""
+        folder = self.info.lora_dir if self.info is not None else None
+        if self._loras is None:
+            self._loras = LoraLibrary(Path(folder) if folder else None)
+        return self._loras.names()
+
+    def progress(self) -> ProgressSnapshot:
+        """What the executor is doing now: step, fraction, ETA, queue and a cheap preview."""
+        queued = self._scheduler.queued_requests if self._scheduler is not None else 0
+        if self._hub is None:
+            return ProgressSnapshot(active=False, queued_requests=queued)
+        return self._hub.snapshot(queued)
 
     def _ticket(self, request: GenerationRequest, future: asyncio.Future) -> Ticket:
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
@@ -362,8 +494,19 @@ class Engine:
         key = BatchKey.of(request, model, request.sampler or self.samplers.default)
         return Ticket(request=request, key=key, seed=seed, future=future)
 
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Validate, queue and run ``request``; cancelling the caller drops it from the queue."""
+    async def generate(
+        self,
+        request: GenerationRequest,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> GenerationResult:
+        """Validate, queue and run ``request``; cancelling the caller drops it from the queue.
+
+        ``on_progress`` (called on the event loop, never after this returns or is cancelled)
+        gets a ``started`` report at step 0 when the first batch starts, rate-limited step
+        reports, and the ``partial_images`` previews; every preview is delivered before this
+        returns the result. A cancelled caller's running images are discarded; the batch stops
+        early only when every request in it is gone.
+        """
         if self.state is EngineState.DRAINING or self.state is EngineState.STOPPED:
             raise ShuttingDown("the server is shutting down and accepts no new requests")
         if self.state is not EngineState.READY or self._scheduler is None:
@@ -371,16 +514,21 @@ class Engine:
         prepared = self.prepare(request)
         loop = asyncio.get_running_loop()
         ticket = self._ticket(prepared, loop.create_future())
+        ticket.on_progress = on_progress
         self._scheduler.submit(ticket)
         timeout = self.config.request_timeout_s
         # A timer rather than wait_for(shield(...)): this is the per-request hot path.
         timer = loop.call_later(timeout, self._expire, ticket, timeout)
         try:
-            return await ticket.future
+            result = await ticket.future
+            if ticket.partial_waiters:
+                await asyncio.gather(*ticket.partial_waiters, return_exceptions=True)
+            return result
         except asyncio.CancelledError:
             self._scheduler.abandon(ticket)
             raise
         finally:
+            ticket.progress_closed = True
             timer.cancel()
 
     def _expire(self, ticket: Ticket, timeout: float) -> None:

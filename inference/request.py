@@ -18,6 +18,18 @@ class InitImage(msgspec.Struct, frozen=True, kw_only=True):
 
     ``data`` is the encoded image file (PNG, JPEG, WebP…). Fetching from URLs happens in the
     gateway, so the engine only ever sees bytes.
+
+    ``mask`` (encoded image bytes too) turns img2img into inpainting; it is resized to the output
+    size. Which pixels are repainted:
+
+    - a mask with real transparency (an alpha channel with at least one pixel below 255), as
+      OpenAI's edit endpoint sends it: **transparent = repaint**, opaque = keep (repaint weight
+      is ``1 - alpha/255``, so soft edges blend);
+    - any other mask (grayscale, RGB, or RGBA that is fully opaque): **white = repaint**, black
+      = keep (weight = luminance/255).
+
+    Kept pixels are copied from the init image into the result, so they come back unchanged.
+    ``strength`` is how far the repainted area moves from the init image (1.0: from scratch).
     """
 
     data: bytes

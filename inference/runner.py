@@ -9,14 +9,19 @@ from __future__ import annotations
 import io
 import logging
 import time
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import msgspec
 import numpy as np
 
 from inference.batch import Batch
+from inference.controlnet import control_map
 from inference.errors import Cancelled, FeatureUnavailable, InvalidRequest
+from inference.lora import LoraAdapters, LoraLibrary
 from inference.samplers import SamplerRegistry
+
+if TYPE_CHECKING:
+    from inference.progress import StepObserver
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +78,54 @@ def decode_init_image(data: bytes, width: int, height: int) -> Any:
     return image
 
 
+def decode_mask(data: bytes, width: int, height: int) -> np.ndarray:
+    """A mask as (H, W) repaint weights in [0, 1] at the batch size (rule: :class:`InitImage`).
+
+    Real transparency (some alpha below 255): transparent = repaint. Otherwise white = repaint.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise InvalidRequest(f"mask could not be decoded: {exc}", field="init_image.mask") from exc
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA") and image.getchannel("A").getextrema()[0] < 255:
+        weights = Image.eval(image.getchannel("A"), lambda a: 255 - a)
+    else:
+        weights = image.convert("L")
+    if weights.size != (width, height):
+        weights = weights.resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(weights, dtype=np.float32) / 255.0
+
+
+def composite(generated: np.ndarray, init: Any, mask: np.ndarray) -> np.ndarray:
+    """Kept pixels from the init image, repainted ones from the generated image (uint8 RGB)."""
+    keep = np.asarray(init, dtype=np.float32)
+    weight = mask[..., None]
+    out = generated.astype(np.float32) * weight + keep * (1.0 - weight)
+    return np.clip(out.round(), 0, 255).astype(np.uint8)
+
+
+Mode = Literal["txt2img", "img2img", "inpaint"]
+
+_PIPELINES: dict[tuple[Mode, bool], str] = {
+    ("img2img", False): "StableDiffusionXLImg2ImgPipeline",
+    ("inpaint", False): "StableDiffusionXLInpaintPipeline",
+    ("txt2img", True): "StableDiffusionXLControlNetPipeline",
+    ("img2img", True): "StableDiffusionXLControlNetImg2ImgPipeline",
+    ("inpaint", True): "StableDiffusionXLControlNetInpaintPipeline",
+}
+
+
 class DiffusersRunner:
-    """Runs SDXL base (and optionally the refiner) for one batch at a time."""
+    """Runs SDXL base (and optionally the refiner) for one batch at a time.
+
+    img2img, inpainting and ControlNet use pipelines built from the base's components, so the
+    weights are loaded once. LoRA adapters live in those shared modules and are switched per batch.
+    """
 
     def __init__(
         self,
@@ -83,15 +134,22 @@ class DiffusersRunner:
         *,
         refiner: Any | None = None,
         device: str = "cpu",
+        controlnets: dict[str, Any] | None = None,
+        loras: LoraLibrary | None = None,
     ) -> None:
         self.base = base
         self.refiner = refiner
         self.samplers = samplers
         self.device = device
         self.has_refiner = refiner is not None
+        self.controlnets = controlnets or {}
+        self.loras = loras or LoraLibrary(None)
+        # Set by the engine (inference.progress.ProgressHub): told about every denoising step.
+        self.observer: StepObserver | None = None
         self._base_scheduler_config = base.scheduler.config
         self._refiner_scheduler = refiner.scheduler if refiner is not None else None
-        self._img2img: Any | None = None
+        self._pipelines: dict[tuple[Mode, tuple[str, ...]], Any] = {}
+        self._adapters: LoraAdapters | None = None
 
     def count_tokens(self, prompt: str, negative_prompt: str) -> int:
         """CLIP tokens of prompt and negative prompt, without the begin/end markers."""
@@ -99,26 +157,57 @@ class DiffusersRunner:
         ids = tok([prompt, negative_prompt or ""], add_special_tokens=False).input_ids
         return sum(len(x) for x in ids)
 
-    def _base_img2img(self) -> Any:
-        if self._img2img is None:
-            from diffusers import StableDiffusionXLImg2ImgPipeline
+    def _pipeline(self, mode: Mode, kinds: tuple[str, ...]) -> Any:
+        """The pipeline for ``mode`` with ControlNets ``kinds``, built once from the base's parts."""
+        if mode == "txt2img" and not kinds:
+            return self.base
+        key = (mode, kinds)
+        if key not in self._pipelines:
+            import diffusers
 
-            self._img2img = StableDiffusionXLImg2ImgPipeline(**self.base.components)
-            self._img2img.set_progress_bar_config(disable=True)
-        return self._img2img
+            cls = getattr(diffusers, _PIPELINES[(mode, bool(kinds))])
+            parts = dict(self.base.components)
+            if kinds:
+                nets = [self.controlnets[k] for k in kinds]
+                parts["controlnet"] = nets[0] if len(nets) == 1 else nets
+            pipe = cls(**parts)
+            pipe.set_progress_bar_config(disable=True)
+            self._pipelines[key] = pipe
+        return self._pipelines[key]
+
+    def _base_img2img(self) -> Any:
+        return self._pipeline("img2img", ())
+
+    def _apply_loras(self, batch: Batch) -> None:
+        if self._adapters is None:
+            if not batch.key.loras:
+                return
+            self._adapters = LoraAdapters(self.base, self.loras)
+        self._adapters.apply(batch.key.loras)
+
+    def _check(self, batch: Batch) -> None:
+        key = batch.key
+        if key.refine is not None and self.refiner is None:
+            raise FeatureUnavailable(
+                "this request needs the SDXL refiner, but the server was started without --refiner",
+                field="refine",
+            )
+        if key.refine is not None and (key.control or key.inpaint):
+            raise FeatureUnavailable("the refiner cannot be combined with a mask or ControlNet",
+                                     field="refine")
+        missing = [c.kind for c in key.control if c.kind not in self.controlnets]
+        if missing:
+            served = ", ".join(sorted(self.controlnets)) or "none"
+            raise FeatureUnavailable(
+                f"ControlNet {missing[0]!r} is not served here; served: {served}", field="control")
 
     def run(self, batch: Batch) -> tuple[list[np.ndarray], StepTimes]:
         """Run one pipeline call (two with the refiner) for every slot of ``batch``."""
         import torch
 
         key = batch.key
-        if key.loras:
-            raise FeatureUnavailable("LoRA adapters are not available on this server", field="loras")
-        if key.refine is not None and self.refiner is None:
-            raise FeatureUnavailable(
-                "this request needs the SDXL refiner, but the server was started without --refiner",
-                field="refine",
-            )
+        self._check(batch)
+        self._apply_loras(batch)
         prompts = [s.ticket.prompt for s in batch.slots]
         negatives = [s.ticket.request.negative_prompt for s in batch.slots]
         # CPU generators: the same seed gives the same latents on every device and batch.
@@ -126,13 +215,20 @@ class DiffusersRunner:
         times = StepTimes()
         started = time.perf_counter()
         last_step = [started]
+        phase = [0]
+        observer = self.observer
 
         def on_step(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             if batch.all_abandoned():
                 raise Cancelled("every request in the batch was cancelled")
             times.steps += 1
             last_step[0] = time.perf_counter()
+            if observer is not None:
+                observer.step(batch, step + 1, pipe.num_timesteps, kwargs["latents"], phase[0])
             return {}
+
+        def next_phase(*_: Any) -> None:
+            phase[0] += 1
 
         common: dict[str, Any] = {
             "prompt": prompts,
@@ -140,21 +236,31 @@ class DiffusersRunner:
             "generator": generators,
             "callback_on_step_end": on_step,
         }
+        masks: list[np.ndarray] = []
+        inits: list[Any] = []
         with torch.inference_mode():
             if key.img2img_strength is not None:
-                images = [
+                inits = [
                     decode_init_image(s.ticket.init_image.data, key.width, key.height)  # type: ignore[union-attr]
                     for s in batch.slots
                 ]
+            if key.inpaint:
+                masks = [
+                    decode_mask(s.ticket.init_image.mask, key.width, key.height)  # type: ignore[union-attr]
+                    for s in batch.slots
+                ]
+            if key.control or key.inpaint:
+                out = self._run_conditioned(batch, common, inits, masks)
+            elif key.img2img_strength is not None:
                 if key.refine is not None:
                     out = self._refine(
-                        common, images, steps=key.refine.steps, strength=key.img2img_strength
+                        common, inits, steps=key.refine.steps, strength=key.img2img_strength
                     )
                 else:
                     pipe = self._base_img2img()
                     pipe.scheduler = self.samplers.build(key.sampler, self._base_scheduler_config)
                     out = pipe(
-                        image=images,
+                        image=inits,
                         strength=key.img2img_strength,
                         num_inference_steps=key.steps,
                         guidance_scale=key.guidance,
@@ -177,6 +283,7 @@ class DiffusersRunner:
                     base_kwargs["denoising_end"] = refine.high_noise_frac
                 out = self.base(**base_kwargs, **common).images
                 if refine is not None:
+                    next_phase()
                     if refine.high_noise_frac is not None:
                         out = self._refine(
                             common, out, steps=refine.steps, denoising_start=refine.high_noise_frac
@@ -185,12 +292,60 @@ class DiffusersRunner:
                         out = self._refine(common, out, steps=refine.steps, strength=refine.strength)
         times.denoise = last_step[0] - started
         arrays = to_uint8(out)
+        if masks:
+            arrays = [composite(a, i, m) for a, i, m in zip(arrays, inits, masks, strict=True)]
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         ended = time.perf_counter()
         times.total = ended - started
         times.decode = ended - last_step[0]
         return arrays, times
+
+    def _run_conditioned(
+        self, batch: Batch, common: dict[str, Any], inits: list[Any], masks: list[np.ndarray]
+    ) -> Any:
+        """Inpainting and/or ControlNet: one call of the matching shared-component pipeline."""
+        import torch
+        from PIL import Image
+
+        key = batch.key
+        mode: Mode = "inpaint" if key.inpaint else "img2img" if inits else "txt2img"
+        kinds = tuple(c.kind for c in key.control)
+        pipe = self._pipeline(mode, kinds)
+        pipe.scheduler = self.samplers.build(key.sampler, self._base_scheduler_config)
+        kwargs: dict[str, Any] = {
+            "num_inference_steps": key.steps,
+            "guidance_scale": key.guidance,
+            "clip_skip": key.clip_skip,
+            "output_type": "pt",
+        }
+        if mode != "img2img":
+            kwargs["width"], kwargs["height"] = key.width, key.height
+        if inits:
+            kwargs["image"] = inits
+            kwargs["strength"] = key.img2img_strength
+        if masks:
+            kwargs["mask_image"] = [
+                Image.fromarray((m * 255).round().astype(np.uint8), mode="L") for m in masks
+            ]
+        if kinds:
+            # One (B, 3, H, W) tensor per unit: MultiControlNet refuses nested image lists.
+            maps = [
+                torch.from_numpy(np.stack([
+                    control_map(s.ticket.request.control[u].image, kinds[u],
+                                preprocess=s.ticket.request.control[u].preprocess,
+                                width=key.width, height=key.height)
+                    for s in batch.slots
+                ]))
+                for u in range(len(kinds))
+            ]
+            single = len(kinds) == 1
+            kwargs["image" if mode == "txt2img" else "control_image"] = maps[0] if single else maps
+            weights = [float(c.weight) for c in key.control]
+            kwargs["controlnet_conditioning_scale"] = weights[0] if single else weights
+            kwargs["control_guidance_start"] = [c.guidance_start for c in key.control]
+            kwargs["control_guidance_end"] = [c.guidance_end for c in key.control]
+        return pipe(**kwargs, **common).images
 
     def _refine(
         self,

@@ -32,7 +32,12 @@ TIMED_OUT = "timed_out"
 ACTIVE = (QUEUED, RUNNING)
 FINISHED = (COMPLETED, FAILED, CANCELLED, TIMED_OUT)
 
-INTERRUPTED_REASON = "the server restarted before this job finished; retry it"
+INTERRUPTED_REASON = ("the server running this job stopped before it finished, and the job "
+                      "was already re-queued once after such a stop; retry it")
+# A job whose server died (crash, kill, restart) goes back to the queue this many times; the
+# next interruption fails it with INTERRUPTED_REASON (a job that kills its server each time
+# must not take every replica down in turn).
+MAX_REQUEUES = 1
 
 
 class StoredImage(msgspec.Struct, kw_only=True):
@@ -102,8 +107,13 @@ class TaskStore(Protocol):
         """The job, or ``None`` when unknown or expired."""
         ...
 
-    def update(self, job_id: str, expect: Sequence[str] | None = None, **changes: Any) -> Job | None:
-        """Apply ``changes`` if the job's status is in ``expect`` (any when ``None``); return it."""
+    def update(self, job_id: str, expect: Sequence[str] | None = None, *,
+               owner: str | None = None, **changes: Any) -> Job | None:
+        """Apply ``changes`` if the job's status is in ``expect`` (any when ``None``).
+
+        When ``owner`` is given the job's ``worker_id`` must also be ``owner``. Returns the
+        updated job, or ``None`` when nothing matched.
+        """
         ...
 
     def queued(self, limit: int) -> list[Job]:
@@ -123,8 +133,20 @@ class TaskStore(Protocol):
         """Delete the queued jobs of one dialect and scope; return their ids."""
         ...
 
-    def fail_interrupted(self, reason: str = INTERRUPTED_REASON) -> int:
-        """Mark every queued or running job failed (used at start-up); return how many."""
+    def heartbeat(self, worker_id: str, ttl_s: float) -> None:
+        """Say that ``worker_id`` (one server) is alive for the next ``ttl_s`` seconds."""
+        ...
+
+    def worker_alive(self, worker_id: str | None) -> bool:
+        """Whether the server that runs jobs as ``worker_id`` is still alive."""
+        ...
+
+    def reclaim(self, max_requeues: int = MAX_REQUEUES, reason: str = INTERRUPTED_REASON
+                ) -> tuple[int, int]:
+        """Running jobs whose worker is gone: re-queue (up to ``max_requeues`` times) or fail.
+
+        Queued jobs and jobs of live workers are never touched. Returns (requeued, failed).
+        """
         ...
 
     def save_images(self, job_id: str, images: Sequence[tuple[bytes, str, int, int, int]]
@@ -166,11 +188,15 @@ CREATE INDEX IF NOT EXISTS jobs_scope ON jobs (dialect, scope, status);
 class SqliteTaskStore:
     """Jobs in SQLite (``path``), result images under ``results_dir/<job id>/``."""
 
+    #: One process per store (the data dir lock sees to it): no other server shares its jobs.
+    shared = False
+
     def __init__(self, path: Path, results_dir: Path) -> None:
         self.path = path
         self.results_dir = results_dir
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
+        self._workers: set[str] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -221,8 +247,9 @@ class SqliteTaskStore:
             return None
         return job
 
-    def update(self, job_id: str, expect: Sequence[str] | None = None, **changes: Any) -> Job | None:
-        """Apply ``changes`` if the job's status is in ``expect`` (any when ``None``); return it."""
+    def update(self, job_id: str, expect: Sequence[str] | None = None, *,
+               owner: str | None = None, **changes: Any) -> Job | None:
+        """Apply ``changes`` if the status is in ``expect`` and the worker is ``owner``."""
         with self._lock:
             conn = self.conn
             conn.execute("BEGIN IMMEDIATE")
@@ -232,7 +259,8 @@ class SqliteTaskStore:
                     conn.execute("ROLLBACK")
                     return None
                 job = msgspec.json.decode(row[0], type=Job)
-                if expect is not None and job.status not in expect:
+                if (expect is not None and job.status not in expect) or \
+                        (owner is not None and job.worker_id != owner):
                     conn.execute("ROLLBACK")
                     return None
                 job = msgspec.structs.replace(job, **changes)
@@ -298,16 +326,22 @@ class SqliteTaskStore:
                              [(i, QUEUED) for i in ids])
         return ids
 
-    def fail_interrupted(self, reason: str = INTERRUPTED_REASON) -> int:
-        """Mark every queued or running job failed; return how many."""
+    def heartbeat(self, worker_id: str, ttl_s: float) -> None:
+        """Register ``worker_id`` as alive (for as long as this process runs)."""
+        self._workers.add(worker_id)
+
+    def worker_alive(self, worker_id: str | None) -> bool:
+        """Only this process's own workers are alive: the data dir lock excludes any other."""
+        return worker_id is not None and worker_id in self._workers
+
+    def reclaim(self, max_requeues: int = MAX_REQUEUES, reason: str = INTERRUPTED_REASON
+                ) -> tuple[int, int]:
+        """Running jobs of dead workers: back to the queue once, then failed."""
         with self._lock:
-            rows = self.conn.execute(
-                f"SELECT id FROM jobs WHERE status IN ({','.join('?' * len(ACTIVE))})", ACTIVE
-            ).fetchall()
-        now = time.time()
-        for (job_id,) in rows:
-            self.update(job_id, ACTIVE, status=FAILED, error=reason, finished_at=now)
-        return len(rows)
+            rows = self.conn.execute("SELECT doc FROM jobs WHERE status = ?", (RUNNING,)
+                                     ).fetchall()
+        return reclaim_jobs(self, [msgspec.json.decode(r[0], type=Job) for r in rows],
+                            max_requeues, reason)
 
     # -- results ---------------------------------------------------------------------------
 
@@ -344,6 +378,35 @@ class SqliteTaskStore:
         with self._lock:
             self.conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
         shutil.rmtree(self.results_dir / _safe_id(job_id), ignore_errors=True)
+
+
+def requeue_changes(job: Job, max_requeues: int = MAX_REQUEUES,
+                    reason: str = INTERRUPTED_REASON) -> dict[str, Any]:
+    """The update that puts an interrupted job back in the queue, or fails it past the cap."""
+    if job.requeues < max_requeues:
+        return {"status": QUEUED, "started_at": None, "worker_id": None,
+                "requeues": job.requeues + 1}
+    return {"status": FAILED, "error": reason, "finished_at": time.time()}
+
+
+def reclaim_jobs(store: TaskStore, running: Sequence[Job], max_requeues: int,
+                 reason: str) -> tuple[int, int]:
+    """Apply :func:`requeue_changes` to each running job whose worker is dead."""
+    requeued = failed = 0
+    for job in running:
+        if store.worker_alive(job.worker_id):
+            continue
+        # Compare-and-set on the worker too: a job re-claimed and started elsewhere meanwhile
+        # is not ours to touch.
+        done = store.update(job.id, (RUNNING,), owner=job.worker_id,
+                            **requeue_changes(job, max_requeues, reason))
+        if done is None:
+            continue
+        if done.status == QUEUED:
+            requeued += 1
+        else:
+            failed += 1
+    return requeued, failed
 
 
 def _safe_id(job_id: str) -> str:

@@ -21,8 +21,10 @@ logger = logging.getLogger(__name__)
 
 TINY_MODEL_ID = "tiny-sdxl"
 TINY_REFINER_ID = "tiny-sdxl-refiner"
+# The adapter tiny-sdxl serves from its own LoRA folder when --lora-dir is not given.
+TINY_LORA = "tiny-lora"
 # Bump when the configs below change, so stale cached copies are rebuilt rather than reused.
-TINY_VERSION = "4"
+TINY_VERSION = "5"
 NOISE_WARNING = (
     "tiny-sdxl is a built-in miniature SDXL with random weights: it makes noise images, "
     "not pictures. Serve real SDXL weights for real images."
@@ -127,6 +129,54 @@ def _unet(*, refiner: bool):  # noqa: ANN202
     )
 
 
+def _controlnet():  # noqa: ANN202
+    from diffusers import ControlNetModel
+
+    # Mirrors the base UNet's down path, so its residuals fit; the conditioning embedding halves
+    # the control image three times, matching the VAE's factor 8.
+    return ControlNetModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        in_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        conditioning_embedding_out_channels=(8, 16, 16, 32),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=_TIME_EMBED,
+        transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=6 * _TIME_EMBED + _HIDDEN,
+        cross_attention_dim=2 * _HIDDEN,
+        norm_num_groups=8,
+    )
+
+
+def _randomize_zero_convs(controlnet) -> None:  # noqa: ANN001
+    """A fresh ControlNet's output convolutions are zero (no effect); give them small weights."""
+    import torch
+
+    with torch.no_grad():
+        for module in (*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                       controlnet.controlnet_cond_embedding.conv_out):
+            for param in module.parameters():
+                param.normal_(0.0, 0.05)
+
+
+def _save_tiny_lora(unet, folder: Path) -> None:  # noqa: ANN001
+    """A rank-4 LoRA on the UNet's attention projections, with random (non-zero) weights."""
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    folder.mkdir(parents=True, exist_ok=True)
+    StableDiffusionXLPipeline.save_lora_weights(
+        str(folder), unet_lora_layers=layers, weight_name=f"{TINY_LORA}.safetensors")
+
+
 def _scheduler():  # noqa: ANN202
     from diffusers import EulerDiscreteScheduler
 
@@ -145,7 +195,11 @@ def _scheduler():  # noqa: ANN202
 
 
 def build_tiny(target: Path) -> None:
-    """Build tiny-sdxl and its refiner with fixed seeds and write them as diffusers folders."""
+    """Build tiny-sdxl and its refiner with fixed seeds and write them as diffusers folders.
+
+    Also ``controlnet-canny/`` (a tiny ControlNet served as ``canny``) and ``loras/`` (one
+    adapter, ``tiny-lora``), so every feature can be exercised without real weights.
+    """
     import torch
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -161,6 +215,9 @@ def build_tiny(target: Path) -> None:
         text_encoder_2 = CLIPTextModelWithProjection(_text_config())
         torch.manual_seed(4)
         refiner_unet = _unet(refiner=True)
+        torch.manual_seed(5)
+        controlnet = _controlnet()
+        _randomize_zero_convs(controlnet)
 
     tokenizer = _tokenizer()
     base = StableDiffusionXLPipeline(
@@ -189,6 +246,11 @@ def build_tiny(target: Path) -> None:
     try:
         base.save_pretrained(tmp / "base", safe_serialization=True)
         refiner.save_pretrained(tmp / "refiner", safe_serialization=True)
+        controlnet.save_pretrained(tmp / "controlnet-canny", safe_serialization=True)
+        with torch.random.fork_rng():
+            torch.manual_seed(6)
+            # After the base is saved: the adapter goes into the saved LoRA file only.
+            _save_tiny_lora(unet, tmp / "loras")
         (tmp / "imagegate-tiny.json").write_text(json.dumps({"version": TINY_VERSION}))
         if target.exists():
             shutil.rmtree(target)
@@ -199,7 +261,10 @@ def build_tiny(target: Path) -> None:
 
 
 def ensure_tiny(cache_dir: Path) -> Path:
-    """Return the folder holding tiny-sdxl (``base/`` and ``refiner/``), building it on first use."""
+    """Return the tiny-sdxl folder, building it on first use.
+
+    It holds ``base/``, ``refiner/``, ``controlnet-canny/`` and ``loras/``.
+    """
     target = cache_dir / f"tiny-sdxl-v{TINY_VERSION}"
     marker = target / "imagegate-tiny.json"
     if marker.exists():

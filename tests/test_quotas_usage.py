@@ -141,3 +141,17 @@ def test_rps_item(rps):
 
     item = rps_item(rps)
     assert item.amount / item.get_expiry() == pytest.approx(rps)
+
+
+def test_ledger_row_is_written_before_the_response(tmp_path):
+    """Issue 11.13: an answered request is already in the ledger file (a kill -9 loses none)."""
+    import sqlite3
+
+    with live_server(tmp_path, api_keys="k1") as live:
+        path = live.settings.usage_path
+        for n in range(1, 4):
+            assert openai_call(live.url, "k1").status_code == 200
+            # A separate connection, as after a crash: no flush, no shared memory.
+            with sqlite3.connect(path) as db:
+                got = db.execute("SELECT SUM(requests) FROM usage").fetchone()[0]
+            assert got == n, f"after {n} answered requests the ledger file holds {got}"

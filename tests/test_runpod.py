@@ -132,16 +132,16 @@ def rp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[serving.LiveServer]
 
 def runsync(live: serving.LiveServer, inp: dict[str, Any], **extra: Any) -> dict[str, Any]:
     r = httpx.post(f"{live.url}/v2/ep/runsync", json={"input": inp, **extra}, headers=AUTH,
-                   timeout=60)
+                   timeout=120)
     assert r.status_code == 200, r.text
     return r.json()
 
 
 def wait_status(live: serving.LiveServer, job_id: str, statuses: tuple[str, ...],
-                timeout: float = 30) -> dict[str, Any]:
+                timeout: float = 120) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
-        body = httpx.get(f"{live.url}/v2/ep/status/{job_id}", headers=AUTH).json()
+        body = httpx.get(f"{live.url}/v2/ep/status/{job_id}", headers=AUTH, timeout=120).json()
         if body["status"] in statuses or time.monotonic() > deadline:
             return body
         time.sleep(0.05)
@@ -161,7 +161,7 @@ def sdk(rp: serving.LiveServer, monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 def test_sdk_run_sync(sdk: Any) -> None:
-    out = sdk.Endpoint("sdxl").run_sync({"prompt": "a red fox", "seed": 7, **SMALL}, timeout=60)
+    out = sdk.Endpoint("sdxl").run_sync({"prompt": "a red fox", "seed": 7, **SMALL}, timeout=120)
     assert set(out) == {"images", "image_url", "seed"}
     assert out["seed"] == 7 and out["image_url"] == out["images"][0]
     assert decode(out["images"][0]).size == (64, 64)
@@ -170,7 +170,7 @@ def test_sdk_run_sync(sdk: Any) -> None:
 def test_sdk_run_status_output(sdk: Any) -> None:
     job = sdk.Endpoint("sdxl").run({"input": {"prompt": "a boat", "num_images": 2, **SMALL}})
     assert job.status() in ("IN_QUEUE", "IN_PROGRESS", "COMPLETED")
-    out = job.output(timeout=60)
+    out = job.output(timeout=120)
     assert job.status() == "COMPLETED"
     assert len(out["images"]) == 2
     assert out["images"][0] != out["images"][1]
@@ -187,12 +187,12 @@ def test_sdk_bad_key_is_401(sdk: Any, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_auth_raw_and_bearer(rp: serving.LiveServer) -> None:
     for headers in (AUTH, BEARER):
-        assert httpx.get(f"{rp.url}/v2/ep/health", headers=headers).status_code == 200
-    r = httpx.get(f"{rp.url}/v2/ep/health")
+        assert httpx.get(f"{rp.url}/v2/ep/health", headers=headers, timeout=120).status_code == 200
+    r = httpx.get(f"{rp.url}/v2/ep/health", timeout=120)
     assert r.status_code == 401 and "error" in r.json()
-    r = httpx.post(f"{rp.url}/v2/ep/run", content=b"{nope", headers=AUTH)
+    r = httpx.post(f"{rp.url}/v2/ep/run", content=b"{nope", headers=AUTH, timeout=120)
     assert r.status_code == 400 and "error" in r.json()
-    assert httpx.get(f"{rp.url}/v2/ep/nothing-here", headers=AUTH).status_code == 404
+    assert httpx.get(f"{rp.url}/v2/ep/nothing-here", headers=AUTH, timeout=120).status_code == 404
 
 
 def test_unknown_key_and_bad_types_fail_the_job(rp: serving.LiveServer) -> None:
@@ -301,28 +301,28 @@ def test_fetch_rules_unit() -> None:
 def test_retry_purge_health_ttl(rp: serving.LiveServer) -> None:
     url = f"{rp.url}/v2/ttl-ep"
     failed = httpx.post(f"{url}/runsync", headers=AUTH,
-                        json={"input": {"prompt": "x", "nope": 1}}).json()
+                        json={"input": {"prompt": "x", "nope": 1}}, timeout=120).json()
     assert failed["status"] == "FAILED"
     # Only FAILED / TIMED_OUT jobs may be retried; a retried bad input fails again.
-    r = httpx.post(f"{url}/retry/{failed['id']}", headers=AUTH)
+    r = httpx.post(f"{url}/retry/{failed['id']}", headers=AUTH, timeout=120)
     assert r.status_code == 200 and r.json() == {"id": failed["id"], "status": "IN_QUEUE"}
-    deadline = time.monotonic() + 10
-    while httpx.get(f"{url}/status/{failed['id']}", headers=AUTH).json()["status"] != "FAILED":
+    deadline = time.monotonic() + 120
+    while httpx.get(f"{url}/status/{failed['id']}", headers=AUTH, timeout=120).json()["status"] != "FAILED":
         assert time.monotonic() < deadline
         time.sleep(0.05)
     ok = httpx.post(f"{url}/runsync", headers=AUTH,
-                    json={"input": {"prompt": "x", **SMALL}}).json()
+                    json={"input": {"prompt": "x", **SMALL}}, timeout=120).json()
     assert ok["status"] == "COMPLETED"
-    r = httpx.post(f"{url}/retry/{ok['id']}", headers=AUTH)
+    r = httpx.post(f"{url}/retry/{ok['id']}", headers=AUTH, timeout=120)
     assert r.status_code == 400 and "COMPLETED" in r.json()["error"]
-    health = httpx.get(f"{url}/health", headers=BEARER).json()
+    health = httpx.get(f"{url}/health", headers=BEARER, timeout=120).json()
     assert health["jobs"] == {"completed": 1, "failed": 1, "inProgress": 0, "inQueue": 0,
                               "retried": 1}
     assert health["workers"]["ready"] == 1
-    assert httpx.post(f"{url}/purge-queue", headers=AUTH).json() == {"removed": 0,
+    assert httpx.post(f"{url}/purge-queue", headers=AUTH, timeout=120).json() == {"removed": 0,
                                                                      "status": "completed"}
     # Another endpoint id (or another key) does not see the job.
-    assert httpx.get(f"{rp.url}/v2/other/status/{ok['id']}", headers=AUTH).status_code == 404
+    assert httpx.get(f"{rp.url}/v2/other/status/{ok['id']}", headers=AUTH, timeout=120).status_code == 404
 
 
 def test_ttl_expiry(tmp_path: Any) -> None:
@@ -332,20 +332,20 @@ def test_ttl_expiry(tmp_path: Any) -> None:
         submitted = time.monotonic()
         ok = httpx.post(f"{url}/runsync", json={"input": {
             "prompt": "x", "width": 64, "height": 64, "refiner_inference_steps": 4},
-            "policy": {"ttl": 1500}}).json()
+            "policy": {"ttl": 1500}}, timeout=120).json()
         assert ok["status"] == "COMPLETED"
         results = live.app.state.ctx.jobs.store.results_dir / ok["id"]
         assert results.exists()
-        assert httpx.get(f"{url}/status/{ok['id']}").json()["status"] == "COMPLETED"
+        assert httpx.get(f"{url}/status/{ok['id']}", timeout=120).json()["status"] == "COMPLETED"
         # Gone (404) once the ttl passes; its files are swept in the background.
         time.sleep(max(0.0, submitted + 1.6 - time.monotonic()))
-        r = httpx.get(f"{url}/status/{ok['id']}")
+        r = httpx.get(f"{url}/status/{ok['id']}", timeout=120)
         assert r.status_code == 404 and "error" in r.json()
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 120
         while results.exists():
             assert time.monotonic() < deadline, "expired results were not swept"
             time.sleep(0.1)
-        r = httpx.post(f"{url}/run", json={"input": {"prompt": "x"}, "policy": {"ttl": 10}})
+        r = httpx.post(f"{url}/run", json={"input": {"prompt": "x"}, "policy": {"ttl": 10}}, timeout=120)
         assert r.status_code == 400 and "policy.ttl" in r.json()["error"]
 
 
@@ -353,9 +353,9 @@ def test_webhook_delivered_with_retry(rp: serving.LiveServer, site: Site) -> Non
     site.posts.clear()
     site.fail_posts = 1
     r = httpx.post(f"{rp.url}/v2/ep/run", headers=AUTH, json={
-        "input": {"prompt": "x", **SMALL}, "webhook": f"{site.url}/hook"})
+        "input": {"prompt": "x", **SMALL}, "webhook": f"{site.url}/hook"}, timeout=120)
     job_id = r.json()["id"]
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120
     while len(site.posts) < 2:
         assert time.monotonic() < deadline, site.posts
         time.sleep(0.05)
@@ -363,7 +363,7 @@ def test_webhook_delivered_with_retry(rp: serving.LiveServer, site: Site) -> Non
     assert site.posts[1]["status"] == "COMPLETED" and site.posts[1]["output"]["images"]
     # Webhook URLs follow the SSRF rules (only 127.0.0.1 is allow-listed here).
     r = httpx.post(f"{rp.url}/v2/ep/run", headers=AUTH, json={
-        "input": {"prompt": "x"}, "webhook": "http://169.254.169.254/hook"})
+        "input": {"prompt": "x"}, "webhook": "http://169.254.169.254/hook"}, timeout=120)
     assert r.status_code == 400 and "webhook" in r.json()["error"]
 
 
@@ -412,17 +412,17 @@ def test_cancel_runsync_timeout_purge_and_429(tmp_path: Any, monkeypatch: pytest
     runner = SlowRunner()
     with serving.live_server(tmp_path, engine_factory=slow_factory(runner), job_concurrency=1,
                              job_queue_max=2, max_batch_images=1) as live:
-        runner.delay = 3.0
+        runner.delay = 10.0
         url = f"{live.url}/v2/ep"
         inp = {"prompt": "x", "width": 64, "height": 64, "refiner_inference_steps": 4}
         # runsync whose wait runs out: IN_PROGRESS, the client then polls.
         t0 = time.monotonic()
-        first = httpx.post(f"{url}/runsync?wait=1000", json={"input": inp}, timeout=10).json()
-        assert time.monotonic() - t0 < 2.5
+        first = httpx.post(f"{url}/runsync?wait=1000", json={"input": inp}, timeout=120).json()
+        assert time.monotonic() - t0 < 9, "runsync?wait=1000 did not return before the job ended"
         assert first == {"id": first["id"], "status": "IN_PROGRESS"}
-        queued = [httpx.post(f"{url}/run", json={"input": inp}).json() for _ in range(2)]
+        queued = [httpx.post(f"{url}/run", json={"input": inp}, timeout=120).json() for _ in range(2)]
         assert [q["status"] for q in queued] == ["IN_QUEUE", "IN_QUEUE"]
-        r = httpx.post(f"{url}/run", json={"input": inp})
+        r = httpx.post(f"{url}/run", json={"input": inp}, timeout=120)
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
         # SDK cancel of a queued job, then purge the other.
         monkeypatch.setattr(runpod, "endpoint_url_base", live.url + "/v2")
@@ -432,43 +432,142 @@ def test_cancel_runsync_timeout_purge_and_429(tmp_path: Any, monkeypatch: pytest
 
         sdk_job = SdkJob("ep", queued[0]["id"], RunPodClient())
         assert sdk_job.cancel() == {"id": queued[0]["id"], "status": "CANCELLED"}
-        assert httpx.post(f"{url}/purge-queue").json() == {"removed": 1, "status": "completed"}
-        assert httpx.get(f"{url}/status/{queued[1]['id']}").status_code == 404
+        assert httpx.post(f"{url}/purge-queue", timeout=120).json() == {"removed": 1, "status": "completed"}
+        assert httpx.get(f"{url}/status/{queued[1]['id']}", timeout=120).status_code == 404
         # Cancel the running one: the engine drops it.
-        r = httpx.post(f"{url}/cancel/{first['id']}").json()
+        r = httpx.post(f"{url}/cancel/{first['id']}", timeout=120).json()
         assert r == {"id": first["id"], "status": "CANCELLED"}
         assert wait_status(live, first["id"], ("CANCELLED",))["status"] == "CANCELLED"
         # executionTimeout → TIMED_OUT.
-        r = httpx.post(f"{url}/run", json={"input": inp, "policy": {"executionTimeout": 1000}})
-        body = wait_status(live, r.json()["id"], ("TIMED_OUT",), timeout=10)
+        r = httpx.post(f"{url}/run", json={"input": inp, "policy": {"executionTimeout": 1000}}, timeout=120)
+        body = wait_status(live, r.json()["id"], ("TIMED_OUT",), timeout=120)
         assert body["status"] == "TIMED_OUT" and "execution timeout" in body["error"]
-        health = httpx.get(f"{url}/health").json()
+        health = httpx.get(f"{url}/health", timeout=120).json()
         assert health["jobs"]["inQueue"] == 0 and health["jobs"]["inProgress"] == 0
 
 
-def test_restart_keeps_results_and_fails_interrupted(tmp_path: Any) -> None:
+def test_restart_runs_queued_and_requeues_interrupted_jobs(tmp_path: Any) -> None:
     runner = SlowRunner()
+    inp = {"prompt": "x", "width": 64, "height": 64, "refiner_inference_steps": 4}
     with serving.live_server(tmp_path, engine_factory=slow_factory(runner)) as live:
-        done = httpx.post(f"{live.url}/v2/ep/runsync", json={"input": {
-            "prompt": "x", "width": 64, "height": 64, "refiner_inference_steps": 4}}).json()
+        done = httpx.post(f"{live.url}/v2/ep/runsync", json={"input": inp}, timeout=120).json()
         assert done["status"] == "COMPLETED"
     # Jobs the first server left queued and running (written as a crash would leave them).
     store = job_store(tmp_path / "data")
     store.open()
     now = time.time()
-    for i, status in enumerate(("queued", RUNNING)):
-        store.create(Job(id=f"interrupted-{i}", dialect="runpod", scope="anonymous/ep",
-                         payload={"input": {}}, status=status, created_at=now,
-                         expires_at=now + 3600))
+    left = {"queued": ("queued", 0), "running": (RUNNING, 0), "twice": (RUNNING, 1)}
+    for name, (status, requeues) in left.items():
+        store.create(Job(id=name, dialect="runpod", scope="anonymous/ep",
+                         payload={"input": inp}, status=status, created_at=now,
+                         expires_at=now + 3600, worker_id="dead-server", requeues=requeues))
     store.close()
     with serving.live_server(tmp_path, engine_factory=slow_factory(SlowRunner())) as live:
-        again = httpx.get(f"{live.url}/v2/ep/status/{done['id']}").json()
+        again = httpx.get(f"{live.url}/v2/ep/status/{done['id']}", timeout=120).json()
         assert again["status"] == "COMPLETED"
         assert again["output"] == done["output"]
-        for i in range(2):
-            body = httpx.get(f"{live.url}/v2/ep/status/interrupted-{i}").json()
-            assert body["status"] == "FAILED", body
-            assert "restarted" in body["error"]
+        # Nothing accepted is lost: the queued job runs, the interrupted one runs again once.
+        for name in ("queued", "running"):
+            body = wait_status(live, name, ("COMPLETED", "FAILED"), timeout=120)
+            assert body["status"] == "COMPLETED", (name, body)
+        # Interrupted a second time: failed, saying why.
+        body = httpx.get(f"{live.url}/v2/ep/status/twice", timeout=120).json()
+        assert body["status"] == "FAILED", body
+        assert "re-queued once" in body["error"]
+
+
+def test_bounds_on_steps_and_prompts(rp: serving.LiveServer) -> None:
+    """Issue 11.2: refiner steps are bounded by --max-steps; prompts by 2,000 characters."""
+    max_steps = rp.settings.max_steps
+    t0 = time.monotonic()
+    body = runsync(rp, {**SMALL, "prompt": "x", "refiner_inference_steps": 10**7})
+    assert body["status"] == "FAILED", body
+    assert "refiner_inference_steps" in body["error"] and str(max_steps) in body["error"]
+    body = runsync(rp, {**SMALL, "prompt": "x", "num_inference_steps": max_steps + 1})
+    assert body["status"] == "FAILED" and "num_inference_steps" in body["error"]
+    for field in ("prompt", "negative_prompt"):
+        body = runsync(rp, {**SMALL, "prompt": "x", field: "y" * 2001})
+        assert body["status"] == "FAILED", body
+        assert body["error"].startswith(f"{field} does not meet") and "2000" in body["error"]
+    assert runsync(rp, {**SMALL, "prompt": "y" * 2000})["status"] == "COMPLETED"
+    assert time.monotonic() - t0 < 60, "refused inputs must not reach the engine"
+
+
+def test_retry_is_capped(rp: serving.LiveServer) -> None:
+    """Issue 11.5: one job may be retried 3 times; the 4th is refused in RunPod's envelope."""
+    url = f"{rp.url}/v2/ep"
+    failed = httpx.post(f"{url}/runsync", headers=AUTH,
+                        json={"input": {"prompt": "x", "nope": 1}}, timeout=120).json()
+    assert failed["status"] == "FAILED"
+    for attempt in range(3):
+        r = httpx.post(f"{url}/retry/{failed['id']}", headers=AUTH, timeout=120)
+        assert r.status_code == 200, (attempt, r.text)
+        body = wait_status(rp, failed["id"], ("FAILED",), timeout=120)
+        assert body["status"] == "FAILED", f"retry {attempt + 1} did not fail again: {body}"
+    r = httpx.post(f"{url}/retry/{failed['id']}", headers=AUTH, timeout=120)
+    assert r.status_code == 400, r.text
+    assert "retried 3 times" in r.json()["error"]
+
+
+def test_retry_counts_against_the_daily_quota(tmp_path: Any, capsys: pytest.CaptureFixture
+                                              ) -> None:
+    """Issue 11.5: /retry is a request: it spends quota and is refused once the quota is spent."""
+    import re
+
+    from gateway.cli import main as cli
+
+    keys_file = tmp_path / "keys.json"
+    assert cli(["keys", "create", "--keys-file", str(keys_file), "--id", "d", "--daily", "2"]) == 0
+    key = dict(re.findall(r"^(\w+):\s+(\S+)$", capsys.readouterr().out, re.M))["api_key"]
+    headers = {"authorization": key}
+    with serving.live_server(tmp_path, engine_factory=slow_factory(SlowRunner()),
+                             keys_file=str(keys_file)) as live:
+        url = f"{live.url}/v2/ep"
+        failed = httpx.post(f"{url}/runsync", headers=headers, timeout=60,
+                            json={"input": {"prompt": "x", "nope": 1}}).json()
+        assert failed["status"] == "FAILED"
+        assert httpx.post(f"{url}/retry/{failed['id']}", headers=headers, timeout=120).status_code == 200
+        body = wait_status_h(live, failed["id"], headers)
+        assert body["status"] == "FAILED", body
+        r = httpx.post(f"{url}/retry/{failed['id']}", headers=headers, timeout=120)
+        assert r.status_code == 429, r.text
+        assert "daily request limit" in r.json()["error"]
+
+
+def wait_status_h(live: serving.LiveServer, job_id: str, headers: dict[str, str],
+                  timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        body = httpx.get(f"{live.url}/v2/ep/status/{job_id}", headers=headers, timeout=120).json()
+        if body["status"] in ("FAILED", "COMPLETED"):
+            return body
+        assert time.monotonic() < deadline, f"job {job_id} still {body['status']} after {timeout}s"
+        time.sleep(0.05)
+
+
+def test_run_during_drain_is_503(tmp_path: Any) -> None:
+    """Issue 11.6: /run and /runsync answer 503 + Retry-After while the server drains."""
+    import asyncio
+
+    runner = SlowRunner(delay=2.0)
+    with serving.live_server(tmp_path, engine_factory=slow_factory(runner)) as live:
+        url = f"{live.url}/v2/ep"
+        inp = {"prompt": "x", "width": 64, "height": 64, "refiner_inference_steps": 4}
+        busy = httpx.post(f"{url}/run", json={"input": inp}, timeout=120).json()
+        assert wait_status(live, busy["id"], ("IN_PROGRESS",), timeout=120)["status"] == \
+            "IN_PROGRESS"
+        loop = live.app.state.ctx.jobs._loops[0].get_loop()
+        drained = asyncio.run_coroutine_threadsafe(live.engine.drain(60), loop)
+        deadline = time.monotonic() + 60
+        while live.engine.state.value != "draining" and not drained.done():
+            assert time.monotonic() < deadline, "the engine never started draining"
+            time.sleep(0.01)
+        for path in ("run", "runsync"):
+            r = httpx.post(f"{url}/{path}", json={"input": inp}, timeout=120)
+            assert r.status_code == 503, (path, r.text)
+            assert int(r.headers["retry-after"]) >= 1
+            assert "shutting down" in r.json()["error"]
+        drained.result(timeout=120)
 
 
 def test_completed_jobs_are_charged_to_the_submitting_key(rp: serving.LiveServer) -> None:

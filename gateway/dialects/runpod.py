@@ -83,6 +83,10 @@ SCHEMA: dict[str, tuple[tuple[type, ...], Any]] = {
 }
 _TYPE_NAMES = {_INT: "int", _FLOAT: "float", _STR: "str"}
 
+# worker-sdxl documents no prompt limit. The CLIP encoders read 77 tokens per chunk; 2,000
+# characters is ~400-500 tokens (6-7 chunks), far past what changes an SDXL image, and keeps a
+# megabyte "prompt" from costing seconds of executor time.
+MAX_PROMPT_CHARS = 2000
 MIN_TTL_MS = int(MIN_TTL_S * 1000)
 MAX_TTL_MS = int(MAX_TTL_S * 1000)
 MIN_EXEC_MS = int(MIN_EXECUTION_S * 1000)
@@ -92,8 +96,11 @@ class InputError(Exception):
     """The job input failed validation; the message lists every problem."""
 
 
-def validate_input(raw: dict[str, Any]) -> dict[str, Any]:
+def validate_input(raw: dict[str, Any], max_steps: int = 150) -> dict[str, Any]:
     """worker-sdxl's validation: unknown keys, types and constraints; defaults filled in.
+
+    Step-like fields are bounded by ``max_steps`` (``--max-steps``), prompts by
+    :data:`MAX_PROMPT_CHARS`.
 
     Raises :class:`InputError` with every problem, each naming its field.
     """
@@ -114,8 +121,14 @@ def validate_input(raw: dict[str, Any]) -> dict[str, Any]:
         out[key] = float(value) if types is _FLOAT else value
     checks = (
         ("num_images", lambda v: 0 < v < 3, "must be 1 or 2"),
-        ("num_inference_steps", lambda v: v >= 1, "must be at least 1"),
-        ("refiner_inference_steps", lambda v: v >= 1, "must be at least 1"),
+        ("num_inference_steps", lambda v: 1 <= v <= max_steps,
+         f"must be between 1 and {max_steps}"),
+        ("refiner_inference_steps", lambda v: 1 <= v <= max_steps,
+         f"must be between 1 and {max_steps}"),
+        ("prompt", lambda v: len(v) <= MAX_PROMPT_CHARS,
+         f"at most {MAX_PROMPT_CHARS} characters"),
+        ("negative_prompt", lambda v: len(v) <= MAX_PROMPT_CHARS,
+         f"at most {MAX_PROMPT_CHARS} characters"),
         ("guidance_scale", lambda v: 0 <= v <= 100, "must be between 0 and 100"),
         ("strength", lambda v: 0 < v <= 1, "must be greater than 0 and at most 1"),
         ("high_noise_frac", lambda v: 0 < v < 1, "must be between 0 and 1 (exclusive)"),
@@ -265,7 +278,7 @@ class RunPodDialect(AsyncTaskDialect):
 
     async def prepare(self, job: Job) -> GenerationRequest:
         """Validate the stored input and build the canonical request (fetching image_url)."""
-        inp = validate_input(job.payload.get("input") or {})
+        inp = validate_input(job.payload.get("input") or {}, self.ctx.settings.max_steps)
         init_image = None
         if inp["image_url"]:
             try:

@@ -1,0 +1,334 @@
+"""End-to-end GPU measurement: the bare diffusers pipeline and `imagegate serve`, same GPU, same run.
+
+Grown from shared/gpu/measure_e2e.py (the reference measurement of issue 9). Phases append JSON
+lines to $OUT/results.jsonl as they go, so a run cut short still reports what it measured:
+
+  build     full-size SDXL architecture, random weights (bench.gpu_sdxl configs), saved as a folder
+  bare      eager bf16: batch 1 and batch 8, 1024², 20 steps, CFG 5 (output_type="pt")
+  served    `imagegate serve --compile` (defaults: regional, shape-generic) on a cold compile
+            cache: ready time, one request at a time, a burst mixing n=1..8 at two warmed sizes,
+            24 requests at concurrency 8; request-path compiles read from /metrics
+  warm      the same server restarted on the warm compile cache: ready time
+  barec     the bare pipeline compiled the same way, in this process: batch 1 and batch 8
+  fp8       `--quantize fp8`: ready, one request, 24 at concurrency 8, and PSNR / mean absolute
+            pixel difference against the bf16 server's images on fixed seeds
+
+--dry runs the same flow on the CPU with the built-in tiny model (256², 4 steps) to check it.
+Usage on a GPU machine: OUT=/tmp/out python3 -m bench.gpu_e2e [--phases a,b] [--dry]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+OUT = Path(os.environ.get("OUT") or "/tmp/gpuout")
+OUT.mkdir(parents=True, exist_ok=True)
+T0 = time.perf_counter()
+PROMPT = "a lighthouse at dusk"
+
+
+def emit(**kw):
+    kw["t"] = round(time.perf_counter() - T0, 1)
+    line = json.dumps(kw)
+    print(line, flush=True)
+    with open(OUT / "results.jsonl", "a") as f:
+        f.write(line + "\n")
+
+
+def sync():
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def bare_time(pipe, batch, steps, size):
+    import torch
+
+    gens = [torch.Generator("cpu").manual_seed(i) for i in range(batch)]
+    sync()
+    t = time.perf_counter()
+    with torch.inference_mode():
+        pipe(prompt=[PROMPT] * batch, generator=gens, num_inference_steps=steps, width=size,
+             height=size, guidance_scale=5.0, output_type="pt")
+    sync()
+    return time.perf_counter() - t
+
+
+def metric_sum(text, name, labels=None):
+    """Sum of a metric's samples (optionally only those whose labels include ``labels``)."""
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(rf"^{name}(\{{([^}}]*)\}})? ([0-9.eE+-]+)$", line)
+        if m and all(f'{k}="{v}"' in (m.group(2) or "") for k, v in (labels or {}).items()):
+            total += float(m.group(3))
+    return total
+
+
+def metrics_text(base):
+    import httpx
+
+    return httpx.get(base + "/metrics", timeout=30).text
+
+
+class Server:
+    """One `imagegate serve` subprocess."""
+
+    def __init__(self, name, folder, port, extra, cache):
+        self.name, self.port = name, port
+        self.base = f"http://127.0.0.1:{port}"
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        cmd = [sys.executable, "-m", "gateway.cli", "serve", str(folder), "--host", "127.0.0.1",
+               "--port", str(port), "--data-dir", f"/tmp/igdata-{name}", "--cache-dir", str(cache),
+               "--request-timeout-s", "900", "--max-queue-images", "256", *extra]
+        self.log = open(OUT / f"server-{name}.log", "w")  # noqa: SIM115 - lives as long as the server
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     cwd=str(ROOT))
+
+    def wait_ready(self, limit):
+        import httpx
+
+        while time.perf_counter() - self.started < limit:
+            if self.proc.poll() is not None:
+                return None
+            try:
+                r = httpx.get(self.base + "/ready", timeout=5)
+                if r.status_code == 200:
+                    return round(time.perf_counter() - self.started, 1)
+                if "failed" in r.text:  # the model failed to load: no point waiting
+                    return None
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        return None
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+async def post(client, base, size, steps, seed, n=1, fmt="png"):
+    t = time.perf_counter()
+    r = await client.post(base + "/v1/images/generations", json={
+        "prompt": PROMPT, "size": f"{size}x{size}", "n": n, "response_format": "b64_json",
+        "num_inference_steps": steps, "guidance_scale": 5.0, "seed": seed, "output_format": fmt,
+    }, timeout=900)
+    took = time.perf_counter() - t
+    images = [d["b64_json"] for d in r.json().get("data", [])] if r.status_code == 200 else []
+    return took, r.status_code, images
+
+
+async def load(base, size, steps, total, conc, n=1):
+    import httpx
+
+    sem = asyncio.Semaphore(conc)
+    async with httpx.AsyncClient() as client:
+        async def go(i):
+            async with sem:
+                return await post(client, base, size, steps, 1000 + i, n)
+
+        t = time.perf_counter()
+        res = await asyncio.gather(*(go(i) for i in range(total)))
+        wall = time.perf_counter() - t
+    lat = sorted(r[0] for r in res)
+    ok = sum(1 for r in res if r[1] == 200 and r[2])
+    return dict(total=total, conc=conc, ok=ok, wall=round(wall, 2),
+                img_s=round(total * n / wall, 3), p50=round(lat[len(lat) // 2], 3),
+                max=round(lat[-1], 3), codes=sorted({r[1] for r in res}))
+
+
+async def burst(base, sizes, steps, ns):
+    """Every (size, n) request at once; per request latency."""
+    import httpx
+
+    async with httpx.AsyncClient() as client:
+        t = time.perf_counter()
+        jobs = [(s, n) for s in sizes for n in ns]
+        res = await asyncio.gather(*(post(client, base, s, steps, 5000 + i, n)
+                                     for i, (s, n) in enumerate(jobs)))
+        wall = time.perf_counter() - t
+    return dict(requests=len(jobs), images=sum(n for _, n in jobs), wall=round(wall, 2),
+                ok=sum(1 for r in res if r[1] == 200),
+                slowest=round(max(r[0] for r in res), 2),
+                per_request=[[s, n, round(r[0], 2)] for (s, n), r in zip(jobs, res, strict=True)])
+
+
+def served_phase(srv, size, steps, kind, seq_n=5):
+    """Single-request latency and saturation, with batch and compile figures from /metrics."""
+    asyncio.run(load(srv.base, size, steps, 1, 1))  # first request after ready: not timed
+    singles = [asyncio.run(load(srv.base, size, steps, 1, 1))["max"] for _ in range(seq_n)]
+    emit(phase=kind, kind="single", median_s=round(statistics.median(singles), 3),
+         all_s=singles)
+    before = metrics_text(srv.base)
+    sat = asyncio.run(load(srv.base, size, steps, 24, 8))
+    after = metrics_text(srv.base)
+    images = (metric_sum(after, "imagegate_batch_images_sum")
+              - metric_sum(before, "imagegate_batch_images_sum"))
+    batches = (metric_sum(after, "imagegate_batch_images_count")
+               - metric_sum(before, "imagegate_batch_images_count"))
+    emit(phase=kind, kind="saturation", mean_batch=round(images / max(batches, 1), 2),
+         request_compiles=metric_sum(after, "imagegate_compiles_total", {"reason": "request"}),
+         **sat)
+    return after
+
+
+def decode_images(b64s):
+    import numpy as np
+    from PIL import Image
+
+    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB"), dtype=np.float64)
+            for b in b64s]
+
+
+def quality(ref, test):
+    import numpy as np
+
+    mse = float(np.mean([np.mean((a - b) ** 2) for a, b in zip(ref, test, strict=True)]))
+    mad = float(np.mean([np.mean(np.abs(a - b)) for a, b in zip(ref, test, strict=True)]))
+    psnr = float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+    return round(psnr, 2), round(mad, 3)
+
+
+async def fixed_seed_images(base, size, steps, seeds):
+    import httpx
+
+    async with httpx.AsyncClient() as client:
+        out = []
+        for seed in seeds:
+            _, code, images = await post(client, base, size, steps, seed)
+            out.extend(images if code == 200 else [])
+        return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dry", action="store_true")
+    ap.add_argument("--phases", default="bare,served,warm,barec,fp8")
+    ap.add_argument("--ready-limit", type=float, default=420)
+    a = ap.parse_args()
+    phases = a.phases.split(",")
+    import diffusers
+    import torch
+
+    size, size2, steps = (256, 128, 4) if a.dry else (1024, 768, 20)
+    cuda = torch.cuda.is_available() and not a.dry
+    emit(phase="env", torch=torch.__version__, diffusers=diffusers.__version__,
+         gpu=torch.cuda.get_device_name(0) if cuda else "cpu",
+         date=time.strftime("%Y-%m-%d"), size=size, steps=steps)
+    cache = Path("/tmp/igcache-e2e")
+    if a.dry:
+        from diffusers import StableDiffusionXLPipeline
+
+        from inference.tiny import ensure_tiny
+
+        folder = ensure_tiny(cache) / "base"
+        pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+        device = ["--device", "cpu"]
+    else:
+        from bench import gpu_sdxl
+
+        folder = Path("/tmp/sdxl-rand")
+        t = time.perf_counter()
+        pipe = gpu_sdxl.build(torch.bfloat16)
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        pipe.save_pretrained(folder, safe_serialization=True)
+        emit(phase="build", seconds=round(time.perf_counter() - t, 1))
+        device = ["--device", "cuda"]
+    pipe.set_progress_bar_config(disable=True)
+    warm_flags = ["--warmup-sizes", f"{size}x{size},{size2}x{size2}", "--warmup-batch-sizes",
+                  "1,8", "--max-batch-images", "8"]
+
+    if "bare" in phases:
+        bare_time(pipe, 1, 2, size)
+        b1 = min(bare_time(pipe, 1, steps, size) for _ in range(2))
+        b8 = bare_time(pipe, 8, steps, size)
+        emit(phase="bare", mode="eager", b1_s=round(b1, 3), b8_s=round(b8, 3),
+             b8_img_s=round(8 / b8, 3))
+
+    bf16_images = []
+    if "served" in phases:
+        srv = Server("compiled", folder, 18601, [*device, "--compile", *warm_flags], cache)
+        ready = srv.wait_ready(a.ready_limit)
+        text = metrics_text(srv.base) if ready else ""
+        emit(phase="served", kind="ready_cold", ready_s=ready,
+             warmup_compiles=metric_sum(text, "imagegate_compiles_total", {"reason": "warmup"}),
+             compile_s=metric_sum(text, "imagegate_compile_seconds"),
+             warmup_s=metric_sum(text, "imagegate_warmup_seconds"))
+        if ready:
+            served_phase(srv, size, steps, "served")
+            b = asyncio.run(burst(srv.base, (size, size2), steps, (1, 2, 3, 5, 8)))
+            text = metrics_text(srv.base)
+            emit(phase="served", kind="burst", **b,
+                 request_compiles=metric_sum(text, "imagegate_compiles_total",
+                                             {"reason": "request"}))
+            bf16_images = asyncio.run(fixed_seed_images(srv.base, size, steps, (11, 12, 13, 14)))
+            (OUT / "metrics-compiled.txt").write_text(metrics_text(srv.base))
+        srv.stop()
+
+    if "warm" in phases:
+        srv = Server("warm", folder, 18602, [*device, "--compile", *warm_flags], cache)
+        ready = srv.wait_ready(a.ready_limit)
+        text = metrics_text(srv.base) if ready else ""
+        emit(phase="warm", kind="ready_warm", ready_s=ready,
+             compile_s=metric_sum(text, "imagegate_compile_seconds"),
+             warmup_s=metric_sum(text, "imagegate_warmup_seconds"))
+        srv.stop()
+
+    if "barec" in phases:
+        from inference.compile import CompileCache, CompileOptions, apply_compile
+
+        CompileCache(cache / "bare-compile").activate()
+        apply_compile(pipe, CompileOptions())
+        t = time.perf_counter()
+        for b in (1, 8):
+            bare_time(pipe, b, 2, size)
+        emit(phase="barec", compile_and_warm_s=round(time.perf_counter() - t, 1))
+        b1 = min(bare_time(pipe, 1, steps, size) for _ in range(3))
+        b8 = bare_time(pipe, 8, steps, size)
+        emit(phase="barec", mode="compiled", b1_s=round(b1, 3), b8_s=round(b8, 3),
+             b8_img_s=round(8 / b8, 3))
+    del pipe
+    if cuda:
+        torch.cuda.empty_cache()
+
+    if "fp8" in phases:
+        srv = Server("fp8", folder, 18603, [*device, "--compile", "--quantize", "fp8",
+                                            *warm_flags], cache)
+        ready = srv.wait_ready(a.ready_limit)
+        emit(phase="fp8", kind="ready", ready_s=ready)
+        if ready:
+            served_phase(srv, size, steps, "fp8", seq_n=3)
+            if bf16_images:
+                fp8_images = asyncio.run(fixed_seed_images(srv.base, size, steps,
+                                                           (11, 12, 13, 14)))
+                psnr, mad = quality(decode_images(bf16_images), decode_images(fp8_images))
+                emit(phase="fp8", kind="quality_vs_bf16", psnr_db=psnr, mean_abs_diff=mad,
+                     images=len(fp8_images))
+        else:
+            tail = (OUT / "server-fp8.log").read_text()[-1500:]
+            emit(phase="fp8", kind="failed", log_tail=tail)
+        srv.stop()
+    emit(phase="done")
+
+
+if __name__ == "__main__":
+    main()

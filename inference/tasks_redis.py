@@ -1,0 +1,285 @@
+"""The task store in Redis, shared by replicas (``--redis-url``).
+
+Same protocol as :class:`inference.tasks.SqliteTaskStore`. Keys, all under one prefix:
+
+- ``P:job:<id>``: the job (msgspec JSON); Redis deletes it an hour after ``expires_at``.
+- ``P:img:<id>:<i>``: result image bytes, same expiry as the job (images shared in Redis, so
+  any replica serves any job's result; no shared volume needed).
+- ``P:queued`` (sorted set by creation time), ``P:running`` (set), ``P:expiry`` (sorted set by
+  ``expires_at``), ``P:scope:<dialect>:<scope>`` (set): indexes; stale members are dropped
+  when read.
+- ``P:worker:<id>``: a replica's heartbeat, with a TTL. A running job whose worker's heartbeat
+  is gone is reclaimed by another replica (:func:`inference.tasks.reclaim_jobs`).
+
+Every status change is a compare-and-set (``WATCH``/``MULTI``), so two replicas never both
+start one queued job, and a late write from a dead replica cannot overwrite a re-claimed job.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import redis
+
+from inference.tasks import (
+    ACTIVE,
+    FINISHED,
+    INTERRUPTED_REASON,
+    MAX_REQUEUES,
+    QUEUED,
+    RUNNING,
+    Job,
+    StoredImage,
+    reclaim_jobs,
+)
+
+_EXT = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+# Job keys outlive expires_at a little so the sweeper still sees what to clean up.
+GRACE_S = 3600
+
+
+class RedisTaskStore:
+    """Jobs and their images in Redis under ``prefix``."""
+
+    shared = True
+
+    def __init__(self, url: str, prefix: str = "imagegate") -> None:
+        self.url = url
+        self.prefix = prefix.rstrip(":")
+        self._r: redis.Redis | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Connect (and check that Redis answers)."""
+        self._r = redis.Redis.from_url(self.url)
+        self._r.ping()
+
+    def close(self) -> None:
+        """Disconnect."""
+        if self._r is not None:
+            self._r.close()
+            self._r = None
+
+    @property
+    def r(self) -> redis.Redis:
+        """The connection."""
+        if self._r is None:
+            raise RuntimeError("task store is not open")
+        return self._r
+
+    def _k(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    def _scope_key(self, dialect: str, scope: str) -> str:
+        return self._k("scope", dialect, scope)
+
+    # -- jobs ------------------------------------------------------------------------------
+
+    def create(self, job: Job) -> None:
+        """Store a new job and index it."""
+        expire_ms = int((job.expires_at + GRACE_S) * 1000)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(self._k("job", job.id), msgspec.json.encode(job), pxat=expire_ms)
+        self._index(pipe, job, None)
+        pipe.sadd(self._scope_key(job.dialect, job.scope), job.id)
+        pipe.zadd(self._k("expiry"), {job.id: job.expires_at})
+        pipe.execute()
+
+    def _index(self, pipe: Any, job: Job, old_status: str | None) -> None:
+        if old_status == job.status:
+            return
+        if old_status == QUEUED:
+            pipe.zrem(self._k("queued"), job.id)
+        elif old_status == RUNNING:
+            pipe.srem(self._k("running"), job.id)
+        if job.status == QUEUED:
+            pipe.zadd(self._k("queued"), {job.id: job.created_at})
+        elif job.status == RUNNING:
+            pipe.sadd(self._k("running"), job.id)
+
+    def _load(self, raw: bytes | None) -> Job | None:
+        return None if raw is None else msgspec.json.decode(raw, type=Job)
+
+    def get(self, job_id: str, now: float | None = None) -> Job | None:
+        """The job, or ``None`` when unknown or expired."""
+        job = self._load(self.r.get(self._k("job", job_id)))
+        if job is None or job.expires_at <= (time.time() if now is None else now):
+            return None
+        return job
+
+    def update(self, job_id: str, expect: Sequence[str] | None = None, *,
+               owner: str | None = None, **changes: Any) -> Job | None:
+        """Compare-and-set: apply ``changes`` if status (and worker) match."""
+        key = self._k("job", job_id)
+        with self.r.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    job = self._load(pipe.get(key))
+                    if job is None or (expect is not None and job.status not in expect) or \
+                            (owner is not None and job.worker_id != owner):
+                        pipe.unwatch()
+                        return None
+                    new = msgspec.structs.replace(job, **changes)
+                    pipe.multi()
+                    pipe.set(key, msgspec.json.encode(new), keepttl=True)
+                    self._index(pipe, new, job.status)
+                    pipe.execute()
+                    return new
+                except redis.WatchError:
+                    continue
+
+    def _jobs(self, ids: Sequence[bytes | str]) -> list[tuple[str, Job | None]]:
+        names = [i.decode() if isinstance(i, bytes) else i for i in ids]
+        if not names:
+            return []
+        raws = self.r.mget([self._k("job", i) for i in names])
+        return [(name, self._load(raw)) for name, raw in zip(names, raws, strict=True)]
+
+    def queued(self, limit: int) -> list[Job]:
+        """The oldest queued, unexpired jobs, oldest first."""
+        now = time.time()
+        out: list[Job] = []
+        for job_id, job in self._jobs(self.r.zrange(self._k("queued"), 0, max(0, limit * 2))):
+            if job is None or job.status != QUEUED:
+                self.r.zrem(self._k("queued"), job_id)  # stale index entry
+            elif job.expires_at > now:
+                out.append(job)
+        return out[:limit]
+
+    def count(self, statuses: Sequence[str], dialect: str | None = None,
+              scope: str | None = None) -> int:
+        """How many unexpired jobs are in ``statuses``."""
+        if dialect is None and scope is None and tuple(statuses) == (QUEUED,):
+            return int(self.r.zcard(self._k("queued")))
+        if dialect is not None and scope is not None:
+            ids = list(self.r.smembers(self._scope_key(dialect, scope)))
+        else:
+            ids = list(self.r.zrange(self._k("queued"), 0, -1)) + \
+                list(self.r.smembers(self._k("running")))
+        now = time.time()
+        return sum(1 for _, job in self._jobs(ids)
+                   if job is not None and job.status in statuses and job.expires_at > now
+                   and (dialect is None or job.dialect == dialect))
+
+    def stats(self, dialect: str, scope: str) -> dict[str, int]:
+        """Counts by status, plus ``retried``."""
+        out = dict.fromkeys((*ACTIVE, *FINISHED), 0)
+        out["retried"] = 0
+        now = time.time()
+        key = self._scope_key(dialect, scope)
+        for job_id, job in self._jobs(list(self.r.smembers(key))):
+            if job is None:
+                self.r.srem(key, job_id)
+                continue
+            if job.expires_at <= now:
+                continue
+            out[job.status] += 1
+            out["retried"] += 1 if job.retries > 0 else 0
+        return out
+
+    def purge_queued(self, dialect: str, scope: str) -> list[str]:
+        """Delete the queued jobs of one dialect and scope; return their ids."""
+        removed = []
+        for job_id, job in self._jobs(list(self.r.smembers(self._scope_key(dialect, scope)))):
+            if job is not None and job.status == QUEUED and self._delete_if_queued(job_id):
+                removed.append(job_id)
+        return removed
+
+    def _delete_if_queued(self, job_id: str) -> bool:
+        key = self._k("job", job_id)
+        with self.r.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    job = self._load(pipe.get(key))
+                    if job is None or job.status != QUEUED:
+                        pipe.unwatch()
+                        return False
+                    pipe.multi()
+                    self._unlink(pipe, job)
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue
+
+    def _unlink(self, pipe: Any, job: Job) -> None:
+        pipe.delete(self._k("job", job.id))
+        for i in range(len(job.result.images) if job.result else 0):
+            pipe.delete(self._k("img", job.id, str(i)))
+        pipe.zrem(self._k("queued"), job.id)
+        pipe.srem(self._k("running"), job.id)
+        pipe.zrem(self._k("expiry"), job.id)
+        pipe.srem(self._scope_key(job.dialect, job.scope), job.id)
+
+    # -- replicas --------------------------------------------------------------------------
+
+    def heartbeat(self, worker_id: str, ttl_s: float) -> None:
+        """Mark ``worker_id`` alive for ``ttl_s`` more seconds."""
+        self.r.set(self._k("worker", worker_id), b"1", px=max(1, int(ttl_s * 1000)))
+
+    def worker_alive(self, worker_id: str | None) -> bool:
+        """Whether ``worker_id``'s heartbeat is still there."""
+        return worker_id is not None and bool(self.r.exists(self._k("worker", worker_id)))
+
+    def reclaim(self, max_requeues: int = MAX_REQUEUES, reason: str = INTERRUPTED_REASON
+                ) -> tuple[int, int]:
+        """Running jobs of replicas whose heartbeat is gone: re-queue once, then fail."""
+        running = []
+        for job_id, job in self._jobs(list(self.r.smembers(self._k("running")))):
+            if job is None or job.status != RUNNING:
+                self.r.srem(self._k("running"), job_id)
+            else:
+                running.append(job)
+        return reclaim_jobs(self, running, max_requeues, reason)
+
+    # -- results ---------------------------------------------------------------------------
+
+    def save_images(self, job_id: str, images: Sequence[tuple[bytes, str, int, int, int]]
+                    ) -> list[StoredImage]:
+        """Store result images next to the job, expiring with it."""
+        job = self.get(job_id)
+        expires = (job.expires_at if job else time.time() + GRACE_S) + GRACE_S
+        pipe = self.r.pipeline(transaction=False)
+        stored = []
+        for i, (data, media_type, seed, width, height) in enumerate(images):
+            pipe.set(self._k("img", job_id, str(i)), data, pxat=int(expires * 1000))
+            stored.append(StoredImage(file=f"{i}.{_EXT.get(media_type, 'png')}",
+                                      media_type=media_type, seed=seed, width=width,
+                                      height=height))
+        pipe.execute()
+        return stored
+
+    def read_image(self, job_id: str, image: StoredImage) -> bytes:
+        """The bytes of one stored result image."""
+        index = image.file.split(".", 1)[0]
+        data = self.r.get(self._k("img", job_id, index))
+        if data is None:
+            raise FileNotFoundError(f"result image {image.file} of job {job_id} is gone")
+        return data
+
+    def expired(self, now: float | None = None) -> list[Job]:
+        """Jobs whose ``expires_at`` has passed."""
+        ids = self.r.zrangebyscore(self._k("expiry"), "-inf", time.time() if now is None else now)
+        out = []
+        for job_id, job in self._jobs(list(ids)):
+            if job is None:
+                self.r.zrem(self._k("expiry"), job_id)
+            else:
+                out.append(job)
+        return out
+
+    def delete(self, job_id: str) -> None:
+        """Remove a job, its images and its index entries."""
+        job = self._load(self.r.get(self._k("job", job_id)))
+        pipe = self.r.pipeline(transaction=True)
+        if job is not None:
+            self._unlink(pipe, job)
+        else:
+            pipe.delete(self._k("job", job_id))
+            pipe.zrem(self._k("expiry"), job_id)
+        pipe.execute()
