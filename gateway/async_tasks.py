@@ -41,6 +41,7 @@ from gateway.errors import ApiError, failure_from, invalid
 from gateway.fetch import AllowList, FetchPolicy, FetchRefused, resolve_checked
 from gateway.webhooks import WebhookSender
 from inference import EngineState, GenerationRequest
+from inference.errors import InvalidRequest
 from inference.tasks import COMPLETED, QUEUED, Job, StoredImage
 
 # Bounds on what a client may ask of a job's lifetime (vendors use ms or s; these are seconds).
@@ -100,6 +101,26 @@ class TaskService:
             raise ApiError("overload", f"too many queued jobs ({waiting}); retry shortly",
                            retry_after=1.0)
         self.ctx.admit(principal)
+
+    def check_request(self, request: GenerationRequest, field_names: dict[str, str]) -> None:
+        """Run the engine's own checks at submission, so a bad request is a 400, not a failed job.
+
+        ``field_names`` maps canonical fields to the dialect's; the message gains the wire
+        field's name when the engine's text does not already say it. Skipped while the model
+        loads (the engine checks again when the job runs).
+        """
+        engine = self.ctx.engine
+        if engine.info is None:
+            return
+        try:
+            engine.prepare(request)
+        except InvalidRequest as exc:
+            field = field_names.get(exc.field or "", exc.field)
+            canonical = exc.field or ""
+            if field and field not in exc.message and not (
+                    canonical and exc.message.startswith(canonical)):
+                raise invalid(f"{field}: {exc.message}", field=field) from None
+            raise
 
     async def check_webhook(self, url: str, field: str = "webhook") -> None:
         """400 naming ``field`` unless ``url`` passes the SSRF rules for webhooks."""

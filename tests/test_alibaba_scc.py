@@ -18,7 +18,7 @@ from PIL import Image
 from gateway.jobs import job_store
 from inference import GenerationRequest
 from inference.request import ControlUnit
-from inference.tasks import RUNNING, Job
+from inference.tasks import QUEUED, RUNNING, Job
 from tests import fakes, serving
 
 KEY = "test-key"
@@ -191,20 +191,23 @@ def test_tasks_are_private_to_their_key(tmp_path: Any) -> None:
 
 
 def test_tasks_survive_a_restart(tmp_path: Any) -> None:
-    """A finished task is still served after a restart; one cut off by it reports failed."""
+    """Nothing accepted is lost: a finished task is still served after a restart, a queued one
+    runs, and one cut off while running runs again."""
     factory = fakes.engine_factory(fakes.FakeRunner())
     with serving.live_server(tmp_path, engine_factory=factory) as live:
         task = httpx.post(f"{live.url}/scc/sd_txt2img", json={"prompt": "x", **SMALL}
                           ).json()["data"]["taskId"]
         done = wait_result(live, task)["data"]
         assert done["status"] == "succeeded"
+    # Tasks the first server left queued and running (written as a crash would leave them).
     store = job_store(tmp_path / "data")
     store.open()
     now = time.time()
     request = msgspec.json.encode(GenerationRequest(prompt="x", width=64, height=64)).decode()
-    store.create(Job(id="cut-off", dialect="alibaba", scope="anonymous", status=RUNNING,
-                     payload={"request": request, "parameters": {}}, created_at=now,
-                     expires_at=now + 3600))
+    for name, status in (("left-queued", QUEUED), ("cut-off", RUNNING)):
+        store.create(Job(id=name, dialect="alibaba", scope="anonymous", status=status,
+                         payload={"request": request, "parameters": {}}, created_at=now,
+                         expires_at=now + 3600, worker_id="dead-server"))
     store.close()
     with serving.live_server(tmp_path, engine_factory=fakes.engine_factory(fakes.FakeRunner())
                              ) as live:
@@ -212,5 +215,35 @@ def test_tasks_survive_a_restart(tmp_path: Any) -> None:
         assert again["status"] == "succeeded"
         assert again["info"]["all_seeds"] == done["info"]["all_seeds"]
         assert httpx.get(again["images"][0]).status_code == 200
-        cut = wait_result(live, "cut-off")["data"]
-        assert cut["status"] == "failed" and "restarted" in cut["errorMessage"]
+        for name in ("left-queued", "cut-off"):
+            body = wait_result(live, name)["data"]
+            assert body["status"] == "succeeded", (name, body)
+            assert len(body["images"]) == 1
+
+
+def square_b64() -> str:
+    """A grey square on black: clear edges for the canny preprocessor."""
+    img = Image.new("RGB", (64, 64), (0, 0, 0))
+    img.paste((180, 180, 180), (16, 16, 48, 48))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_controlnet_end_to_end_on_tiny(scc: serving.LiveServer) -> None:
+    """tiny-sdxl serves a tiny canny ControlNet: a unit changes the image; other kinds are
+    refused at submission, listing what is served."""
+    base = {"prompt": "a house", "seed": 3, **SMALL}
+    unit = {"module": "canny", "model": "diffusers_xl_canny_mid", "input_image": square_b64()}
+    outputs = []
+    for extra in ({}, {"alwayson_scripts": {"controlnet": {"units": [unit]}}}):
+        r = submit(scc, {**base, **extra})
+        assert r.status_code == 200, r.text
+        data = wait_result(scc, r.json()["data"]["taskId"])["data"]
+        assert data["status"] == "succeeded", data
+        outputs.append(httpx.get(data["images"][0]).content)
+    assert outputs[0] != outputs[1], "the ControlNet unit did not change the image"
+    r = submit(scc, {**base, "alwayson_scripts": {"controlnet": {"units": [
+        {**unit, "module": "depth_midas", "model": "diffusers_xl_depth_mid"}]}}})
+    assert r.status_code == 400, r.text
+    assert "canny" in r.json()["message"]

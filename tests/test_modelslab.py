@@ -230,6 +230,20 @@ def test_processing_when_the_job_outlasts_the_wait(tmp_path: Any) -> None:
         assert got["status"] == "success" and len(got["output"]) == 1
 
 
+def test_lora_end_to_end_on_tiny(ml: serving.LiveServer) -> None:
+    """tiny-sdxl's LoRA folder holds tiny-lora: it changes the image; unknown names are a 400."""
+    base = {"key": KEY, "prompt": "a cat", "seed": 9, **SMALL}
+    plain = post(ml, "/api/v6/images/text2img", base).json()
+    styled = post(ml, "/api/v6/images/text2img",
+                  {**base, "lora_model": "tiny-lora", "lora_strength": "1"}).json()
+    assert plain["status"] == styled["status"] == "success", (plain, styled)
+    assert styled["meta"]["lora"] == "tiny-lora"
+    assert httpx.get(plain["output"][0]).content != httpx.get(styled["output"][0]).content
+    r = post(ml, "/api/v6/images/text2img", {**base, "lora_model": "no-such-lora"})
+    assert r.status_code == 400, r.text
+    assert "no-such-lora" in r.json()["message"] and "tiny-lora" in r.json()["message"]
+
+
 # -- translation (no server) -----------------------------------------------------------------
 
 

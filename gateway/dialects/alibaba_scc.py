@@ -286,10 +286,7 @@ class AlibabaSccDialect(AsyncTaskDialect):
         principal = self._principal(request)
         body = decode_json(await request.body(), schema)
         canonical = await self.to_canonical(body)
-        engine = self.ctx.engine
-        if engine.info is not None:
-            # The engine's own checks (sizes, steps, sampler, ControlNet kinds) now, as a 400.
-            engine.prepare(canonical)
+        self.tasks.check_request(canonical, self.field_names)
         n = canonical.n
         job = await self.tasks.submit(
             principal, scope=principal.id, images=n,

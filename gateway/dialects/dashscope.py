@@ -230,8 +230,7 @@ class DashScopeDialect(AsyncTaskDialect):
                           field="task")
         body = decode_json(await request.body(), SynthesisRequest)
         canonical = self.to_canonical(body)
-        if self.ctx.engine.info is not None:
-            self.ctx.engine.prepare(canonical)
+        self.tasks.check_request(canonical, self.field_names)
         job = await self.tasks.submit(
             principal, scope=principal.id, images=canonical.n,
             payload={"request": msgspec.json.encode(canonical).decode()},

@@ -321,8 +321,7 @@ class ModelsLabDialect(AsyncTaskDialect):
         principal = self._principal(key if isinstance(key, str) else None)
         body = convert(normalise(raw), Text2ImgRequest)
         canonical = self.to_canonical(body)
-        if self.ctx.engine.info is not None:
-            self.ctx.engine.prepare(canonical)
+        self.tasks.check_request(canonical, self.field_names)
         base = self.ctx.public_base_url(request)
         fetch_base = SUBMIT_PATHS.get(request.url.path.rstrip("/"), "/api/v6/images/fetch")
         job = await self.tasks.submit(
