@@ -173,11 +173,12 @@ class TaskService:
         job = self.store.get(job_id)
         if job is None or job.dialect != self.dialect or job.scope != scope:
             raise ApiError("not_found", f"job {job_id} not found (unknown or expired)")
-        return job
+        return self.jobs.view(job)
 
     async def wait(self, job_id: str, timeout_s: float) -> Job | None:
         """Wait up to ``timeout_s`` for the job to be final; its state then (``None``: expired)."""
-        return await self.jobs.wait(job_id, timeout_s)
+        job = await self.jobs.wait(job_id, timeout_s)
+        return self.jobs.view(job) if job is not None else None
 
     def cancel(self, job_id: str) -> Job | None:
         """Cancel a queued or running job; a final one comes back unchanged."""

@@ -18,9 +18,12 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+import msgspec
+
 from gateway import datadir
 from inference import Engine, EngineState, GenerationRequest, GenerationResult
 from inference import errors as ie
+from inference.progress import Progress
 from inference.tasks import (
     CANCELLED,
     COMPLETED,
@@ -86,6 +89,8 @@ class JobRunner:
         self.on_success = on_success
         self.handlers: dict[str, JobHandler] = {}
         self._active: dict[str, asyncio.Task[None]] = {}
+        # Active jobs whose images have started on the engine (the rest wait in its queue).
+        self._engine_started: set[str] = set()
         self._done: dict[str, asyncio.Event] = {}
         self._cancelling: set[str] = set()
         self._wake: asyncio.Event | None = None
@@ -223,12 +228,34 @@ class JobRunner:
             self._kick()
         return job
 
+    def view(self, job: Job) -> Job:
+        """``job`` as clients should see it.
+
+        A job handed to this server's engine but not started there yet is still queued: it is
+        waiting, and purge treats it as queued.
+        """
+        if job.status == RUNNING and self._waiting_for_engine(job.id):
+            return msgspec.structs.replace(job, status=QUEUED, started_at=None)
+        return job
+
+    def _waiting_for_engine(self, job_id: str) -> bool:
+        return job_id in self._active and job_id not in self._engine_started
+
     def purge(self, dialect: str, scope: str) -> int:
-        """Remove the queued jobs of one dialect and scope; return how many."""
+        """Remove the queued jobs of one dialect and scope; return how many.
+
+        Jobs already handed to the engine but still waiting in its queue count as queued.
+        """
         ids = self.store.purge_queued(dialect, scope)
         for job_id in ids:
             self._release(job_id)
-        return len(ids)
+        waiting = 0
+        for job_id in [j for j in self._active if self._waiting_for_engine(j)]:
+            job = self.store.get(job_id)
+            if (job is not None and job.dialect == dialect and job.scope == scope
+                    and self.cancel(job_id) is not None):
+                waiting += 1
+        return len(ids) + waiting
 
     # -- internals -------------------------------------------------------------------------
 
@@ -271,7 +298,7 @@ class JobRunner:
             try:
                 async with asyncio.timeout(job.execution_timeout_s):
                     request = await handler.prepare(job)
-                    result = await self._generate(request)
+                    result = await self._generate(request, job.id)
             except TimeoutError:
                 changes = {"status": TIMED_OUT, "error": (
                     f"the job did not finish within its execution timeout of "
@@ -332,13 +359,21 @@ class JobRunner:
             except Exception:
                 logger.exception("job finish hook failed")
 
-    async def _generate(self, request: GenerationRequest) -> GenerationResult:
+    async def _generate(self, request: GenerationRequest, job_id: str) -> GenerationResult:
         """``engine.generate``, waiting (not failing) while the engine's queue is full."""
-        while True:
-            try:
-                return await self.engine.generate(request)
-            except ie.QueueFull as exc:
-                await asyncio.sleep(min(max(exc.retry_after, 0.1), 1.0))
+
+        def on_progress(progress: Progress) -> None:
+            if progress.started:
+                self._engine_started.add(job_id)
+
+        try:
+            while True:
+                try:
+                    return await self.engine.generate(request, on_progress=on_progress)
+                except ie.QueueFull as exc:
+                    await asyncio.sleep(min(max(exc.retry_after, 0.1), 1.0))
+        finally:
+            self._engine_started.discard(job_id)
 
     async def _watch(self) -> None:
         """Shared stores: heartbeat, reclaim dead servers' jobs, stop jobs cancelled elsewhere."""

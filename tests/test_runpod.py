@@ -446,6 +446,29 @@ def test_cancel_runsync_timeout_purge_and_429(tmp_path: Any, monkeypatch: pytest
         assert health["jobs"]["inQueue"] == 0 and health["jobs"]["inProgress"] == 0
 
 
+def test_job_waiting_in_the_engine_queue_is_in_queue_and_purgeable(tmp_path: Any) -> None:
+    runner = SlowRunner()
+    with serving.live_server(tmp_path, engine_factory=slow_factory(runner), job_concurrency=4,
+                             max_batch_images=1) as live:
+        runner.delay = 10.0
+        url = f"{live.url}/v2/ep"
+        inp = {"prompt": "x", "width": 64, "height": 64, "refiner_inference_steps": 4}
+        running = httpx.post(f"{url}/run", json={"input": inp}, timeout=120).json()
+        assert wait_status(live, running["id"], ("IN_PROGRESS",))["status"] == "IN_PROGRESS"
+        waiting = httpx.post(f"{url}/run", json={"input": inp}, timeout=120).json()
+        # Handed to the engine (job concurrency 4) but behind the running batch: IN_QUEUE.
+        deadline = time.monotonic() + 60
+        while live.app.state.ctx.jobs.running < 2:
+            assert time.monotonic() < deadline, "the second job never reached the engine"
+            time.sleep(0.05)
+        body = httpx.get(f"{url}/status/{waiting['id']}", timeout=120).json()
+        assert body["status"] == "IN_QUEUE"
+        purged = httpx.post(f"{url}/purge-queue", timeout=120).json()
+        assert purged == {"removed": 1, "status": "completed"}
+        assert wait_status(live, waiting["id"], ("CANCELLED",))["status"] == "CANCELLED"
+        httpx.post(f"{url}/cancel/{running['id']}", timeout=120)
+
+
 def test_restart_runs_queued_and_requeues_interrupted_jobs(tmp_path: Any) -> None:
     runner = SlowRunner()
     inp = {"prompt": "x", "width": 64, "height": 64, "refiner_inference_steps": 4}
