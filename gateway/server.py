@@ -17,6 +17,7 @@ import uvicorn
 from litestar import Litestar
 
 from gateway.settings import Settings
+from inference import EngineState
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,12 @@ class DrainingServer(uvicorn.Server):
         self._drain_timeout = drain_timeout
         self._draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def on_tick(self, counter: int) -> bool:
+        """Also stop when the model failed to load, so an orchestrator restarts the process."""
+        if self._app.state.ctx.engine.state is EngineState.FAILED:
+            return True
+        return await super().on_tick(counter)
 
     async def serve(self, sockets=None) -> None:  # noqa: ANN001 - uvicorn's signature
         """Remember the loop so the signal handler can schedule the drain on it."""
@@ -69,7 +76,11 @@ def run(settings: Settings, app: Litestar) -> None:
         port=settings.port,
         log_config=None,
         access_log=False,
+        server_header=False,
         timeout_graceful_shutdown=5,
         lifespan="on",
     )
     DrainingServer(config, app, settings.drain_timeout_s).run()
+    if app.state.ctx.engine.state is EngineState.FAILED:
+        logger.error("exiting: the model failed to load (%s)", app.state.ctx.engine.error)
+        raise SystemExit(3)
