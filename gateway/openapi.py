@@ -3,7 +3,7 @@
 Built from the route handlers themselves: every registered path and method appears; each
 handler's ``opt`` adds what is known about it (``summary``, ``dialect``, ``schema_in`` /
 ``media_in`` for the body, ``query_in`` for query parameters, ``schema_out`` / ``media_out`` for
-the success body). Schemas come from the msgspec Structs by msgspec's JSON-schema generator, so
+the success body, ``error_schema`` for a route whose errors differ from its dialect's). Schemas come from the msgspec Structs by msgspec's JSON-schema generator, so
 the document says exactly what the server decodes and encodes. Each dialect's error envelope is
 declared too (``Dialect.error_schema``), at the status codes it uses.
 """
@@ -43,7 +43,7 @@ def build_document(handlers: Iterable[Any], errors: dict[str, ErrorSpec],
     types: list[Any] = []
     for h in handlers:
         opt = getattr(h, "opt", None) or {}
-        for key in ("schema_in", "schema_out", "query_in"):
+        for key in ("schema_in", "schema_out", "query_in", "error_schema"):
             if opt.get(key) is not None:
                 types.append(opt[key])
     for spec in errors.values():
@@ -118,7 +118,8 @@ def _operation(h: Any, opt: dict[str, Any], dialect: str, params: list[dict[str,
         op["requestBody"] = {"required": True,
                              "content": {media: {"schema": ref_of[opt["schema_in"]]}}}
     ok: dict[str, Any] = {"description": "success"}
-    spec = errors.get(dialect) or errors.get("default")
+    # Routes outside every dialect (core, admin) answer errors in the fallback's envelope.
+    spec = errors.get(dialect) or (errors.get("default") if dialect in ("core", "admin") else None)
     if opt.get("schema_out") is not None:
         schema: dict[str, Any] = ref_of[opt["schema_out"]]
         if spec is not None and spec.in_200:
@@ -129,8 +130,14 @@ def _operation(h: Any, opt: dict[str, Any], dialect: str, params: list[dict[str,
                                                        "format": "binary"}}}
     responses: dict[str, Any] = {"200": ok}
     if spec is not None:
+        error = ref_of[spec.schema]
+        if opt.get("error_schema") is not None:  # a route with its own error body (OAuth)
+            error = {"oneOf": [ref_of[opt["error_schema"]], error]}
         responses["default"] = {"description": "error, in this API's envelope",
-                                "content": {"application/json": {"schema": ref_of[spec.schema]}}}
+                                "content": {"application/json": {"schema": error}}}
+    else:  # a dialect that does not describe its envelope yet: a JSON object, at least
+        responses["default"] = {"description": "error, in this API's envelope",
+                                "content": {"application/json": {"schema": {"type": "object"}}}}
     op["responses"] = responses
     if dialect in ("openai", "admin"):
         op["security"] = [{"bearer": []}, {}]

@@ -189,6 +189,7 @@ class BaiduDialect(Dialect):
 
         @route(TOKEN_PATH, http_method=["GET", "POST"], status_code=200,
                opt={**opt, "query_in": TokenQuery, "schema_out": TokenResponse,
+                    "error_schema": TokenError,
                     "summary": "OAuth client-credentials token (Baidu API Key + Secret Key)"})
         async def token(request: Request) -> Response:
             return await self.token(request)
