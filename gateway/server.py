@@ -30,11 +30,13 @@ class DrainingServer(uvicorn.Server):
         self._app = app
         self._drain_timeout = drain_timeout
         self._draining = False
+        self.model_failed = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def on_tick(self, counter: int) -> bool:
         """Also stop when the model failed to load, so an orchestrator restarts the process."""
         if self._app.state.ctx.engine.state is EngineState.FAILED:
+            self.model_failed = True
             return True
         return await super().on_tick(counter)
 
@@ -80,7 +82,9 @@ def run(settings: Settings, app: Litestar) -> None:
         timeout_graceful_shutdown=5,
         lifespan="on",
     )
-    DrainingServer(config, app, settings.drain_timeout_s).run()
-    if app.state.ctx.engine.state is EngineState.FAILED:
-        logger.error("exiting: the model failed to load (%s)", app.state.ctx.engine.error)
+    server = DrainingServer(config, app, settings.drain_timeout_s)
+    server.run()
+    if server.model_failed:
+        logger.error("exiting with status 3: the model failed to load (%s)",
+                     app.state.ctx.engine.error)
         raise SystemExit(3)
