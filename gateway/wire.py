@@ -48,7 +48,8 @@ def decode_json(body: bytes, type_: type[T]) -> T:
         try:
             return msgspec.json.decode(body, type=type_)
         except msgspec.ValidationError as exc:
-            if "Expected `int`, got `float`" not in str(exc):
+            text = str(exc)
+            if not ("Expected `int" in text and "got `float`" in text):
                 raise
             # Only on this error path: decode untyped, turn whole floats into ints, convert.
             return msgspec.convert(_whole_floats_to_int(msgspec.json.decode(body)), type_)
