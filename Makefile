@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.imagegate-installed
 
-.PHONY: setup serve test lint bench bench-gpu clean image
+.PHONY: setup serve test lint bench bench-gpu fuzz clean image
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,7 +26,9 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+# The overhead benchmark drives the server with wrk (apt-get install wrk).
 bench: $(STAMP)
+	@command -v wrk >/dev/null 2>&1 || { echo "make bench needs wrk on PATH (e.g. apt-get install wrk)" >&2; exit 2; }
 	$(PY) -m bench.run $(ARGS)
 
 # Full-size SDXL (random weights) on a CUDA GPU: bare vs served, compile, FP8 (bench/gpu_e2e.py).
@@ -43,6 +45,12 @@ image:
 	@docker info >/dev/null 2>&1 || { echo "make image: no running docker daemon (docker info failed); start Docker and run make image again." >&2; exit 1; }
 	docker build -f Dockerfile -t $(IMAGE):$(IMAGE_TAG) .
 	docker build -f Dockerfile.cpu -t $(IMAGE):$(IMAGE_TAG)-cpu .
+
+# schemathesis against the served /openapi.json, fake runner: FUZZ_EXAMPLES cases per operation
+# (every dialect has 3 or more operations, so >= 1,000 cases per dialect by default).
+FUZZ_EXAMPLES ?= 400
+fuzz: $(STAMP)
+	$(PY) -m tests.fuzz --max-examples $(FUZZ_EXAMPLES) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 from pathlib import Path
 
 import msgspec
+
+logger = logging.getLogger(__name__)
+
+
+class KeysFileError(ValueError):
+    """A keys file is missing (where one was named) or cannot be read; the message names it."""
 
 
 def sha256_hex(secret: str) -> str:
@@ -61,11 +68,24 @@ class Principal(msgspec.Struct, frozen=True, kw_only=True):
 ANONYMOUS = Principal(id="anonymous", admin=False)
 
 
-def load_keys_file(path: Path) -> KeysFile:
-    """Read a keys file; a missing file is an empty one."""
-    if not path.exists():
-        return KeysFile()
-    return msgspec.json.decode(path.read_bytes(), type=KeysFile)
+def load_keys_file(path: Path, *, missing_ok: bool = True) -> KeysFile:
+    """Read a keys file; a missing file is an empty one unless ``missing_ok`` is false.
+
+    Raises :class:`KeysFileError` naming the file when it cannot be read or parsed.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        if missing_ok:
+            return KeysFile()
+        raise KeysFileError(f"keys file {path} does not exist (create it with "
+                            f"`imagegate keys create --keys-file {path} --id NAME`)") from None
+    except OSError as exc:
+        raise KeysFileError(f"keys file {path} cannot be read: {exc.strerror}") from None
+    try:
+        return msgspec.json.decode(data, type=KeysFile)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise KeysFileError(f"keys file {path} is not a valid keys file: {exc}") from None
 
 
 def save_keys_file(path: Path, keys: KeysFile) -> None:
@@ -101,7 +121,8 @@ class KeyStore:
         ]
         fixed = list(clients)
         if keys_file is not None:
-            clients.extend(load_keys_file(keys_file).clients)
+            # A named file that is missing must not quietly leave the server open.
+            clients.extend(load_keys_file(keys_file, missing_ok=False).clients)
         return cls(clients, keys_file=keys_file, fixed=fixed)
 
     def _refresh(self) -> None:
@@ -112,9 +133,12 @@ class KeyStore:
             return
         self._mtime = mtime
         try:
-            clients = self._fixed + load_keys_file(self._keys_file).clients
-        except (OSError, msgspec.DecodeError):
-            return  # keep the last good set while the file is being rewritten
+            clients = self._fixed + load_keys_file(self._keys_file, missing_ok=False).clients
+        except KeysFileError as exc:
+            # Keep the last good set: a broken edit must neither open the server nor lock
+            # everyone out. Logged once per change of the file.
+            logger.error("%s; still using the %d client(s) loaded before", exc, len(self._all))
+            return
         self._all = clients
         self._clients = [c for c in clients if not c.revoked]
 

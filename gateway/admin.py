@@ -13,6 +13,13 @@ from gateway.errors import ApiError, invalid
 from gateway.wire import json_response
 
 
+class UsageQuery(msgspec.Struct, kw_only=True):
+    """``GET /admin/usage`` query parameters."""
+
+    client: str | None = None
+    since: str | None = None
+
+
 class UsageList(msgspec.Struct, kw_only=True):
     """``GET /admin/usage``."""
 
@@ -23,9 +30,14 @@ class UsageList(msgspec.Struct, kw_only=True):
 def admin_handlers(ctx: GatewayContext) -> list[Any]:
     """``GET /admin/usage[?client=ID&since=YYYY-MM-DD]`` for clients with the admin flag."""
 
-    @get("/admin/usage", opt={"dialect": "admin"})
+    @get("/admin/usage", opt={"dialect": "admin", "query_in": UsageQuery,
+                              "schema_out": UsageList,
+                              "summary": "The usage ledger, per client and UTC day (admin keys)"})
     async def usage(request: Request) -> Response:
-        """The usage ledger, per client and UTC day."""
+        """The usage ledger, per client and UTC day.
+
+        Admin access is its own right: an admin key may read it whatever API scopes it has.
+        """
         principal = ctx.authenticate_key(bearer_token(request), scope=None)
         if ctx.keys.enabled and not principal.admin:
             raise ApiError("forbidden", "only admin clients may read the usage ledger")

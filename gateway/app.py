@@ -5,26 +5,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from litestar import Litestar, Request, Response, get
+import msgspec
+from litestar import Litestar, Request, Response, get, route
 from litestar.datastructures import MutableScopeHeaders
+from litestar.exceptions import HTTPException
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from auth.keys import KeyStore
+from gateway import access_log
 from gateway.admin import admin_handlers
-from gateway.context import GatewayContext
+from gateway.context import GatewayContext, bearer_token
 from gateway.dialects import discover
 from gateway.dialects.base import Dialect
 from gateway.disconnect import ClientDisconnected
-from gateway.errors import ApiError, failure_from
+from gateway.errors import ApiError, Failure, failure_from
 from gateway.jobs import JobRunner
 from gateway.media import MediaStore
+from gateway.openapi import ErrorSpec, openapi_handlers
 from gateway.replicas import build_stores
 from gateway.settings import Settings
+from gateway.wire import json_response
 from inference import Engine, EngineState
 from observability.metrics import Metrics
 
@@ -57,8 +63,12 @@ class DialectRouter:
         return self.by_name.get(name) or self.for_path(scope["path"])
 
 
-def _metrics_middleware(metrics: Metrics, router: DialectRouter) -> Any:
-    """Count requests by route template, dialect and status; time them; echo X-Request-Id."""
+def _request_middleware(metrics: Metrics, router: DialectRouter) -> Any:
+    """The per-request middleware: request id, nosniff, metrics and the access line.
+
+    It echoes (or makes) X-Request-Id, adds X-Content-Type-Options: nosniff, counts and times
+    the request by route template and dialect, and logs one access line.
+    """
 
     def factory(app: ASGIApp) -> ASGIApp:
         async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
@@ -68,30 +78,50 @@ def _metrics_middleware(metrics: Metrics, router: DialectRouter) -> Any:
             started = time.perf_counter()
             status = [500]
             incoming = dict(scope["headers"]).get(b"x-request-id")
-            request_id = incoming.decode("latin-1")[:128] if incoming else uuid.uuid4().hex
+            request_id = _clean_request_id(incoming) or uuid.uuid4().hex
+            log = access_log.RequestLog(request_id=request_id, method=scope["method"],
+                                        path=scope["path"])
+            token = access_log.begin(log)
 
             async def wrapped_send(message: Message) -> None:
                 if message["type"] == "http.response.start":
                     status[0] = message["status"]
-                    MutableScopeHeaders.from_message(message)["x-request-id"] = request_id
+                    headers = MutableScopeHeaders.from_message(message)
+                    headers["x-request-id"] = request_id
+                    headers["x-content-type-options"] = "nosniff"
                 await send(message)
 
             try:
                 await app(scope, receive, wrapped_send)
             finally:
+                access_log.end(token)
                 handler = scope.get("route_handler")
                 opt = getattr(handler, "opt", None) or {}
                 dialect = opt.get("dialect") or router.for_path(scope["path"]).name
                 route = scope.get("path_template") or "unmatched"
+                seconds = time.perf_counter() - started
                 if route != "/metrics":
                     metrics.requests.labels(route, dialect, str(status[0])).inc()
                     kind = opt.get("kind", "other")
-                    metrics.request_latency.labels(dialect, kind).observe(
-                        time.perf_counter() - started)
+                    metrics.request_latency.labels(dialect, kind).observe(seconds)
+                log.line(dialect=dialect, route=route, status=status[0], seconds=seconds)
 
         return middleware
 
     return factory
+
+
+# Probes and caches send HEAD; Litestar answers it without the body.
+_GET_HEAD = ["GET", "HEAD"]
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _clean_request_id(raw: bytes | None) -> str | None:
+    """A client's X-Request-Id, if it is a plain token (it is echoed into headers and logs)."""
+    if not raw:
+        return None
+    text = raw.decode("latin-1").strip()
+    return text if _REQUEST_ID.match(text) else None
 
 
 def create_app(
@@ -121,6 +151,8 @@ def create_app(
     )
     dialects = [cls(ctx) for cls in discover()]
     router = DialectRouter(dialects)
+    for line in settings.startup_warnings():
+        logger.warning(line)
 
     def on_error(request: Request, exc: Exception) -> Response:
         dialect = router.for_scope(request.scope)
@@ -129,29 +161,66 @@ def create_app(
             return Response(content=b"", status_code=499)
         failure = failure_from(exc, dialect.field_names)
         metrics.errors.labels(dialect.name, _metric_cause(failure.cause)).inc()
-        return dialect.render_failure(failure, request)
+        if failure.cause == "internal":
+            failure.message = f"{failure.message}; request id {access_log.request_id() or '-'}"
+        try:
+            response = dialect.render_failure(failure, request)
+        except Exception:  # a broken envelope must still not become a framework default body
+            logger.exception("rendering an error in the %s envelope failed", dialect.name)
+            response = Response(content={"error": failure.message}, status_code=failure.status)
+        extra = _extra_headers(exc, failure)
+        if extra:
+            response.headers.update(extra)
+        return response
 
-    @get("/health", opt={"dialect": "core"})
-    async def health() -> dict[str, str]:
-        """Liveness: the process and its event loop answer."""
-        return {"status": "ok"}
+    def details_allowed(request: Request) -> bool:
+        """Model names and load errors may hold file paths: only for callers with a key."""
+        if not ctx.keys.enabled:
+            return settings.is_loopback()
+        try:
+            ctx.authenticate_key(bearer_token(request), scope=None)
+        except ApiError:
+            return False
+        return True
 
-    @get("/ready", opt={"dialect": "core"})
-    async def ready() -> Response:
+    @route("/health", http_method=_GET_HEAD, opt={"dialect": "core", "summary": "Liveness: 200 unless the engine failed",
+                         "schema_out": HealthBody})
+    async def health() -> Response:
+        """Liveness: the process answers; 503 once the model failed to load (restart me)."""
+        failed = engine.state is EngineState.FAILED
+        return json_response(HealthBody(status="failed" if failed else "ok"),
+                             503 if failed else 200)
+
+    @route("/ready", http_method=_GET_HEAD, opt={"dialect": "core", "schema_out": HealthBody,
+                        "summary": "Readiness: 200 when loaded, warmed and not draining"})
+    async def ready(request: Request) -> Response:
         """Readiness: 200 once the model is loaded and warmed, 503 before and while draining."""
         state = engine.state
-        body = {"status": state.value, "model": engine.info.id if engine.info else settings.model}
-        if engine.error:
-            body["error"] = engine.error
-        return Response(content=body, status_code=200 if state is EngineState.READY else 503)
+        body = HealthBody(status=state.value)
+        if details_allowed(request):
+            body.model = engine.info.id if engine.info else settings.model
+            body.error = engine.error
+        elif state is EngineState.FAILED:
+            body.error = "the model failed to load; see the server log"
+        return json_response(body, 200 if state is EngineState.READY else 503)
 
-    @get("/metrics", opt={"dialect": "core"})
+    @route("/startup", http_method=_GET_HEAD, opt={"dialect": "core", "schema_out": HealthBody,
+                          "summary": "Startup: 200 once the model has loaded and warmed up"})
+    async def startup() -> Response:
+        """200 from the end of the first warm-up on (draining included), 503 before."""
+        state = engine.state
+        started = state in (EngineState.READY, EngineState.DRAINING, EngineState.STOPPED)
+        return json_response(HealthBody(status=state.value), 200 if started else 503)
+
+    @get("/metrics", opt={"dialect": "core", "media_out": "text/plain",
+                          "summary": "Prometheus metrics"})
     async def metrics_route() -> Response:
         """Prometheus text format."""
         engine.sample_accelerator_memory()
         return Response(content=metrics.render(), media_type=metrics.content_type)
 
-    @get("/media/{name:str}", opt={"dialect": "core"})
+    @route("/media/{name:str}", http_method=_GET_HEAD, opt={"dialect": "core", "media_out": "image/png",
+                                   "summary": "A URL-mode image, until it expires"})
     async def media(name: str) -> Response:
         """Serve a URL-mode image until it expires."""
         found = ctx.media.get(name)
@@ -159,7 +228,8 @@ def create_app(
             raise ApiError("not_found", "image not found or expired")
         data, media_type = found
         return Response(content=data, media_type=media_type,
-                        headers={"cache-control": f"private, max-age={settings.url_ttl_s}"})
+                        headers={"cache-control": f"private, max-age={settings.url_ttl_s}",
+                                 "x-content-type-options": "nosniff"})
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -175,26 +245,57 @@ def create_app(
             await engine.drain(settings.drain_timeout_s)
             ctx.ledger.close()
 
-    handlers: list[Any] = [health, ready, metrics_route, media, *admin_handlers(ctx)]
+    handlers: list[Any] = [health, ready, startup, metrics_route, media, *admin_handlers(ctx)]
     for dialect in dialects:
         handlers.extend(dialect.route_handlers())
+    errors = {d.name: ErrorSpec(schema=d.error_schema, in_200=d.errors_in_200)
+              for d in dialects if d.error_schema is not None}
+    if router.fallback.name in errors:
+        errors["default"] = errors[router.fallback.name]
+    handlers.extend(openapi_handlers(handlers, errors))
     app = Litestar(
         route_handlers=handlers,
         exception_handlers={Exception: on_error},
-        middleware=[_metrics_middleware(metrics, router)],
+        middleware=[_request_middleware(metrics, router)],
         lifespan=[lifespan, ctx.jobs.lifespan],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=None,
+        # Logging is configured once by the CLI (text or JSON); Litestar must not replace it.
+        logging_config=None,
         debug=False,
     )
     app.state.ctx = ctx
     return app
 
 
+class HealthBody(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """``/health``, ``/ready`` and ``/startup``: the engine state; details only for key holders."""
+
+    status: str
+    model: str | None = None
+    error: str | None = None
+
+
+def _extra_headers(exc: Exception, failure: Failure) -> dict[str, str]:
+    """Headers HTTP asks for on some errors, whatever the dialect's envelope."""
+    out: dict[str, str] = {}
+    if failure.cause == "method" and isinstance(exc, HTTPException):
+        allow = [m.strip() for m in (exc.headers or {}).get("allow", "").split(",") if m.strip()]
+        if allow:
+            out["allow"] = ", ".join(sorted(allow))
+    if failure.status == 401:
+        out["www-authenticate"] = 'Bearer realm="imagegate"'
+    return out
+
+
 async def _start_engine(engine: Engine) -> None:
     try:
         await engine.start()
-    except Exception:
+    except Exception as exc:
+        # /health turns 503 and the server exits non-zero, so an orchestrator restarts it.
+        if engine.state is not EngineState.FAILED:  # e.g. a warm-up failure
+            engine.state = EngineState.FAILED
+            engine.error = engine.error or str(exc)
         logger.exception("model failed to load")
 
 

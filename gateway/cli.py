@@ -21,19 +21,20 @@ def build_parser() -> argparse.ArgumentParser:
         prog="imagegate",
         description="Self-hosted SDXL image generation behind the APIs your clients already speak.",
     )
+    parser.add_argument("--version", action="version", version=f"imagegate {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser(
         "serve",
         help="load a model and serve every API dialect",
         description="Load MODEL (default: the built-in tiny-sdxl, which makes noise images) and "
         "serve it. Every flag can also be set as an IMAGEGATE_* environment variable.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     serve.add_argument("model_arg", nargs="?", metavar="MODEL",
                        help="diffusers folder, .safetensors checkpoint, cached hub id, or tiny-sdxl")
     add_settings_arguments(serve)
 
-    keys = sub.add_parser("keys", help="create, list and revoke clients (API keys + OAuth secrets)")
+    keys = sub.add_parser("keys", help="create, list, revoke and delete clients (API keys + "
+                          "OAuth secrets)")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     create = keys_sub.add_parser(
         "create", help="add a client; prints its API key and OAuth secret once",
@@ -43,14 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     create.add_argument("--id", required=True, help="client id (also the OAuth client_id)")
     create.add_argument("--scopes", default="*",
-                        help="comma-separated dialect names the client may use, or * for all")
+                        help="comma-separated API (dialect) names the client may use, e.g. "
+                        "openai,baidu; * for all; unknown names are refused")
     create.add_argument("--rps", type=float, default=None, help="requests per second limit")
     create.add_argument("--daily", type=int, default=None, help="requests per UTC day limit")
     create.add_argument("--admin", action="store_true", help="may read GET /admin/usage")
     listing = keys_sub.add_parser("list", help="list clients (never secrets)")
     revoke = keys_sub.add_parser("revoke", help="revoke a client: its key, secret and tokens")
     revoke.add_argument("id", help="client id")
-    for p in (create, listing, revoke):
+    delete = keys_sub.add_parser("delete", help="remove a client from the keys file entirely "
+                                 "(its usage rows stay in the ledger)")
+    delete.add_argument("id", help="client id")
+    for p in (create, listing, revoke, delete):
         p.add_argument("--keys-file", default=None,
                        help="keys file [env IMAGEGATE_KEYS_FILE]")
 
@@ -64,13 +69,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("imagegate")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _scope_names() -> list[str]:
+    """The dialect names a client may be scoped to."""
+    from gateway.dialects import discover
+
+    return sorted(d.name for d in discover())
+
+
 def _keys_path(args: argparse.Namespace) -> Path | None:
     settings = Settings.from_sources({"keys_file": args.keys_file})
     return settings.keys_path
 
 
 def keys_command(args: argparse.Namespace) -> int:
-    """``imagegate keys create|list|revoke``."""
+    """``imagegate keys create|list|revoke|delete``."""
     from auth.keys import load_keys_file, new_client, save_keys_file
 
     path = _keys_path(args)
@@ -84,6 +105,12 @@ def keys_command(args: argparse.Namespace) -> int:
             print(f"imagegate: client {args.id!r} already exists", file=sys.stderr)
             return 1
         scopes = [s.strip() for s in args.scopes.split(",") if s.strip()] or ["*"]
+        known = _scope_names()
+        unknown = [s for s in scopes if s != "*" and s not in known]
+        if unknown:
+            print(f"imagegate: unknown scope(s) {', '.join(map(repr, unknown))}; use * or any of: "
+                  f"{', '.join(known)}", file=sys.stderr)
+            return 2
         record, api_key, secret = new_client(args.id, scopes=scopes, rps=args.rps,
                                              daily=args.daily, admin=args.admin)
         keys.clients.append(record)
@@ -102,6 +129,11 @@ def keys_command(args: argparse.Namespace) -> int:
         return 0
     for c in keys.clients:
         if c.id == args.id:
+            if args.keys_command == "delete":
+                keys.clients.remove(c)
+                save_keys_file(path, keys)
+                print(f"deleted {args.id}")
+                return 0
             c.revoked = True
             save_keys_file(path, keys)
             print(f"revoked {args.id}")
@@ -220,14 +252,29 @@ def _lock_data_dir(settings: Settings) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``imagegate`` script."""
+    """Entry point of the ``imagegate`` script.
+
+    A bad setting or keys file ends the command with exit status 2 and one line per problem,
+    never a traceback.
+    """
+    from auth.keys import KeysFileError
+    from gateway.settings import SettingsError
+
     args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        return serve(args)
-    if args.command == "keys":
-        return keys_command(args)
-    if args.command == "usage":
-        return usage_command(args)
+    try:
+        if args.command == "serve":
+            return serve(args)
+        if args.command == "keys":
+            return keys_command(args)
+        if args.command == "usage":
+            return usage_command(args)
+    except SettingsError as exc:
+        for line in exc.problems:
+            print(f"imagegate: {line}", file=sys.stderr)
+        return 2
+    except KeysFileError as exc:
+        print(f"imagegate: {exc}", file=sys.stderr)
+        return 2
     return 2
 
 

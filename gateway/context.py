@@ -13,6 +13,7 @@ from auth.keys import ANONYMOUS, KeyStore, Principal
 from auth.quota import QuotaExceeded, QuotaLimiter
 from auth.tokens import TokenRejected, TokenService
 from auth.usage import UsageLedger
+from gateway import access_log
 from gateway.errors import ApiError
 from gateway.media import MediaStore
 from gateway.settings import Settings
@@ -68,6 +69,7 @@ class GatewayContext:
         principal = self.keys.by_id(client_id)
         if principal is None:  # revoked or deleted since the token was issued
             raise ApiError("auth", "Access token invalid or no longer valid", code="invalid")
+        access_log.note_client(principal.id)
         if scope is not None and not principal.allows(scope):
             raise ApiError("forbidden", f"this client may not use the {scope} API")
         return principal
@@ -105,8 +107,9 @@ class GatewayContext:
     def authenticate_key(self, presented: str | None, scope: str | None) -> Principal:
         """The principal for an API key, or a 401/403 :class:`ApiError`.
 
-        ``scope`` is the dialect the key must be scoped for (``None``: any valid key). With no
-        keys configured the server is open (loopback only, unless --insecure-no-auth).
+        ``scope`` is the dialect the key must be scoped for (``None``: any valid key, whatever
+        its scopes; admin routes check the admin right themselves). With no keys configured the
+        server is open (loopback only, unless --insecure-no-auth).
         """
         if not self.keys.enabled:
             return ANONYMOUS
@@ -115,7 +118,8 @@ class GatewayContext:
         principal = self.keys.by_key(presented)
         if principal is None:
             raise ApiError("auth", "invalid API key", code="invalid_api_key")
-        if not principal.allows(scope):
+        access_log.note_client(principal.id)
+        if scope is not None and not principal.allows(scope):
             raise ApiError("forbidden", f"this key may not use the {scope} API")
         return principal
 

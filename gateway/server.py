@@ -18,6 +18,7 @@ import uvicorn
 from litestar import Litestar
 
 from gateway.settings import Settings
+from inference import EngineState
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,15 @@ class DrainingServer(uvicorn.Server):
         self._app = app
         self._drain_timeout = drain_timeout
         self._draining = False
+        self.model_failed = False
         self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def on_tick(self, counter: int) -> bool:
+        """Also stop when the model failed to load, so an orchestrator restarts the process."""
+        if self._app.state.ctx.engine.state is EngineState.FAILED:
+            self.model_failed = True
+            return True
+        return await super().on_tick(counter)
 
     async def serve(self, sockets=None) -> None:  # noqa: ANN001 - uvicorn's signature
         """Remember the loop so the signal handler can schedule the drain on it."""
@@ -88,8 +97,13 @@ def run(settings: Settings, app: Litestar, sock: socket.socket | None = None) ->
         port=settings.port,
         log_config=None,
         access_log=False,
+        server_header=False,
         timeout_graceful_shutdown=5,
         lifespan="on",
     )
-    DrainingServer(config, app, settings.drain_timeout_s).run(
-        sockets=[sock] if sock is not None else None)
+    server = DrainingServer(config, app, settings.drain_timeout_s)
+    server.run(sockets=[sock] if sock is not None else None)
+    if server.model_failed:
+        logger.error("exiting with status 3: the model failed to load (%s)",
+                     app.state.ctx.engine.error)
+        raise SystemExit(3)

@@ -25,9 +25,68 @@ ENV_PREFIX = "IMAGEGATE_"
 def _size_list(text: str) -> tuple[tuple[int, int], ...]:
     out = []
     for part in filter(None, (p.strip() for p in text.split(","))):
-        w, _, h = part.lower().partition("x")
+        w, sep, h = part.lower().partition("x")
+        if not sep or len(w) > 5 or len(h) > 5:
+            raise ValueError(f"not a WxH size: {part!r}")
         out.append((int(w), int(h)))
     return tuple(out)
+
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+class SettingsError(ValueError):
+    """One or more settings are invalid; ``problems`` holds one line per bad value."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    return tuple(int(b) for b in text.split(",") if b.strip())
+
+
+def _convert_one(value: Any, hint: Any) -> Any:
+    """``value`` (text from a flag or variable, or a typed override) as the field's type."""
+    base = typing.get_args(hint)[0] if typing.get_origin(hint) is Annotated else hint
+    is_bool = base is bool or base == (bool | None)
+    if is_bool and isinstance(value, str):
+        folded = value.strip().lower()
+        if folded in _TRUE:
+            return True
+        if folded in _FALSE:
+            return False
+        if base is not bool and folded in ("auto", "none", ""):
+            return None
+        raise ValueError("expected true or false (also yes/no, on/off, 1/0)")
+    if typing.get_origin(base) is Literal and isinstance(value, str):
+        value = value.strip().lower()
+    return msgspec.convert(value, hint, strict=False)
+
+
+def _why(exc: Exception, hint: Any) -> str:
+    """What the field accepts, in words (msgspec's own text names Python types)."""
+    if isinstance(exc, ValueError) and not isinstance(exc, msgspec.ValidationError):
+        return str(exc)
+    base, metas = hint, ()
+    if typing.get_origin(hint) is Annotated:
+        base, *metas = typing.get_args(hint)
+    bounds = []
+    for meta in metas:
+        if isinstance(meta, Meta):
+            for attr, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+                if getattr(meta, attr) is not None:
+                    bounds.append(f"{word} {getattr(meta, attr)}")
+    if typing.get_origin(base) is Literal:
+        return "expected one of " + ", ".join(map(str, typing.get_args(base)))
+    kind = {int: "a whole number", float: "a number"}.get(base, "a valid value")
+    if base == (int | None):
+        kind = "a whole number"
+    elif base == (float | None):
+        kind = "a number"
+    return f"expected {kind}" + (" " + " and ".join(bounds) if bounds else "")
 
 
 class Settings(msgspec.Struct, kw_only=True):
@@ -36,9 +95,9 @@ class Settings(msgspec.Struct, kw_only=True):
     model: Annotated[str, Meta(description="Model: a diffusers folder, a .safetensors file, a cached hub id, or tiny-sdxl.")] = "tiny-sdxl"
     refiner: Annotated[str | None, Meta(description="SDXL refiner, in any form MODEL accepts (tiny-sdxl brings its own).")] = None
     host: Annotated[str, Meta(description="Address to bind.")] = "127.0.0.1"
-    port: Annotated[int, Meta(description="Port to bind.")] = 8000
+    port: Annotated[int, Meta(ge=1, le=65535, description="Port to bind.")] = 8000
     device: Annotated[str, Meta(description="torch device: auto, cuda, cuda:N or cpu.")] = "auto"
-    dtype: Annotated[str, Meta(description="auto (CUDA: bf16 or fp16; CPU: fp32), bfloat16, float16 or float32.")] = "auto"
+    dtype: Annotated[Literal["auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32", "half"], Meta(description="auto (CUDA: bf16 or fp16; CPU: fp32), bfloat16, float16 or float32.")] = "auto"
     compile: Annotated[bool | None, Meta(description="torch.compile the UNet and VAE decoder (default: on for CUDA, off for CPU).")] = None
     compile_mode: Annotated[str, Meta(description="torch.compile mode.")] = "default"
     compile_scope: Annotated[Literal["blocks", "full"], Meta(description="What torch.compile compiles: blocks (the UNet's repeated transformer blocks; fast cold start) or full (the whole UNet and VAE decoder).")] = "blocks"
@@ -51,44 +110,44 @@ class Settings(msgspec.Struct, kw_only=True):
     keys_file: Annotated[str | None, Meta(description="JSON keys file holding only SHA-256 hashes of keys.")] = None
     insecure_no_auth: Annotated[bool, Meta(description="Allow serving on a non-loopback address with no keys.")] = False
     public_url: Annotated[str | None, Meta(description="Base URL clients reach this server at, used in image URLs (default: from the request).")] = None
-    url_ttl_s: Annotated[int, Meta(description="How long URL-mode images stay downloadable, in seconds.")] = 3600
-    max_body_bytes: Annotated[int, Meta(description="Largest accepted request body, in bytes.")] = 25 * 1024 * 1024
-    default_steps: Annotated[int, Meta(description="Steps when a request does not say (OpenAI quality=auto).")] = 25
+    url_ttl_s: Annotated[int, Meta(ge=1, description="How long URL-mode images stay downloadable, in seconds.")] = 3600
+    max_body_bytes: Annotated[int, Meta(ge=1, description="Largest accepted request body, in bytes.")] = 25 * 1024 * 1024
+    default_steps: Annotated[int, Meta(ge=1, description="Steps when a request does not say (OpenAI quality=auto).")] = 25
     quality_steps: Annotated[str, Meta(description="Steps for OpenAI quality levels, as name=steps pairs.")] = "low=15,medium=25,high=40,standard=25,hd=40"
-    default_guidance: Annotated[float, Meta(description="Guidance scale when a request does not say.")] = 5.0
-    min_size: Annotated[int, Meta(description="Smallest width or height, in pixels.")] = 64
-    max_size: Annotated[int, Meta(description="Largest width or height, in pixels.")] = 2048
-    max_steps: Annotated[int, Meta(description="Largest number of denoising steps a request may ask for.")] = 150
-    max_batch_images: Annotated[int, Meta(description="Most images in one pipeline call.")] = 8
-    max_wait_ms: Annotated[float, Meta(description="How long an idle executor waits for a batch to fill (0: start at once).")] = 0.0
+    default_guidance: Annotated[float, Meta(ge=0, le=100, description="Guidance scale when a request does not say.")] = 5.0
+    min_size: Annotated[int, Meta(ge=8, description="Smallest width or height, in pixels.")] = 64
+    max_size: Annotated[int, Meta(ge=8, description="Largest width or height, in pixels.")] = 2048
+    max_steps: Annotated[int, Meta(ge=1, description="Largest number of denoising steps a request may ask for.")] = 150
+    max_batch_images: Annotated[int, Meta(ge=1, description="Most images in one pipeline call.")] = 8
+    max_wait_ms: Annotated[float, Meta(ge=0, description="How long an idle executor waits for a batch to fill (0: start at once).")] = 0.0
     batch_fill_ms: Annotated[Annotated[float, Meta(ge=0)] | None, Meta(description="Under back-to-back load, how long a batch may wait to fill up to the last batch's size (default: a fifth of a recent batch's time, at most 250 ms; 0: never wait).")] = None
     max_prompt_chars: Annotated[int, Meta(ge=1, description="Longest prompt or negative prompt any API accepts, in characters (the CLIP encoders read 77 tokens; longer text costs tokenizer time only).")] = 8000
-    max_queue_images: Annotated[int, Meta(description="Most images waiting in the queue; past it requests are refused with an overload error.")] = 64
-    request_timeout_s: Annotated[float, Meta(description="Deadline of one request, queue time included.")] = 300.0
-    drain_timeout_s: Annotated[float, Meta(description="On SIGTERM, how long queued work may still run before it is failed.")] = 30.0
+    max_queue_images: Annotated[int, Meta(ge=1, description="Most images waiting in the queue; past it requests are refused with an overload error.")] = 64
+    request_timeout_s: Annotated[float, Meta(gt=0, description="Deadline of one request, queue time included.")] = 300.0
+    drain_timeout_s: Annotated[float, Meta(ge=0, description="On SIGTERM, how long queued work may still run before it is failed.")] = 30.0
     png_compress_level: Annotated[int, Meta(ge=0, le=9, description="PNG effort: 0 writes uncompressed PNG with Pillow; 1-9 use the fast fpng writer when installed (the default), else Pillow's zlib at that level.")] = 1
     encode_workers: Annotated[int, Meta(ge=0, description="Threads that encode images (0: one per CPU core, at most 8).")] = 0
     warmup_sizes: Annotated[str, Meta(description="WxH sizes to warm up before ready (default: the model's native size).")] = ""
     warmup_batch_sizes: Annotated[str, Meta(description="Batch sizes to warm up for each warm-up size.")] = "1"
     token_secret: Annotated[str | None, Meta(description="Secret that signs OAuth access tokens; give every replica the same one (default: random per start, so tokens die with the process).")] = None
-    token_ttl_s: Annotated[int, Meta(description="Lifetime of issued OAuth access tokens, in seconds.")] = 2592000
+    token_ttl_s: Annotated[int, Meta(ge=1, description="Lifetime of issued OAuth access tokens, in seconds.")] = 2592000
     ratelimit_storage: Annotated[str, Meta(description="Where per-client quota counters live: a limits storage URI (memory://, redis://host:6379).")] = "memory://"
     usage_db: Annotated[str | None, Meta(description="SQLite file of the usage ledger (default: DATA_DIR/usage.sqlite3).")] = None
-    fetch_max_bytes: Annotated[int, Meta(description="Largest image a request may point at (image_url), in bytes.")] = 20 * 1024 * 1024
-    fetch_timeout_s: Annotated[float, Meta(description="Deadline for fetching one image_url, redirects included.")] = 15.0
-    fetch_max_pixels: Annotated[int, Meta(description="Largest fetched image, in pixels (bigger ones are refused as possible decompression bombs).")] = 36_000_000
+    fetch_max_bytes: Annotated[int, Meta(ge=1, description="Largest image a request may point at (image_url), in bytes.")] = 20 * 1024 * 1024
+    fetch_timeout_s: Annotated[float, Meta(gt=0, description="Deadline for fetching one image_url, redirects included.")] = 15.0
+    fetch_max_pixels: Annotated[int, Meta(ge=1, description="Largest fetched image, in pixels (bigger ones are refused as possible decompression bombs).")] = 36_000_000
     fetch_allow: Annotated[str, Meta(description="Internal hosts and CIDRs that image_url may reach despite the SSRF rules (comma-separated).")] = ""
     webhook_allow: Annotated[str, Meta(description="Internal hosts and CIDRs that webhooks may reach despite the SSRF rules (comma-separated).")] = ""
-    webhook_retry_delay_s: Annotated[float, Meta(description="Pause between webhook delivery attempts (2 retries).")] = 10.0
-    webhook_timeout_s: Annotated[float, Meta(description="Deadline of one webhook delivery attempt.")] = 10.0
-    job_ttl_s: Annotated[float, Meta(description="How long an async job and its result are kept after submission, when its policy does not say.")] = 86400.0
-    job_execution_timeout_s: Annotated[float, Meta(description="Execution timeout of an async job, when its policy does not say.")] = 600.0
-    job_concurrency: Annotated[int, Meta(description="Async jobs handed to the engine at once; the rest wait queued in the task store.")] = 16
-    job_queue_max: Annotated[int, Meta(description="Most queued async jobs; past it submissions get HTTP 429.")] = 1000
-    job_sweep_interval_s: Annotated[float, Meta(description="How often expired async jobs and their files are deleted.")] = 30.0
+    webhook_retry_delay_s: Annotated[float, Meta(ge=0, description="Pause between webhook delivery attempts (2 retries).")] = 10.0
+    webhook_timeout_s: Annotated[float, Meta(gt=0, description="Deadline of one webhook delivery attempt.")] = 10.0
+    job_ttl_s: Annotated[float, Meta(gt=0, description="How long an async job and its result are kept after submission, when its policy does not say.")] = 86400.0
+    job_execution_timeout_s: Annotated[float, Meta(gt=0, description="Execution timeout of an async job, when its policy does not say.")] = 600.0
+    job_concurrency: Annotated[int, Meta(ge=1, description="Async jobs handed to the engine at once; the rest wait queued in the task store.")] = 16
+    job_queue_max: Annotated[int, Meta(ge=1, description="Most queued async jobs; past it submissions get HTTP 429.")] = 1000
+    job_sweep_interval_s: Annotated[float, Meta(gt=0, description="How often expired async jobs and their files are deleted.")] = 30.0
     results_dir: Annotated[str | None, Meta(description="Where async job result images live (default: DATA_DIR/results).")] = None
-    log_level: Annotated[str, Meta(description="Log level.")] = "info"
-    log_format: Annotated[str, Meta(description="text or json.")] = "text"
+    log_level: Annotated[Literal["debug", "info", "warning", "error", "critical"], Meta(description="Log level: debug, info, warning, error or critical.")] = "info"
+    log_format: Annotated[Literal["text", "json"], Meta(description="text or json (one JSON object per line, every logger included).")] = "text"
     # -- inference features: ControlNet, LoRA -------------------------------------------------
     controlnet: Annotated[str, Meta(description="ControlNets to serve, as comma-separated kind=path pairs (diffusers ControlNetModel folders), e.g. canny=/models/cn-canny; tiny-sdxl serves its own canny.")] = ""
     lora_dir: Annotated[str | None, Meta(description="Folder of <name>.safetensors LoRA files (diffusers or kohya format) that requests may name; tiny-sdxl falls back to its own folder with tiny-lora.")] = None
@@ -123,20 +182,104 @@ class Settings(msgspec.Struct, kw_only=True):
     def from_sources(
         cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
     ) -> Settings:
-        """Defaults, then ``IMAGEGATE_*`` variables from ``environ``, then explicit ``overrides``."""
+        """Defaults, then ``IMAGEGATE_*`` variables from ``environ``, then explicit ``overrides``.
+
+        This is the one place settings are checked: every bad value is reported, one line each,
+        naming the flag or variable it came from, in a :class:`SettingsError`. An empty variable
+        counts as unset.
+        """
         environ = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
+        raw: dict[str, tuple[Any, str]] = {}
         for name in cls.__struct_fields__:
-            env = environ.get(ENV_PREFIX + name.upper())
-            if env is not None:
-                values[name] = env
-        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        return msgspec.convert(values, cls, strict=False)
+            env_name = ENV_PREFIX + name.upper()
+            env = environ.get(env_name)
+            if env is not None and env.strip() != "":
+                raw[name] = (env.strip(), env_name)
+        for name, value in (overrides or {}).items():
+            if value is not None:
+                raw[name] = (value, "--" + name.replace("_", "-"))
+        hints = typing.get_type_hints(cls, include_extras=True)
+        values: dict[str, Any] = {}
+        problems: list[str] = []
+        for name, (value, source) in raw.items():
+            if name not in hints:
+                problems.append(f"{source}: unknown setting")
+                continue
+            try:
+                values[name] = _convert_one(value, hints[name])
+            except (msgspec.ValidationError, ValueError) as exc:
+                problems.append(f"{source}: {_why(exc, hints[name])}, got {value!r}")
+        settings = msgspec.convert(values, cls) if not problems else None
+        if settings is not None:
+            problems.extend(settings._cross_check(raw))
+        if problems:
+            raise SettingsError(problems)
+        assert settings is not None
+        return settings
+
+    def _cross_check(self, raw: Mapping[str, tuple[Any, str]]) -> list[str]:
+        """Checks that involve more than one field, or parse a text field."""
+
+        def src(name: str) -> str:
+            return raw[name][1] if name in raw else "--" + name.replace("_", "-")
+
+        problems: list[str] = []
+        if self.min_size > self.max_size:
+            problems.append(f"{src('min_size')}: {self.min_size} is above max-size {self.max_size}")
+        if self.default_steps > self.max_steps:
+            problems.append(f"{src('default_steps')}: {self.default_steps} is above max-steps "
+                            f"{self.max_steps}")
+        try:
+            table = self.quality_table()
+            if any(v < 1 or v > self.max_steps for v in table.values()):
+                problems.append(f"{src('quality_steps')}: every step count must be 1..max-steps "
+                                f"({self.max_steps}), got {self.quality_steps!r}")
+        except ValueError:
+            problems.append(f"{src('quality_steps')}: expected name=steps pairs separated by "
+                            f"commas (e.g. low=15,high=40), got {self.quality_steps!r}")
+        try:
+            for w, h in _size_list(self.warmup_sizes):
+                if not (self.min_size <= w <= self.max_size and self.min_size <= h <= self.max_size):
+                    raise ValueError
+        except ValueError:
+            problems.append(f"{src('warmup_sizes')}: expected WxH sizes within min-size..max-size "
+                            f"separated by commas (e.g. 1024x1024,768x1344), got "
+                            f"{self.warmup_sizes!r}")
+        try:
+            batches = _int_list(self.warmup_batch_sizes)
+            if not batches or any(b < 1 or b > self.max_batch_images for b in batches):
+                raise ValueError
+        except ValueError:
+            problems.append(f"{src('warmup_batch_sizes')}: expected batch sizes from 1 to "
+                            f"max-batch-images ({self.max_batch_images}) separated by commas, got "
+                            f"{self.warmup_batch_sizes!r}")
+        if self.public_url and not self.public_url.startswith(("http://", "https://")):
+            problems.append(f"{src('public_url')}: must start with http:// or https://, got "
+                            f"{self.public_url!r}")
+        return problems
+
+    def startup_warnings(self) -> list[str]:
+        """Settings that work but that an operator should know about, one line each."""
+        out: list[str] = []
+        if not self.public_url and not self.is_loopback():
+            out.append(f"--public-url is not set and the server binds {self.host}: image URLs "
+                       "are built from each client's Host header; set --public-url to the "
+                       "address clients should use")
+        if self.token_ttl_s < 3600:
+            out.append(f"--token-ttl-s is {self.token_ttl_s}s, below 3600: Qianfan's SDK "
+                       "refreshes access tokens at most hourly, so its clients will see expired "
+                       "tokens")
+        return out
 
     def quality_table(self) -> dict[str, int]:
         """``quality_steps`` parsed to a dict."""
-        pairs = (p.split("=", 1) for p in self.quality_steps.split(",") if "=" in p)
-        return {k.strip(): int(v) for k, v in pairs}
+        out: dict[str, int] = {}
+        for part in filter(None, (p.strip() for p in self.quality_steps.split(","))):
+            name, sep, steps = part.partition("=")
+            if not sep or not name.strip():
+                raise ValueError(f"not a name=steps pair: {part!r}")
+            out[name.strip()] = int(steps)
+        return out
 
     def is_loopback(self) -> bool:
         """True when bound to a loopback address only."""
@@ -168,7 +311,7 @@ class Settings(msgspec.Struct, kw_only=True):
             max_size=self.max_size,
             max_steps=self.max_steps,
             warmup_sizes=_size_list(self.warmup_sizes),
-            warmup_batch_sizes=tuple(int(b) for b in self.warmup_batch_sizes.split(",") if b.strip()),
+            warmup_batch_sizes=_int_list(self.warmup_batch_sizes),
             controlnets=parse_controlnets(self.controlnet),
             lora_dir=Path(self.lora_dir).expanduser() if self.lora_dir else None,
         )

@@ -37,23 +37,53 @@ def field_of(error: msgspec.ValidationError) -> tuple[str, str | None]:
 
 
 def decode_json(body: bytes, type_: type[T]) -> T:
-    """Decode ``body`` as ``type_``; raise a 400 :class:`ApiError` naming the bad field."""
+    """Decode ``body`` as ``type_``; raise a 400 :class:`ApiError` naming the bad field.
+
+    Whole-number floats (``"n": 1.0``) are accepted where an integer is expected, as the JSON
+    encoders of some clients write every number as a float.
+    """
     if not body.strip():
         raise invalid("request body is empty; expected a JSON object")
     try:
-        return msgspec.json.decode(body, type=type_)
+        try:
+            return msgspec.json.decode(body, type=type_)
+        except msgspec.ValidationError as exc:
+            text = str(exc)
+            if not ("Expected `int" in text and "got `float`" in text):
+                raise
+            # Only on this error path: decode untyped, turn whole floats into ints, convert.
+            return msgspec.convert(_whole_floats_to_int(msgspec.json.decode(body)), type_)
     except msgspec.ValidationError as exc:
         text, path = field_of(exc)
         msg = f"invalid value for '{path}': {text}" if path else text
         raise invalid(msg, field=path) from None
     except msgspec.DecodeError as exc:
         raise ApiError("validation", f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    except UnicodeDecodeError as exc:
+        # msgspec checks UTF-8 only inside strings it keeps, and lets the codec error escape.
+        raise ApiError("validation", f"request body is not valid UTF-8 (byte {exc.start})",
+                       code="invalid_json") from None
+    except RecursionError:
+        raise ApiError("validation", "request body is not valid JSON: nested too deeply",
+                       code="invalid_json") from None
+
+
+def _whole_floats_to_int(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _whole_floats_to_int(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_floats_to_int(v) for v in value]
+    return value
 
 
 def convert(data: object, type_: type[T]) -> T:
     """Like :func:`decode_json` for already-parsed data (form fields, query strings)."""
     try:
         return msgspec.convert(data, type_, strict=False)
+    except RecursionError:
+        raise invalid("value is nested too deeply") from None
     except msgspec.ValidationError as exc:
         text, path = field_of(exc)
         msg = f"invalid value for '{path}': {text}" if path else text

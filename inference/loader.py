@@ -73,7 +73,9 @@ def resolve(name: str, *, cache_dir: Path, allow_download: bool = False) -> Mode
         looked.append(f"checkpoint file {path.resolve()} does not exist")
     else:
         looked.append(f"no local folder or checkpoint at {path.resolve()}")
-    if name.count("/") == 1 and not path.exists():
+    tried_hub = False
+    if name.count("/") == 1 and not path.exists() and not name.startswith((".", "~", "/")):
+        tried_hub = True
         from huggingface_hub import snapshot_download
         from huggingface_hub.constants import HF_HUB_CACHE
 
@@ -83,7 +85,9 @@ def resolve(name: str, *, cache_dir: Path, allow_download: bool = False) -> Mode
         except Exception as exc:  # noqa: BLE001 - hub raises several unrelated types here
             where = "the Hugging Face hub" if allow_download else f"the hub cache at {HF_HUB_CACHE}"
             looked.append(f"repo id {name!r} not found in {where} ({type(exc).__name__})")
-    hint = "" if allow_download else " (offline mode: pass --allow-download to fetch hub ids)"
+    # A local path is not a hub id: no talk of the hub or of downloading for it.
+    hint = "" if allow_download or not tried_hub else (
+        " (offline mode: pass --allow-download to fetch hub ids)")
     raise ModelNotFound(f"model {name!r} not found: " + "; ".join(looked) + hint)
 
 

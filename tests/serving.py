@@ -80,7 +80,7 @@ def live_server(
     engine = engine_factory(settings, metrics) if engine_factory else None
     app = create_app(settings, engine=engine, metrics=metrics, keys=keys)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
-                            lifespan="on", timeout_graceful_shutdown=2)
+                            server_header=False, lifespan="on", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from gateway.settings import Settings
 
 
@@ -53,3 +55,103 @@ def test_readme_documents_every_setting():
     table = readme.split("<!-- settings:start -->")[1].split("<!-- settings:end -->")[0]
     documented = set(re.findall(r"`--([a-z0-9-]+)`", table))
     assert documented == {n.replace("_", "-") for n in Settings.__struct_fields__}
+
+
+def test_local_model_not_found_does_not_talk_about_the_hub(tmp_path):
+    res = run_cli("serve", str(tmp_path / "weights" / "sdxl"))
+    assert res.returncode == 2
+    assert "not found" in res.stderr
+    assert "hub" not in res.stderr and "--allow-download" not in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "names"),
+    [
+        (["--port", "99999"], {}, ["--port"]),
+        (["--port", "abc"], {}, ["--port"]),
+        (["--max-batch-images", "0"], {}, ["--max-batch-images"]),
+        (["--log-level", "verbose"], {}, ["--log-level"]),
+        ([], {"IMAGEGATE_INSECURE_NO_AUTH": "maybe"}, ["IMAGEGATE_INSECURE_NO_AUTH"]),
+        ([], {"IMAGEGATE_WARMUP_SIZES": "64x"}, ["IMAGEGATE_WARMUP_SIZES"]),
+        (["--max-queue-images", "-1", "--request-timeout-s", "soon"], {},
+         ["--max-queue-images", "--request-timeout-s"]),
+        (["--min-size", "512", "--max-size", "256"], {}, ["--min-size"]),
+    ],
+)
+def test_bad_settings_stop_the_start_with_one_line_each(args, env, names):
+    res = run_cli("serve", *args, env=env)
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == len(names), res.stderr
+    for line, name in zip(lines, names, strict=True):
+        assert line.startswith(f"imagegate: {name}:"), line
+
+
+def test_friendly_spellings_and_empty_variables():
+    s = Settings.from_sources(environ={"IMAGEGATE_INSECURE_NO_AUTH": "yes", "IMAGEGATE_PORT": "",
+                                       "IMAGEGATE_COMPILE": "off", "IMAGEGATE_LOG_LEVEL": "DEBUG"})
+    assert (s.insecure_no_auth, s.port, s.compile, s.log_level) == (True, 8000, False, "debug")
+    assert Settings.from_sources(environ={"IMAGEGATE_INSECURE_NO_AUTH": "0"}).insecure_no_auth is False
+
+
+def test_missing_or_broken_keys_file_is_a_start_up_error(tmp_path):
+    missing = tmp_path / "no-such-keys.json"
+    res = run_cli("serve", "--keys-file", str(missing))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert str(missing) in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"clients": [')
+    res = run_cli("serve", "--keys-file", str(broken))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert str(broken) in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_a_broken_edit_keeps_the_old_keys_and_logs_an_error(tmp_path, caplog):
+    import os
+
+    from auth.keys import KeysFile, KeyStore, new_client, save_keys_file
+
+    path = tmp_path / "keys.json"
+    record, key, _ = new_client("alice")
+    save_keys_file(path, KeysFile(clients=[record]))
+    store = KeyStore.from_config("", path)
+    assert store.by_key(key).id == "alice"
+    path.write_text("{ half a file")
+    os.utime(path, ns=(1, 1))  # a changed mtime, whatever the clock's resolution
+    with caplog.at_level("ERROR", logger="auth.keys"):
+        assert store.by_key(key).id == "alice"
+    assert any(str(path) in r.getMessage() for r in caplog.records)
+    path.unlink()
+    assert store.enabled and store.by_key(key).id == "alice"
+
+
+def test_version_and_help_without_none_defaults():
+    res = run_cli("--version")
+    assert res.returncode == 0 and res.stdout.startswith("imagegate ")
+    out = run_cli("serve", "--help").stdout
+    assert "(default: None)" not in out
+
+
+def test_keys_create_refuses_unknown_scopes_and_delete_removes(tmp_path):
+    from auth.keys import load_keys_file
+
+    keys = str(tmp_path / "keys.json")
+    res = run_cli("keys", "create", "--keys-file", keys, "--id", "a", "--scopes", "openai,dalle")
+    assert res.returncode == 2 and "'dalle'" in res.stderr and "openai" in res.stderr
+    assert run_cli("keys", "create", "--keys-file", keys, "--id", "a",
+                   "--scopes", "openai,baidu").returncode == 0
+    assert run_cli("keys", "create", "--keys-file", keys, "--id", "b").returncode == 0
+    res = run_cli("keys", "delete", "--keys-file", keys, "a")
+    assert res.returncode == 0
+    assert [c.id for c in load_keys_file(tmp_path / "keys.json").clients] == ["b"]
+    assert run_cli("keys", "delete", "--keys-file", keys, "a").returncode == 1
+
+
+def test_start_up_warnings():
+    s = Settings.from_sources({"host": "0.0.0.0", "token_ttl_s": 600}, environ={})
+    warnings = " ".join(s.startup_warnings())
+    assert "Host header" in warnings and "--public-url" in warnings
+    assert "3600" in warnings
+    quiet = Settings.from_sources({"public_url": "https://img.example"}, environ={})
+    assert quiet.startup_warnings() == []

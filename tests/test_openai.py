@@ -96,6 +96,10 @@ def test_models_list_says_noise(server):
         ({"prompt": "x", "extra_body": {"sampler": "Nope"}}, "sampler"),
         ({"prompt": "x", "extra_body": {"seed": -1}}, "seed"),
         ({"prompt": "x", "extra_body": {"num_inference_steps": 100000}}, "num_inference_steps"),
+        ({"prompt": "x" * 32001}, "prompt"),
+        ({"prompt": "x", "extra_body": {"negative_prompt": "x" * 32001}}, "negative_prompt"),
+        ({"prompt": "x", "size": "9" * 5000 + "x64"}, "size"),
+        ({"prompt": "x", "n": 1.5}, "n"),
     ],
 )
 def test_bad_input_is_a_400_naming_the_param(server, kwargs, param):
@@ -116,7 +120,9 @@ def test_unknown_sampler_lists_the_valid_ones(server):
 def test_malformed_json_and_framework_errors_keep_the_envelope(server):
     r = httpx.post(server.url + "/v1/images/generations", content=b"{not json",
                    headers={"content-type": "application/json"})
-    assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert r.status_code == 400
+    assert set(r.json()["error"]) == {"message", "type", "param", "code", "request_id"}
+    assert r.json()["error"]["request_id"] == r.headers["x-request-id"]
     r = httpx.get(server.url + "/v1/images/generations")
     assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
     r = httpx.get(server.url + "/v1/nothing-here")
@@ -144,3 +150,32 @@ def test_ready_and_health(server):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     r = httpx.get(server.url + "/ready")
     assert r.status_code == 200 and r.json()["status"] == "ready"
+
+
+def test_whole_number_floats_are_accepted(server):
+    r = httpx.post(server.url + "/v1/images/generations", timeout=120,
+                   json={"prompt": "x", "n": 1.0, "size": "64x64", "num_inference_steps": 2.0,
+                         "seed": 7.0, "response_format": "b64_json"})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["data"]) == 1 and r.json()["data"][0]["seed"] == 7
+
+
+def test_every_image_reports_its_seed(server):
+    resp = client(server.url).images.generate(
+        prompt="seeds", size="64x64", n=2, response_format="b64_json",
+        extra_body={**FAST, "seed": 40})
+    assert [d.model_extra["seed"] for d in resp.data] == [40, 41]
+    drawn = client(server.url).images.generate(prompt="seeds", size="64x64", extra_body=FAST)
+    assert isinstance(drawn.data[0].model_extra["seed"], int)
+
+
+@pytest.mark.parametrize("name", ["tiny-sdxl", "dall-e-2", "dall-e-3", "gpt-image-1"])
+def test_every_accepted_model_name_can_be_retrieved(server, name):
+    model = client(server.url).models.retrieve(name)
+    assert model.id == name
+
+
+def test_unknown_model_retrieve_is_404(server):
+    with pytest.raises(openai.NotFoundError) as err:
+        client(server.url).models.retrieve("midjourney")
+    assert err.value.code == "model_not_found"

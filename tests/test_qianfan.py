@@ -95,7 +95,9 @@ def test_qianfan_sdk_round_trip(baidu, monkeypatch):
     get_config.cache_clear() if hasattr(get_config, "cache_clear") else None
     t2i = qianfan.Text2Image(model="Stable-Diffusion-XL", ak="app", sk=baidu.creds["app"][0])
     resp = t2i.do(prompt="一只猫 on a red sofa", negative_prompt="blurry", size="576x1024",
-                  steps=10, n=1, seed=7, with_decode="base64")
+                  steps=10, n=1, seed=7, with_decode="base64",
+                  # The SDK's default is 60 s; a busy 2-core CI machine can take longer.
+                  request_timeout=600, retry_count=1)
     body = resp.body
     assert body["object"] == "image" and body["id"].startswith("as-")
     assert [d["index"] for d in body["data"]] == [1]
@@ -210,4 +212,10 @@ def test_sd_xl_over_http_decodes_to_requested_size(baidu):
     assert [png_size(d["b64_image"]) for d in got["data"]] == [(768, 768)]
     assert got["data"][0]["object"] == "image"
     assert got["usage"] == {"prompt_tokens": 9, "total_tokens": 9}  # 5 CJK + 3 words × 1.3
+    assert isinstance(got["data"][0]["seed"], int)  # the seed used is reported
     print(f"sd_xl 768x768 steps=10 took {took:.2f}s")
+
+
+def test_whole_number_floats_and_reported_seeds(baidu):
+    got = sd_xl(baidu, token_of(baidu), {"prompt": "cat", **FAST, "n": 2.0, "seed": 5.0})
+    assert [d["seed"] for d in got["data"]] == [5, 6], got

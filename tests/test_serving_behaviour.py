@@ -18,20 +18,49 @@ import pytest
 from tests.fakes import FakeRunner, engine_factory
 from tests.serving import free_port, live_server
 
+# Generous deadlines: a busy 2-core CI machine may be many times slower than a laptop. Every
+# wait names what it waited for, so a failure says what timed out.
+DEADLINE = 120.0
 
-def _wait(cond, timeout=10.0):
+
+def _wait(cond, what: str, timeout: float = DEADLINE) -> None:
     end = time.monotonic() + timeout
     while not cond():
-        assert time.monotonic() < end, "condition never became true"
-        time.sleep(0.01)
+        assert time.monotonic() < end, f"timed out after {timeout:.0f}s waiting for {what}"
+        time.sleep(0.02)
 
 
-def _post_in_thread(url: str, body: dict, out: list) -> threading.Thread:
-    def go():
-        out.append(httpx.post(url + "/v1/images/generations", json=body, timeout=30))
-    t = threading.Thread(target=go)
-    t.start()
-    return t
+class Poster(threading.Thread):
+    """POSTs one generation in a thread; keeps the response, or the error that ended it."""
+
+    def __init__(self, url: str, body: dict) -> None:
+        super().__init__(daemon=True)
+        self.url, self.body = url, body
+        self.response: httpx.Response | None = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.response = httpx.post(self.url + "/v1/images/generations", json=self.body,
+                                       timeout=DEADLINE * 2)
+        except Exception as exc:  # noqa: BLE001 - reported by result(), not lost as a warning
+            self.error = exc
+
+    def result(self) -> httpx.Response:
+        """The response; fails naming the request if it did not finish or raised."""
+        self.join(DEADLINE * 2)
+        assert not self.is_alive(), f"request {self.body['prompt']!r} still running after join"
+        assert self.error is None, f"request {self.body['prompt']!r} failed: {self.error!r}"
+        assert self.response is not None
+        return self.response
+
+
+def _metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics", timeout=DEADLINE).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def test_full_queue_is_429_with_retry_after(tmp_path):
@@ -39,11 +68,10 @@ def test_full_queue_is_429_with_retry_after(tmp_path):
     with live_server(tmp_path, engine_factory=engine_factory(runner), max_queue_images=1) as srv:
         runner.batches.clear()
         runner.hold()
-        results: list = []
-        t1 = _post_in_thread(srv.url, {"prompt": "running", "size": "64x64"}, results)
-        _wait(runner.entered.is_set)
-        t2 = _post_in_thread(srv.url, {"prompt": "queued", "size": "64x64"}, results)
-        _wait(lambda: srv.engine.queued_images == 1)
+        t1 = Poster(srv.url, {"prompt": "running", "size": "64x64"})
+        _wait(runner.entered.is_set, "the first request to reach the runner")
+        t2 = Poster(srv.url, {"prompt": "queued", "size": "64x64"})
+        _wait(lambda: srv.engine.queued_images == 1, "the second request to be queued")
         c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
         with pytest.raises(openai.RateLimitError) as err:
             c.images.generate(prompt="over", size="64x64")
@@ -51,9 +79,7 @@ def test_full_queue_is_429_with_retry_after(tmp_path):
         assert int(err.value.response.headers["retry-after"]) >= 1
         assert err.value.code == "server_overloaded"
         runner.release()
-        t1.join(10)
-        t2.join(10)
-        assert [r.status_code for r in results] == [200, 200]
+        assert [t1.result().status_code, t2.result().status_code] == [200, 200]
         assert srv.metric("imagegate_errors_total", {"dialect": "openai", "cause": "overload"}) == 1
 
 
@@ -62,22 +88,20 @@ def test_client_disconnect_drops_the_queued_request(tmp_path):
     with live_server(tmp_path, engine_factory=engine_factory(runner)) as srv:
         runner.batches.clear()
         runner.hold()
-        results: list = []
-        t1 = _post_in_thread(srv.url, {"prompt": "running", "size": "64x64"}, results)
-        _wait(runner.entered.is_set)
+        t1 = Poster(srv.url, {"prompt": "running", "size": "64x64"})
+        _wait(runner.entered.is_set, "the first request to reach the runner")
         body = json.dumps({"prompt": "abandoned", "size": "64x64"}).encode()
         port = int(srv.url.rsplit(":", 1)[1])
         sock = socket.create_connection(("127.0.0.1", port))
         sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\n"
                      b"Content-Type: application/json\r\nContent-Length: "
                      + str(len(body)).encode() + b"\r\n\r\n" + body)
-        _wait(lambda: srv.engine.queued_images == 1)
+        _wait(lambda: srv.engine.queued_images == 1, "the raw-socket request to be queued")
         sock.close()
-        _wait(lambda: srv.engine.queued_images == 0)
+        _wait(lambda: srv.engine.queued_images == 0, "the abandoned request to leave the queue")
         runner.release()
-        t1.join(10)
-        assert results[0].status_code == 200
-        time.sleep(0.1)
+        assert t1.result().status_code == 200
+        _wait(lambda: srv.engine.queued_images == 0 and srv.engine.ready, "the engine to settle")
         assert [p for b in runner.batches for p, _ in b] == ["running"]
         assert srv.metric("imagegate_errors_total", {"dialect": "openai", "cause": "cancelled"}) == 1
 
@@ -104,11 +128,12 @@ def test_metrics_endpoint_has_sane_values(server):
     assert samples["imagegate_queue_images"] == 0
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(600)
 def test_sigterm_drains_then_exits(tmp_path):
     port = free_port()
     env = {**os.environ, "IMAGEGATE_PORT": str(port), "IMAGEGATE_DATA_DIR": str(tmp_path),
-           "IMAGEGATE_MAX_BATCH_IMAGES": "1", "IMAGEGATE_WARMUP_SIZES": "64x64"}
+           "IMAGEGATE_MAX_BATCH_IMAGES": "1", "IMAGEGATE_WARMUP_SIZES": "64x64",
+           "IMAGEGATE_DRAIN_TIMEOUT_S": str(DEADLINE)}
     from tests import serving
 
     env["IMAGEGATE_CACHE_DIR"] = str(serving.CACHE_DIR)
@@ -121,20 +146,25 @@ def test_sigterm_drains_then_exits(tmp_path):
                 return httpx.get(url + "/ready").status_code == 200
             except httpx.TransportError:
                 return False
-        _wait(ready, 90)
-        results: list = []
+        _wait(ready, "the served subprocess to report ready")
         slow = {"prompt": "slow", "size": "256x256", "num_inference_steps": 25}
-        threads = [_post_in_thread(url, slow, results) for _ in range(2)]
-        time.sleep(0.3)
+        threads = [Poster(url, slow) for _ in range(2)]
+        # One image per batch: one request runs, the other waits in the queue.
+        _wait(lambda: _metric(url, "imagegate_queue_images") >= 1, "a request to be queued")
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.1)
-        late = httpx.post(url + "/v1/images/generations", json={"prompt": "late"}, timeout=10)
+        _wait(lambda: httpx.get(url + "/ready", timeout=DEADLINE).status_code == 503,
+              "/ready to turn 503 after SIGTERM")
+        late = httpx.post(url + "/v1/images/generations", json={"prompt": "late"},
+                          timeout=DEADLINE)
         assert late.status_code == 503
         assert late.json()["error"]["code"] == "shutting_down"
-        for t in threads:
-            t.join(60)
-        assert [r.status_code for r in results] == [200, 200]  # both finished within the drain
-        assert proc.wait(30) in (0, -signal.SIGTERM)
+        # Both finished within the drain.
+        assert [t.result().status_code for t in threads] == [200, 200]
+        try:
+            code = proc.wait(DEADLINE)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the server did not exit within {DEADLINE:.0f}s of draining")
+        assert code in (0, -signal.SIGTERM)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -150,7 +180,7 @@ def test_503_while_the_model_loads(tmp_path):
                      default_width=64, default_height=64, has_refiner=False, created=0)
 
     def slow_factory(_cfg):
-        release.wait(30)
+        assert release.wait(DEADLINE), "the test never released the model load"
         return runner, info
 
     def build(settings, metrics: Metrics) -> Engine:
@@ -167,5 +197,78 @@ def test_503_while_the_model_loads(tmp_path):
         assert err.value.code == "model_loading"
         assert int(err.value.response.headers["retry-after"]) >= 1
         release.set()
-        _wait(lambda: httpx.get(srv.url + "/ready").status_code == 200)
+        _wait(lambda: httpx.get(srv.url + "/ready").status_code == 200, "/ready to turn 200")
         assert c.images.generate(prompt="now", size="64x64").data
+
+
+def _serve(tmp_path, *args: str, **env_extra: str) -> tuple[subprocess.Popen, str]:
+    from tests import serving
+
+    port = free_port()
+    env = {**os.environ, "IMAGEGATE_PORT": str(port), "IMAGEGATE_DATA_DIR": str(tmp_path),
+           "IMAGEGATE_CACHE_DIR": str(serving.CACHE_DIR), "IMAGEGATE_WARMUP_SIZES": "64x64",
+           **env_extra}
+    proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url + "/ready").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@pytest.mark.timeout(600)
+def test_json_logs_cover_every_line_with_one_access_line_per_request(tmp_path, server):
+    # ``server`` only makes sure tiny-sdxl is built in the shared cache first.
+    marker = "zebracorn"
+    proc, url = _serve(tmp_path, "--log-format", "json", "--host", "127.0.0.1")
+    try:
+        _wait(lambda: _ready(url) or proc.poll() is not None, "the server to report ready")
+        assert proc.poll() is None, proc.stdout.read()
+        long_prompt = " ".join([marker] * 200)  # far past CLIP's 77 tokens
+        ok = httpx.post(url + "/v1/images/generations", timeout=DEADLINE,
+                        headers={"x-request-id": "req-ok"},
+                        json={"prompt": long_prompt, "negative_prompt": marker,
+                              "size": "64x64", "num_inference_steps": 2})
+        assert ok.status_code == 200, ok.text
+        bad = httpx.post(url + "/v1/images/generations", json={"prompt": marker, "n": 0},
+                         headers={"x-request-id": "req-bad"}, timeout=DEADLINE)
+        assert bad.status_code == 400
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=DEADLINE)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pytest.fail(f"a log line is not JSON: {line[:300]}")
+    assert marker not in out, "prompt text reached the log"
+    assert any(r["logger"].startswith("uvicorn") for r in records), "no uvicorn line seen"
+    access = {r.get("request_id"): r for r in records if r["logger"] == "imagegate.access"}
+    assert access["req-ok"]["status"] == 200 and access["req-ok"]["images"] == 1
+    assert access["req-ok"]["route"] == "/v1/images/generations"
+    assert access["req-ok"]["dialect"] == "openai" and access["req-ok"]["seconds"] > 0
+    assert access["req-bad"]["status"] == 400 and access["req-bad"]["images"] == 0
+
+
+@pytest.mark.timeout(600)
+def test_a_model_that_fails_to_load_exits_non_zero(tmp_path):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{}")
+    proc, _ = _serve(tmp_path, str(broken))
+    try:
+        code = proc.wait(DEADLINE * 2)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the server kept running with a model that cannot load")
+    out = proc.stdout.read()
+    assert code != 0, out
+    assert "model failed to load" in out

@@ -20,6 +20,7 @@ from litestar import Request, Response, route
 from msgspec import Meta
 
 from auth.oauth import TokenServer
+from gateway import access_log
 from gateway.dialects.base import Dialect
 from gateway.disconnect import unless_disconnected
 from gateway.errors import Failure, invalid
@@ -64,6 +65,8 @@ class ImageData(msgspec.Struct, kw_only=True):
     b64_image: str
     index: int
     object: str = "image"
+    # imagegate: the seed this image was made with (Baidu's SDKs hand the body on as a dict).
+    seed: int | None = None
 
 
 class Usage(msgspec.Struct, kw_only=True):
@@ -88,6 +91,38 @@ class ErrorBody(msgspec.Struct, kw_only=True):
 
     error_code: int
     error_msg: str
+
+
+class AccessTokenQuery(msgspec.Struct, kw_only=True):
+    """The query string of sd_xl: the OAuth access token."""
+
+    access_token: str
+
+
+class TokenQuery(msgspec.Struct, kw_only=True):
+    """The query string (or form body) of the token endpoint."""
+
+    grant_type: str
+    client_id: str
+    client_secret: str
+
+
+class TokenResponse(msgspec.Struct, kw_only=True):
+    """A successful token response (errors: ``{"error", "error_description"}``)."""
+
+    access_token: str
+    expires_in: int
+    refresh_token: str
+    scope: str
+    session_key: str
+    session_secret: str
+
+
+class TokenError(msgspec.Struct, kw_only=True):
+    """The token endpoint's error body (HTTP 400, or 401 for a bad client)."""
+
+    error: str
+    error_description: str | None = None
 
 
 # -- translation -----------------------------------------------------------------------------
@@ -137,6 +172,8 @@ class BaiduDialect(Dialect):
     """Baidu Qianfan's Stable-Diffusion-XL API and its OAuth token endpoint."""
 
     name = "baidu"
+    error_schema = ErrorBody
+    errors_in_200 = True
     prefixes = ("/rpc/2.0/", "/oauth/2.0/")
     field_names: ClassVar[dict[str, str]] = {
         "width": "size", "height": "size", "guidance": "cfg_scale", "sampler": "sampler_index",
@@ -150,11 +187,17 @@ class BaiduDialect(Dialect):
         """The token endpoint (GET and POST) and sd_xl."""
         opt = {"dialect": self.name}
 
-        @route(TOKEN_PATH, http_method=["GET", "POST"], status_code=200, opt=opt)
+        @route(TOKEN_PATH, http_method=["GET", "POST"], status_code=200,
+               opt={**opt, "query_in": TokenQuery, "schema_out": TokenResponse,
+                    "error_schema": TokenError,
+                    "summary": "OAuth client-credentials token (Baidu API Key + Secret Key)"})
         async def token(request: Request) -> Response:
             return await self.token(request)
 
-        @route(SD_XL_PATH, http_method=["POST"], status_code=200, opt={**opt, "kind": "generate"})
+        @route(SD_XL_PATH, http_method=["POST"], status_code=200,
+               opt={**opt, "kind": "generate", "schema_in": SdxlRequest,
+                    "schema_out": SdxlResponse, "query_in": AccessTokenQuery,
+                    "summary": "Stable Diffusion XL text to image"})
         async def sd_xl(request: Request) -> Response:
             return await self.sd_xl(request)
 
@@ -174,10 +217,12 @@ class BaiduDialect(Dialect):
         if body.get("error") == "unsupported_grant_type":
             body.setdefault("error_description", "the only grant type supported is "
                             "client_credentials")
+        headers = {"cache-control": "no-store", "pragma": "no-cache"}
         if body.get("error") == "invalid_client":
             status = 401
+            headers["www-authenticate"] = 'Bearer realm="imagegate"'
         return Response(content=body, status_code=status, media_type="application/json",
-                        headers={"cache-control": "no-store", "pragma": "no-cache"})
+                        headers=headers)
 
     async def sd_xl(self, request: Request) -> Response:
         """``POST …/text2image/sd_xl?access_token=…``."""
@@ -187,6 +232,7 @@ class BaiduDialect(Dialect):
         canonical = self.to_canonical(body, principal.id)
         self.ctx.admit(principal)
         result = await unless_disconnected(request, self.ctx.engine.generate(canonical))
+        access_log.note_images(len(result.images))
         tokens = baidu_prompt_tokens(body.prompt, body.negative_prompt or "")
         self.ctx.record_usage(principal, result, len(result.images), prompt_tokens=tokens)
         return json_response(self.to_response(result, tokens))
@@ -221,7 +267,7 @@ class BaiduDialect(Dialect):
         return SdxlResponse(
             id="as-" + "".join(secrets.choice(_ID_CHARS) for _ in range(10)),
             created=int(time.time()),
-            data=[ImageData(b64_image=image.b64 or "", index=i)
+            data=[ImageData(b64_image=image.b64 or "", index=i, seed=image.seed)
                   for i, image in enumerate(result.images, 1)],
             usage=Usage(prompt_tokens=prompt_tokens, total_tokens=prompt_tokens),
         )

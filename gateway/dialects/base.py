@@ -23,6 +23,10 @@ class Dialect(ABC):
     prefixes: ClassVar[tuple[str, ...]]
     #: Canonical request field → this dialect's wire field name, for error messages.
     field_names: ClassVar[dict[str, str]] = {}
+    #: The msgspec Struct of this dialect's error body, for the OpenAPI document.
+    error_schema: ClassVar[Any] = None
+    #: True when errors come with HTTP 200 (Baidu), so success bodies may be errors too.
+    errors_in_200: ClassVar[bool] = False
 
     def __init__(self, ctx: GatewayContext) -> None:
         self.ctx = ctx

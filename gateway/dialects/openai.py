@@ -16,6 +16,7 @@ import msgspec
 from litestar import Request, Response, get, post
 from msgspec import Meta
 
+from gateway import access_log
 from gateway.context import bearer_token
 from gateway.dialects.base import Dialect
 from gateway.disconnect import unless_disconnected
@@ -46,7 +47,7 @@ class ImageGenerationRequest(msgspec.Struct, kw_only=True):
     stream: bool | None = None
     partial_images: Annotated[int, Meta(ge=0, le=3)] | None = None
     # imagegate extensions, sent through the SDK's extra_body.
-    negative_prompt: str | None = None
+    negative_prompt: Annotated[str, Meta(max_length=32000)] | None = None
     seed: Annotated[int, Meta(ge=0, le=2**32 - 1)] | None = None
     num_inference_steps: Annotated[int, Meta(ge=1)] | None = None
     guidance_scale: Annotated[float, Meta(ge=0, le=50)] | None = None
@@ -59,6 +60,8 @@ class ImageData(msgspec.Struct, kw_only=True, omit_defaults=True):
     b64_json: str | None = None
     url: str | None = None
     revised_prompt: str | None = None
+    # imagegate: the seed this image was made with (the SDK keeps unknown keys).
+    seed: int | None = None
 
 
 class TokensDetails(msgspec.Struct, kw_only=True):
@@ -114,6 +117,8 @@ class ErrorBody(msgspec.Struct, kw_only=True):
     type: str
     param: str | None
     code: str | None
+    # imagegate: the request's id (also in the x-request-id header); the SDK keeps extra keys.
+    request_id: str | None = None
 
 
 class ErrorEnvelope(msgspec.Struct, kw_only=True):
@@ -126,7 +131,8 @@ class ErrorEnvelope(msgspec.Struct, kw_only=True):
 
 OPENAI_MODELS = ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5",
                  "gpt-image-2", "chatgpt-image-latest")
-_SIZE = re.compile(r"^(\d+)x(\d+)$")
+# At most 5 digits a side: the limits check the value; this keeps int() from a 5,000-digit text.
+_SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
 _ERROR_TYPES: dict[str, tuple[str, str | None]] = {
     "validation": ("invalid_request_error", "invalid_value"),
     "auth": ("invalid_request_error", "invalid_api_key"),
@@ -157,6 +163,7 @@ class OpenAIDialect(Dialect):
     """The OpenAI Images API."""
 
     name = "openai"
+    error_schema = ErrorEnvelope
     prefixes = ("/v1/images", "/images", "/v1/models", "/models", "/v1")
     field_names: ClassVar[dict[str, str]] = {
         "width": "size", "height": "size", "steps": "num_inference_steps",
@@ -168,21 +175,31 @@ class OpenAIDialect(Dialect):
         opt = {"dialect": self.name}
 
         @post(["/v1/images/generations", "/images/generations"], status_code=200,
-              opt={**opt, "kind": "generate"})
+              opt={**opt, "kind": "generate", "schema_in": ImageGenerationRequest,
+                   "schema_out": ImagesResponse, "summary": "Create images from a prompt"})
         async def generations(request: Request) -> Response:
             return await self.generations(request)
 
-        @get(["/v1/models", "/models"], opt=opt)
+        @get(["/v1/models", "/models"],
+             opt={**opt, "schema_out": ModelList, "summary": "The served model"})
         async def models(request: Request) -> Response:
             self.ctx.authenticate_key(bearer_token(request), self.name)
             return json_response(ModelList(data=self._model_objects()))
 
-        @get(["/v1/models/{model_id:str}", "/models/{model_id:str}"], opt=opt)
+        @get(["/v1/models/{model_id:str}", "/models/{model_id:str}"],
+             opt={**opt, "schema_out": ModelObject,
+                  "summary": "One model: the served one or any accepted OpenAI image model name"})
         async def model(request: Request, model_id: str) -> Response:
             self.ctx.authenticate_key(bearer_token(request), self.name)
-            for obj in self._model_objects():
-                if obj.id == model_id:
-                    return json_response(obj)
+            served = self._model_objects()[0]
+            if model_id == served.id:
+                return json_response(served)
+            if model_id in OPENAI_MODELS:
+                # Generation accepts these names (all map to the served model), so SDK calls
+                # like models.retrieve("dall-e-3") must find them too.
+                return json_response(ModelObject(
+                    id=model_id, created=served.created, owned_by="imagegate",
+                    description=f"alias of {served.id}"))
             raise ApiError("not_found", f"model {model_id!r} not found", field="model",
                            code="model_not_found")
 
@@ -197,6 +214,7 @@ class OpenAIDialect(Dialect):
         canonical, response_format = self.to_canonical(body, principal.id)
         self.ctx.admit(principal)
         result = await unless_disconnected(request, self.ctx.engine.generate(canonical))
+        access_log.note_images(len(result.images))
         self.ctx.record_usage(principal, result, len(result.images))
         return json_response(self.to_response(body, canonical, result, response_format, request))
 
@@ -254,10 +272,10 @@ class OpenAIDialect(Dialect):
         base = self.ctx.public_base_url(request)
         for image in result.images:
             if response_format == "b64_json":
-                data.append(ImageData(b64_json=image.b64))
+                data.append(ImageData(b64_json=image.b64, seed=image.seed))
             else:
                 name = self.ctx.media.put(image.data, image.media_type)
-                data.append(ImageData(url=f"{base}/media/{name}"))
+                data.append(ImageData(url=f"{base}/media/{name}", seed=image.seed))
         out_tokens = image_tokens(canonical.width, canonical.height) * len(result.images)
         usage = ImagesUsage(
             input_tokens=result.prompt_tokens,
@@ -322,7 +340,8 @@ class OpenAIDialect(Dialect):
         if failure.retryable is False:
             headers["x-should-retry"] = "false"
         body = ErrorEnvelope(error=ErrorBody(message=failure.message, type=err_type,
-                                             param=failure.field, code=code))
+                                             param=failure.field, code=code,
+                                             request_id=access_log.request_id()))
         return json_response(body, failure.status, headers)
 
 
