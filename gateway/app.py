@@ -168,9 +168,7 @@ def create_app(
         except Exception:  # a broken envelope must still not become a framework default body
             logger.exception("rendering an error in the %s envelope failed", dialect.name)
             response = Response(content={"error": failure.message}, status_code=failure.status)
-        extra = _extra_headers(exc, failure)
-        if extra:
-            response.headers.update(extra)
+        _add_missing(response, _extra_headers(exc, failure))
         return response
 
     def details_allowed(request: Request) -> bool:
@@ -286,6 +284,13 @@ def _extra_headers(exc: Exception, failure: Failure) -> dict[str, str]:
     if failure.status == 401:
         out["www-authenticate"] = 'Bearer realm="imagegate"'
     return out
+
+
+def _add_missing(response: Response, headers: dict[str, str]) -> None:
+    """Add ``headers`` the dialect did not set itself (AUTOMATIC1111 asks for Basic auth)."""
+    for name, value in headers.items():
+        if name not in response.headers:
+            response.headers[name] = value
 
 
 async def _start_engine(engine: Engine) -> None:

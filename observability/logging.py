@@ -76,7 +76,7 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
 
 
 def _route_library_logs_to_root() -> None:
-    """Send diffusers and transformers records to the root handler, not their own stderr one."""
+    """Send diffusers', transformers' and torch's records to the root handler, not their own."""
     try:
         from diffusers.utils import logging as dlog
         from transformers.utils import logging as tlog
@@ -85,3 +85,10 @@ def _route_library_logs_to_root() -> None:
     for lib in (dlog, tlog):
         lib.disable_default_handler()
         lib.enable_propagation()
+    # torch installs its own glog-style handler on the "torch" logger when it is imported (its
+    # warnings and torch.compile's messages would bypass the JSON format): take it over too.
+    import torch  # noqa: F401 - the server imports it anyway; its handler exists from here on
+
+    torch_logger = logging.getLogger("torch")
+    torch_logger.handlers[:] = []
+    torch_logger.propagate = True
