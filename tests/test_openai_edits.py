@@ -123,6 +123,7 @@ def test_json_edit_form_takes_data_urls(server):
         ({"extra_body": {"strength": 0}}, "strength"),
         ({"extra_body": {"strength": 0.01, "num_inference_steps": 2}}, "strength"),
         ({"output_format": "gif"}, "output_format"),
+        ({"markup": ("k.png", png_bytes(), "image/png")}, "markup"),
         ({"background": "transparent"}, "background"),
     ],
 )

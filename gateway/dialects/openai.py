@@ -323,6 +323,9 @@ class OpenAIDialect(Dialect):
             fields, files = await self._form(request)
             body = convert(fields, ImageEditRequest)
             image = _one_image(files)
+            if files.get("markup"):
+                raise invalid("markup is not supported: send a mask (transparent = repaint) "
+                              "instead", field="markup")
             masks = files.get("mask", [])
             if len(masks) > 1:
                 raise invalid("send at most one mask", field="mask")
