@@ -91,7 +91,7 @@ def test_models_list_says_noise(server):
         ({"prompt": "x", "quality": "ultra"}, "quality"),
         ({"prompt": "x", "response_format": "gif"}, "response_format"),
         ({"prompt": "x", "model": "midjourney"}, "model"),
-        ({"prompt": "x", "stream": True}, "stream"),
+        ({"prompt": "x", "stream": True, "partial_images": 4}, "partial_images"),
         ({"prompt": "x", "background": "transparent"}, "background"),
         ({"prompt": "x", "extra_body": {"sampler": "Nope"}}, "sampler"),
         ({"prompt": "x", "extra_body": {"seed": -1}}, "seed"),

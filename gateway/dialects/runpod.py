@@ -11,6 +11,7 @@ Wire facts: shared/reference/api-dialects.md §4. Docs: docs/runpod.md.
 from __future__ import annotations
 
 import uuid
+from collections import OrderedDict
 from typing import Any, ClassVar
 
 import msgspec
@@ -90,6 +91,9 @@ MAX_PROMPT_CHARS = 2000
 MIN_TTL_MS = int(MIN_TTL_S * 1000)
 MAX_TTL_MS = int(MAX_TTL_S * 1000)
 MIN_EXEC_MS = int(MIN_EXECUTION_S * 1000)
+# Completed jobs whose output /stream has handed out, remembered (oldest forgotten first) so
+# the chunk goes out once; a forgotten job would stream its output again.
+_STREAMED_MAX = 10_000
 
 
 class InputError(Exception):
@@ -178,6 +182,10 @@ class RunPodDialect(AsyncTaskDialect):
         "n": "num_images", "init_image": "image_url", "refine": "refiner",
     }
 
+    def __init__(self, ctx: Any) -> None:
+        super().__init__(ctx)
+        self._streamed: OrderedDict[str, bool] = OrderedDict()
+
     def route_handlers(self) -> list[Any]:
         """The queue API under ``/v2/{endpoint_id}``."""
         opt = {"dialect": self.name}
@@ -208,6 +216,13 @@ class RunPodDialect(AsyncTaskDialect):
         async def status(request: Request, endpoint_id: str, job_id: str) -> Response:
             job = self._own_job(request, endpoint_id, job_id)
             return json_response(await self.status_body(job))
+
+        @get(f"{base}/stream/{{job_id:str}}",
+             opt={**opt, "kind": "poll", "summary": "RunPod job stream: the final output as "
+                  "one chunk, delivered once"})
+        async def stream(request: Request, endpoint_id: str, job_id: str) -> Response:
+            job = self._own_job(request, endpoint_id, job_id)
+            return json_response(await self.stream_body(job))
 
         @post(f"{base}/cancel/{{job_id:str}}", status_code=200, opt=opt)
         async def cancel(request: Request, endpoint_id: str, job_id: str) -> Response:
@@ -243,7 +258,7 @@ class RunPodDialect(AsyncTaskDialect):
             stats = self.tasks.stats(self._scope(principal.id, endpoint_id))
             return json_response(self.health_body(stats))
 
-        return [run, runsync, status, cancel, retry, purge_queue, health]
+        return [run, runsync, status, stream, cancel, retry, purge_queue, health]
 
     # -- submission ------------------------------------------------------------------------
 
@@ -342,6 +357,25 @@ class RunPodDialect(AsyncTaskDialect):
             body["error"] = job.error
         return body
 
+    async def stream_body(self, job: Job) -> dict[str, Any]:
+        """``/stream``: ``{id, status, stream: [{"output": chunk}]}``.
+
+        The runpod SDK's ``Job.stream()`` yields every chunk it is given and stops once the
+        status is final and the stream is empty, so each chunk goes out once: the completed
+        output (the ``/status`` output) on the first read after completion, nothing after.
+        Which jobs were delivered is remembered per process (see docs/runpod.md).
+        """
+        body: dict[str, Any] = {"id": job.id, "status": STATUS[job.status], "stream": []}
+        if job.status == COMPLETED and job.result is not None and job.id not in self._streamed:
+            self._streamed[job.id] = True  # before the await: a concurrent read gets nothing
+            full = await self.status_body(job)
+            body["stream"] = [{"output": full.get("output")}]
+            while len(self._streamed) > _STREAMED_MAX:
+                self._streamed.popitem(last=False)
+        if job.error is not None:
+            body["error"] = job.error
+        return body
+
     def health_body(self, stats: dict[str, int]) -> dict[str, Any]:
         """``/health``: job counts for this endpoint and the one worker (this server)."""
         engine = self.ctx.engine
@@ -377,8 +411,16 @@ class RunPodDialect(AsyncTaskDialect):
         return self.tasks.own(principal, self._scope(principal.id, endpoint_id), job_id)
 
     def render_failure(self, failure: Failure, request: Request) -> Response:
-        """API errors: a real HTTP status and ``{"error": message}``."""
-        return json_response({"error": failure.message}, failure.status, retry_headers(failure))
+        """API errors: a real HTTP status and ``{"error": message}``.
+
+        404 bodies also carry ``"status": "FAILED"``: the runpod SDK's async job reads
+        ``status`` from every poll body (a KeyError without it), and only a final state ends
+        its ``stream()``/``output()`` loops; a job that is gone will never finish.
+        """
+        body: dict[str, Any] = {"error": failure.message}
+        if failure.status == 404:
+            body["status"] = "FAILED"
+        return json_response(body, failure.status, retry_headers(failure))
 
 
 DIALECT = RunPodDialect
