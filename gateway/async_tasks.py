@@ -62,10 +62,7 @@ class TaskService:
         self.dialect = dialect
         self.handler = handler
         s = ctx.settings
-        self.fetch_policy = FetchPolicy(
-            allow=AllowList.parse(s.fetch_allow), max_bytes=s.fetch_max_bytes,
-            timeout_s=s.fetch_timeout_s, max_pixels=s.fetch_max_pixels,
-        )
+        self.fetch_policy = ctx.fetch_policy
         self.webhook_policy = FetchPolicy(allow=AllowList.parse(s.webhook_allow),
                                           timeout_s=s.webhook_timeout_s)
         self.webhooks = WebhookSender(self.webhook_policy, retries=webhook_retries,

@@ -15,6 +15,7 @@ from auth.tokens import TokenRejected, TokenService
 from auth.usage import UsageLedger
 from gateway import access_log
 from gateway.errors import ApiError
+from gateway.fetch import AllowList, FetchPolicy
 from gateway.media import MediaStore
 from gateway.settings import Settings
 from inference import Engine, GenerationRequest, GenerationResult
@@ -40,8 +41,16 @@ class GatewayContext:
     ledger: UsageLedger = field(default=None)  # type: ignore[assignment]
     # Async jobs (RunPod and other task APIs): the durable store and the runner.
     jobs: JobRunner = field(default=None)  # type: ignore[assignment]
+    # Limits for fetching the images requests point at (built from the settings).
+    fetch_policy: FetchPolicy = field(init=False)
 
     def __post_init__(self) -> None:
+        s = self.settings
+        # One policy for every image a request points at (image_url, init_images, edits).
+        self.fetch_policy = FetchPolicy(
+            allow=AllowList.parse(s.fetch_allow), max_bytes=s.fetch_max_bytes,
+            timeout_s=s.fetch_timeout_s, max_pixels=s.fetch_max_pixels,
+        )
         if self.tokens is None:
             secret = self.settings.token_secret
             if not secret:

@@ -30,7 +30,7 @@ from gateway.context import bearer_token
 from gateway.dialects.base import Dialect
 from gateway.disconnect import unless_disconnected
 from gateway.errors import ApiError, Failure, invalid
-from gateway.fetch import AllowList, FetchPolicy, FetchRefused, check_image, fetch_image
+from gateway.fetch import FetchRefused, check_image, fetch_image
 from gateway.wire import decode_json, json_response, retry_headers
 from inference import GenerationRequest, GenerationResult, InitImage, Refine
 from inference.errors import UnknownSampler
@@ -294,11 +294,7 @@ class A1111Dialect(Dialect):
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
-        s = ctx.settings
-        self.fetch_policy = FetchPolicy(
-            allow=AllowList.parse(s.fetch_allow), max_bytes=s.fetch_max_bytes,
-            timeout_s=s.fetch_timeout_s, max_pixels=s.fetch_max_pixels,
-        )
+        self.fetch_policy = ctx.fetch_policy
 
     def route_handlers(self) -> list[Any]:
         """txt2img, img2img, samplers, sd-models, options (GET/POST) and progress."""

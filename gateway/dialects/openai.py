@@ -28,7 +28,7 @@ from gateway.context import bearer_token
 from gateway.dialects.base import Dialect
 from gateway.disconnect import unless_disconnected
 from gateway.errors import ApiError, Failure, failure_from, invalid
-from gateway.fetch import AllowList, FetchPolicy, FetchRefused, check_image, fetch_image
+from gateway.fetch import FetchRefused, check_image, fetch_image
 from gateway.wire import convert, decode_json, json_response, retry_headers
 from inference import GenerationRequest, GenerationResult, InitImage
 from inference.progress import Progress
@@ -260,11 +260,7 @@ class OpenAIDialect(Dialect):
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
-        s = ctx.settings
-        self.fetch_policy = FetchPolicy(
-            allow=AllowList.parse(s.fetch_allow), max_bytes=s.fetch_max_bytes,
-            timeout_s=s.fetch_timeout_s, max_pixels=s.fetch_max_pixels,
-        )
+        self.fetch_policy = ctx.fetch_policy
 
     def route_handlers(self) -> list[Any]:
         """Generations, edits, variations and models, each under ``/v1`` and bare."""
