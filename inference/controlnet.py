@@ -8,14 +8,13 @@ of the UNet, VAE or text encoders); several units in one request use a ``MultiCo
 
 from __future__ import annotations
 
-import io
 import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from inference.errors import InvalidRequest
+from inference.images import decode_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -90,16 +89,7 @@ def control_map(data: bytes, kind: str, *, preprocess: bool, width: int, height:
 
     Raises :class:`InvalidRequest` (field ``control``) when the image cannot be decoded.
     """
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise InvalidRequest(f"control image could not be decoded: {exc}", field="control") from exc
-    image = image.convert("RGB")
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.Resampling.LANCZOS)
+    image = decode_rgb(data, width, height, field="control", what="control image")
     if preprocess and kind == "canny":
         image = canny(image)
     return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0

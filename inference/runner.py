@@ -17,6 +17,7 @@ import numpy as np
 from inference.batch import Batch
 from inference.controlnet import control_map
 from inference.errors import Cancelled, FeatureUnavailable, InvalidRequest
+from inference.images import decode_rgb
 from inference.lora import LoraAdapters, LoraLibrary
 from inference.samplers import SamplerRegistry
 
@@ -65,17 +66,7 @@ def to_uint8(images: Any) -> list[np.ndarray]:
 
 def decode_init_image(data: bytes, width: int, height: int) -> Any:
     """Decode an init image and resize it to the batch size; raises :class:`InvalidRequest`."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise InvalidRequest(f"init image could not be decoded: {exc}", field="init_image") from exc
-    image = image.convert("RGB")
-    if image.size != (width, height):
-        image = image.resize((width, height), Image.Resampling.LANCZOS)
-    return image
+    return decode_rgb(data, width, height, field="init_image", what="init image")
 
 
 def decode_mask(data: bytes, width: int, height: int) -> np.ndarray:
