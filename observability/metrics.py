@@ -112,7 +112,7 @@ class Metrics:
         )
         self.compiles = Counter(
             "imagegate_compiles",
-            "torch.compile graph compilations by reason (warmup, background, request). "
+            "torch.compile graph compilations by reason (warmup, request). "
             "'request' must stay 0: a compile on the request path stalls every queued request.",
             ["reason"], registry=r,
         )
@@ -130,7 +130,7 @@ class Metrics:
         )
         for cause in ERROR_CAUSES:
             self.errors.labels("openai", cause)
-        for reason in ("warmup", "background", "request"):
+        for reason in ("warmup", "request"):
             self.compiles.labels(reason)
 
     def render(self) -> bytes:
