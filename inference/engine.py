@@ -30,6 +30,7 @@ from inference.errors import (
     ShuttingDown,
 )
 from inference.executor import Executor
+from inference.images import check_image_header
 from inference.lora import LoraLibrary
 from inference.progress import ObservedRunner, Progress, ProgressHub, ProgressSnapshot
 from inference.request import GenerationRequest, GenerationResult
@@ -50,18 +51,6 @@ CONTROL_WEIGHT_RANGE = (0.0, 2.0)
 MAX_LORAS = 5
 LORA_WEIGHT_RANGE = (-5.0, 5.0)
 
-
-def _check_image_header(data: bytes, field: str) -> None:
-    """Refuse bytes that are not an image Pillow can open (header only; decoding comes later)."""
-    import io
-
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)):
-            pass
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise InvalidRequest(f"{field} is not a readable image: {exc}", field=field) from exc
 
 
 class EngineConfig(msgspec.Struct, kw_only=True):
@@ -423,9 +412,9 @@ class Engine:
             raise InvalidRequest(
                 f"init_image.strength {init.strength:g} with {request.steps} steps leaves no "
                 "denoising step; raise one of them", field="init_image.strength")
-        _check_image_header(init.data, "init_image")
+        check_image_header(init.data, "init_image")
         if init.mask is not None:
-            _check_image_header(init.mask, "init_image.mask")
+            check_image_header(init.mask, "init_image.mask")
             if request.refine is not None:
                 raise FeatureUnavailable("the refiner cannot be combined with a mask",
                                          field="refine")
@@ -457,7 +446,7 @@ class Engine:
                 raise InvalidRequest(
                     "control guidance_start and guidance_end must satisfy 0 <= start < end <= 1",
                     field="control")
-            _check_image_header(unit.image, "control")
+            check_image_header(unit.image, "control")
 
     def _check_loras(self, request: GenerationRequest) -> None:
         if not request.loras:
@@ -469,17 +458,18 @@ class Engine:
             if not low <= lora.weight <= high:
                 raise InvalidRequest(f"LoRA weight must be between {low:g} and {high:g}",
                                      field="loras")
+        self._lora_library().check(request.loras)
+
+    def _lora_library(self) -> LoraLibrary:
+        """The LoRA folder the model was loaded with (known once it has loaded)."""
         if self._loras is None:
             folder = self.info.lora_dir if self.info is not None else None
             self._loras = LoraLibrary(Path(folder) if folder else None)
-        self._loras.check(request.loras)
+        return self._loras
 
     def lora_names(self) -> list[str]:
         """LoRA adapter names requests may use now (empty when LoRA is not configured)."""
-        folder = self.info.lora_dir if self.info is not None else None
-        if self._loras is None:
-            self._loras = LoraLibrary(Path(folder) if folder else None)
-        return self._loras.names()
+        return self._lora_library().names()
 
     def progress(self) -> ProgressSnapshot:
         """What the executor is doing now: step, fraction, ETA, queue and a cheap preview."""

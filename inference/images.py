@@ -1,4 +1,7 @@
-"""Decoding the images requests carry (init images, control images) on the executor thread."""
+"""The images requests carry (init images, masks, control images).
+
+A cheap header check at admission, and decoding on the executor thread.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,17 @@ import io
 from typing import Any
 
 from inference.errors import InvalidRequest
+
+
+def check_image_header(data: bytes, field: str) -> None:
+    """Refuse bytes that are not an image Pillow can open (header only; decoding comes later)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)):
+            pass
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise InvalidRequest(f"{field} is not a readable image: {exc}", field=field) from exc
 
 
 def decode_rgb(data: bytes, width: int, height: int, *, field: str, what: str) -> Any:
