@@ -115,6 +115,7 @@ def validation_loc(resp: httpx.Response) -> list:
      ["body", "override_settings", "samples_format"]),
     ("img2img", {"prompt": "x", "init_images": ["not base64 at all!"]},
      ["body", "init_images", 0]),
+    ("img2img", {"prompt": "x", "init_images": ["data:foo"]}, ["body", "init_images", 0]),
     ("img2img", {"prompt": "x", "init_images": [png_b64()], "denoising_strength": 1.5},
      ["body", "denoising_strength"]),
     ("img2img", {"prompt": "x", "init_images": [png_b64()], "mask": "bm90IGFuIGltYWdl"},
@@ -191,6 +192,8 @@ def test_auth_bearer_and_basic(keyed_server):
     assert basic.status_code == 200
     wrong = sd(keyed_server, "sd-models", auth=("anyone", "wrong"))
     assert wrong.status_code == 401
+    garbled = sd(keyed_server, "sd-models", headers={"authorization": "Basic \u00e9t\u00e9".encode("latin-1")})
+    assert garbled.status_code == 401  # not a 500: non-ASCII Basic credentials
     gen = sd(keyed_server, "txt2img", {"prompt": "x", **FAST}, auth=("u", "test-key"))
     assert gen.status_code == 200 and len(gen.json()["images"]) == 1
 

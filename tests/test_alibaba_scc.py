@@ -126,6 +126,7 @@ def test_controlnet_units_become_canonical_units(scc: serving.LiveServer) -> Non
     ({"stable_diffusion_model": "sd_xl_base_1.0.safetensors"}, "stable_diffusion_model"),
     ({"sd_vae": "None"}, "sd_vae"),
     ({"batch_size": 9}, "batch_size"),
+    ({"batch_size": 8, "n_iter": 8}, "batch_size"),  # 64 images: the product is bounded too
     ({"n_iter": 0}, "n_iter"),
     ({"cfg_scale": 31}, "cfg_scale"),
     ({"seed": -2}, "seed"),

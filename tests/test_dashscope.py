@@ -86,6 +86,8 @@ def test_sync_call_without_async_header(sdk: Any) -> None:
     ({"style": "<anime>"}, "parameters.style"),
     ({"ref_img": "https://example.com/a.png"}, "input.ref_img"),
     ({"prompt": "x" * 9000}, "input.prompt"),
+    ({"size": "\u00b2*64"}, "parameters.size"),  # "²": isdigit() but not int()
+    ({"size": "9" * 5000 + "*64"}, "parameters.size"),
 ])
 def test_bad_input_is_a_400_naming_the_field(sdk: Any, kwargs: dict[str, Any], field: str
                                              ) -> None:

@@ -178,6 +178,7 @@ def test_webhook_ssrf_refused(ml: serving.LiveServer) -> None:
     ({"seed": -5}, "seed"),
     ({"safety_checker": "maybe"}, "safety_checker"),
     ({"upscale": "yes"}, "upscale"),
+    ({"upscale": "²"}, "upscale"),  # a "digit" str.isdigit() accepts and int() refuses
     ({"panorama": "yes"}, "panorama"),
     ({"highres_fix": True}, "highres_fix"),
     ({"vae": "custom-vae"}, "vae"),

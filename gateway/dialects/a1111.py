@@ -251,7 +251,7 @@ class ErrorBody(msgspec.Struct, kw_only=True):
 
 def decode_b64_image(text: str, field: str, max_bytes: int) -> bytes:
     """Base64 (optionally a ``data:`` URI) → bytes, or a 422 naming ``field``."""
-    payload = text.split(",", 1)[1] if text.startswith("data:") else text
+    payload = text.partition(",")[2] if text.startswith("data:") else text
     if len(payload) * 3 // 4 > max_bytes:
         raise invalid(f"{field}: the image is larger than the {max_bytes}-byte limit", field=field)
     try:
@@ -359,7 +359,7 @@ class A1111Dialect(Dialect):
         if scheme.lower() == "basic":
             try:
                 key = base64.b64decode(value.strip()).decode("utf-8").partition(":")[2] or None
-            except (binascii.Error, UnicodeDecodeError):
+            except ValueError:  # binascii.Error, UnicodeDecodeError, non-ASCII header text
                 key = None
         return self.ctx.authenticate_key(key, self.name)
 

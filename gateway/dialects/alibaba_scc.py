@@ -307,6 +307,9 @@ class AlibabaSccDialect(AsyncTaskDialect):
                           "directly", field="enable_hr")
         if body.tiling:
             raise invalid("tiling is not supported", field="tiling")
+        if body.batch_size * body.n_iter > MAX_IMAGES:
+            raise invalid(f"batch_size × n_iter must be at most {MAX_IMAGES} images per task, got "
+                          f"{body.batch_size * body.n_iter}", field="batch_size")
         self._check_model(body.stable_diffusion_model)
         vae = (body.sd_vae or "").strip().casefold()
         if vae not in _VAE_OK:

@@ -18,6 +18,7 @@ SDK's source (dashscope 2.0.2). Docs: docs/dashscope.md.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Annotated, Any, ClassVar
@@ -154,14 +155,18 @@ class ErrorResponse(msgspec.Struct, kw_only=True):
 # -- helpers ---------------------------------------------------------------------------------
 
 
+_DIM = re.compile(r"[0-9]{1,5}")
+
+
 def parse_size(size: str) -> tuple[int, int]:
     """``"W*H"`` (DashScope's form; ``x`` also accepted) → (width, height)."""
     text = size.strip().lower().replace("x", "*")
     w, sep, h = text.partition("*")
-    if not sep or not w.strip().isdigit() or not h.strip().isdigit():
+    # ASCII digits, at most 5: isdigit() takes "²", and int() refuses 4,300+ digit strings.
+    if not sep or not _DIM.fullmatch(w.strip()) or not _DIM.fullmatch(h.strip()):
         raise invalid(f"parameters.size must look like '1024*1024', got {size!r}",
                       field="parameters.size")
-    return int(w), int(h)
+    return int(w.strip()), int(h.strip())
 
 
 def _stamp(t: float | None) -> str | None:

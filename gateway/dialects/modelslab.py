@@ -21,6 +21,7 @@ Docs: docs/modelslab.md.
 from __future__ import annotations
 
 import math
+import re
 import secrets
 from typing import Annotated, Any, ClassVar
 
@@ -191,7 +192,7 @@ def normalise(raw: dict[str, Any]) -> dict[str, Any]:
         value = out.get(name)
         if isinstance(value, str):
             text = value.strip().casefold()
-            if name == "upscale" and text.isdigit():
+            if name == "upscale" and re.fullmatch(r"[0-9]{1,3}", text):
                 out[name] = int(text) > 1  # some clients send the factor ("2")
             elif text in _YES:
                 out[name] = True
