@@ -49,11 +49,6 @@ def end(token: contextvars.Token[RequestLog | None]) -> None:
     _current.reset(token)
 
 
-def current() -> RequestLog | None:
-    """The current request's log, if inside a request."""
-    return _current.get()
-
-
 def note_client(client_id: str) -> None:
     """Record the authenticated client of the current request."""
     log = _current.get()

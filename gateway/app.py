@@ -221,13 +221,13 @@ def create_app(
                                    "summary": "A URL-mode image, until it expires"})
     async def media(name: str) -> Response:
         """Serve a URL-mode image until it expires."""
-        found = ctx.media.get(name)
+        found = await asyncio.to_thread(ctx.media.get, name)  # disk or Redis: off the loop
         if found is None:
             raise ApiError("not_found", "image not found or expired")
         data, media_type = found
+        # nosniff comes from the request middleware, on every response.
         return Response(content=data, media_type=media_type,
-                        headers={"cache-control": f"private, max-age={settings.url_ttl_s}",
-                                 "x-content-type-options": "nosniff"})
+                        headers={"cache-control": f"private, max-age={settings.url_ttl_s}"})
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:

@@ -186,11 +186,13 @@ class JobRunner:
             if job is None or job.status in FINISHED or remaining <= 0:
                 return job
             event = self._done.get(job_id)
+            # A job running here sets its event when it ends: no need to poll the store for it.
+            step = remaining if job_id in self._active else min(remaining, poll)
             with contextlib.suppress(TimeoutError):
                 if event is not None:
-                    await asyncio.wait_for(event.wait(), min(remaining, poll))
+                    await asyncio.wait_for(event.wait(), step)
                 else:
-                    await asyncio.sleep(min(remaining, poll))
+                    await asyncio.sleep(step)
 
     def cancel(self, job_id: str) -> Job | None:
         """Cancel a queued or running job; a finished one is returned unchanged.

@@ -146,20 +146,20 @@ def _operation(h: Any, opt: dict[str, Any], dialect: str, params: list[dict[str,
 
 def openapi_handlers(handlers: list[Any], errors: dict[str, ErrorSpec]) -> list[Any]:
     """``GET /openapi.json`` and ``GET /docs`` for ``handlers`` (and themselves)."""
-    from importlib.metadata import PackageNotFoundError, version
+    from inference import __version__ as ver
 
-    try:
-        ver = version("imagegate")
-    except PackageNotFoundError:
-        ver = "0"
-    cache: dict[str, bytes] = {}
+    cache: dict[str, Any] = {}
+
+    def document() -> dict[str, Any]:
+        if "doc" not in cache:
+            cache["doc"] = build_document([*handlers, openapi_json, docs], errors, version=ver)
+        return cache["doc"]
 
     @get(OPENAPI_PATH, opt={"dialect": "core", "summary": "This OpenAPI 3.1 document"})
     async def openapi_json() -> Response:
         """The OpenAPI document."""
         if "json" not in cache:
-            cache["json"] = msgspec.json.encode(
-                build_document([*handlers, openapi_json, docs], errors, version=ver))
+            cache["json"] = msgspec.json.encode(document())
         return Response(content=cache["json"], media_type="application/json")
 
     @get(DOCS_PATH, opt={"dialect": "core", "media_out": "text/html",
@@ -167,8 +167,7 @@ def openapi_handlers(handlers: list[Any], errors: dict[str, ErrorSpec]) -> list[
     async def docs() -> Response:
         """The docs page: plain HTML, no scripts, nothing fetched from elsewhere."""
         if "html" not in cache:
-            doc = build_document([*handlers, openapi_json, docs], errors, version=ver)
-            cache["html"] = render_html(doc).encode()
+            cache["html"] = render_html(document()).encode()
         return Response(content=cache["html"], media_type="text/html; charset=utf-8")
 
     return [openapi_json, docs]

@@ -57,9 +57,8 @@ class DrainingServer(uvicorn.Server):
         self._loop.call_soon_threadsafe(self._start_drain, sig)
 
     def _start_drain(self, sig: int) -> None:
-        task = asyncio.ensure_future(self._drain_then_exit(sig))
-        task.add_done_callback(lambda _: None)
-        self._drain_task = task
+        # Kept on the server so the task is not garbage-collected while it drains.
+        self._drain_task = asyncio.ensure_future(self._drain_then_exit(sig))
 
     async def _drain_then_exit(self, sig: int) -> None:
         engine = self._app.state.ctx.engine

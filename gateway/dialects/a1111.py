@@ -424,7 +424,7 @@ class A1111Dialect(Dialect):
             height=body.height,
             steps=body.steps,
             guidance=body.cfg_scale,
-            sampler=self.ctx.engine.samplers.canonical_name(sampler),
+            sampler=sampler,  # sampler_name() already resolved it in the registry
             seed=None if body.seed == -1 else body.seed,
             clip_skip=clip_skip,
             output_format=output_format,  # type: ignore[arg-type]
