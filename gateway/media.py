@@ -17,6 +17,16 @@ MEDIA_TYPES = {v: k for k, v in EXTENSIONS.items()}
 _NAME = re.compile(r"^[A-Za-z0-9_-]{20,64}\.(png|jpg|webp)$")
 
 
+def new_name(media_type: str) -> str:
+    """A fresh unguessable media name with the extension of ``media_type``."""
+    return f"{secrets.token_urlsafe(24)}.{EXTENSIONS.get(media_type, 'png')}"
+
+
+def media_type_of(name: str) -> str | None:
+    """The media type a valid media name stands for, or ``None`` for a name we never issue."""
+    return MEDIA_TYPES[name.rsplit(".", 1)[1]] if _NAME.match(name) else None
+
+
 class MediaStore:
     """Stores bytes under random names; an entry expires ``ttl_s`` seconds after it was written."""
 
@@ -27,7 +37,7 @@ class MediaStore:
 
     def put(self, data: bytes, media_type: str) -> str:
         """Store ``data``; return its name (the last URL segment)."""
-        name = f"{secrets.token_urlsafe(24)}.{EXTENSIONS.get(media_type, 'png')}"
+        name = new_name(media_type)
         tmp = self.root / f".{name}.tmp"
         tmp.write_bytes(data)
         os.replace(tmp, self.root / name)
@@ -35,14 +45,15 @@ class MediaStore:
 
     def get(self, name: str) -> tuple[bytes, str] | None:
         """The bytes and media type stored under ``name``, or ``None`` if unknown or expired."""
-        if not _NAME.match(name):
+        media_type = media_type_of(name)
+        if media_type is None:
             return None
         path = self.root / name
         try:
             if time.time() - path.stat().st_mtime > self.ttl_s:
                 path.unlink(missing_ok=True)
                 return None
-            return path.read_bytes(), MEDIA_TYPES[name.rsplit(".", 1)[1]]
+            return path.read_bytes(), media_type
         except FileNotFoundError:
             return None
 

@@ -5,14 +5,9 @@ Same interface as :class:`gateway.media.MediaStore`; Redis expires each entry af
 
 from __future__ import annotations
 
-import re
-import secrets
-
 import redis
 
-from gateway.media import EXTENSIONS, MEDIA_TYPES
-
-_NAME = re.compile(r"^[A-Za-z0-9_-]{20,64}\.(png|jpg|webp)$")
+from gateway.media import media_type_of, new_name
 
 
 class RedisMediaStore:
@@ -25,18 +20,17 @@ class RedisMediaStore:
 
     def put(self, data: bytes, media_type: str) -> str:
         """Store ``data``; return its name (the last URL segment)."""
-        name = f"{secrets.token_urlsafe(24)}.{EXTENSIONS.get(media_type, 'png')}"
+        name = new_name(media_type)
         self.r.set(f"{self.prefix}:media:{name}", data, ex=max(1, self.ttl_s))
         return name
 
     def get(self, name: str) -> tuple[bytes, str] | None:
         """The bytes and media type stored under ``name``, or ``None`` if unknown or expired."""
-        if not _NAME.match(name):
+        media_type = media_type_of(name)
+        if media_type is None:
             return None
         data = self.r.get(f"{self.prefix}:media:{name}")
-        if data is None:
-            return None
-        return data, MEDIA_TYPES[name.rsplit(".", 1)[1]]
+        return None if data is None else (data, media_type)
 
     def sweep(self) -> int:
         """Nothing to do: Redis expires entries itself."""
