@@ -72,6 +72,11 @@ def test_scheduler_format_and_clip_skip_settings(server):
     info = json.loads(data["info"])
     assert info["sampler_name"] == "DPM++ 2M Karras" and info["clip_skip"] == 2
     assert "Clip skip: 2" in info["infotexts"][0]
+    # SDXL already reads the penultimate layer (A1111's 2); 3 skips one layer more, the same
+    # meaning every dialect that takes A1111's clip_skip gives it.
+    body["override_settings"] = {"CLIP_stop_at_last_layers": 3}
+    info = json.loads(sd(server, "txt2img", body).json()["info"])
+    assert info["clip_skip"] == 3 and "Clip skip: 3" in info["infotexts"][0]
 
 
 def test_img2img_from_base64_and_data_uri(server):

@@ -249,6 +249,17 @@ class ErrorBody(msgspec.Struct, kw_only=True):
 # -- translation -----------------------------------------------------------------------------
 
 
+def a1111_clip_skip(value: int | None) -> int | None:
+    """A1111's clip_skip (1 = last CLIP layer) as extra layers skipped past SDXL's penultimate.
+
+    SDXL already reads the penultimate layer, which is what A1111's 2 means; 1 and 2 both give
+    that, and each step above skips one more layer.
+    """
+    if value is None or value <= 2:
+        return None
+    return value - 2
+
+
 def decode_b64_image(text: str, field: str, max_bytes: int) -> bytes:
     """Base64 (optionally a ``data:`` URI) → bytes, or a 422 naming ``field``."""
     payload = text.partition(",")[2] if text.startswith("data:") else text
@@ -411,8 +422,7 @@ class A1111Dialect(Dialect):
             if not isinstance(value, int) or not 1 <= value <= 12:
                 raise invalid("CLIP_stop_at_last_layers must be an integer from 1 to 12",
                               field="override_settings.CLIP_stop_at_last_layers")
-            # A1111 counts the last layer as 1 (no skip); diffusers counts layers skipped.
-            clip_skip = value - 1 or None
+            clip_skip = a1111_clip_skip(value)
         refine = None
         if body.refiner_checkpoint and body.refiner_checkpoint.lower() != "none":
             refine = Refine(steps=body.steps, high_noise_frac=body.refiner_switch_at or 0.8)
@@ -488,8 +498,10 @@ class A1111Dialect(Dialect):
         seeds = [image.seed for image in result.images]
         model = self.sd_model().model_name
         extra: dict[str, Any] = {}
-        if canonical.clip_skip:
-            extra["Clip skip"] = canonical.clip_skip + 1
+        # Reported in A1111's own terms, as asked (1, A1111's default, when not asked).
+        clip_stop = body.override_settings.get("CLIP_stop_at_last_layers") or 1
+        if clip_stop > 1:
+            extra["Clip skip"] = clip_stop
         if img is not None:
             extra["Denoising strength"] = img.denoising_strength
         texts = [infotext(body.prompt, body.negative_prompt, body.steps, sampler, body.cfg_scale,
@@ -508,7 +520,7 @@ class A1111Dialect(Dialect):
             denoising_strength=img.denoising_strength if img is not None else None,
             extra_generation_params=extra, index_of_first_image=0, infotexts=texts,
             styles=body.styles, job_timestamp=time.strftime("%Y%m%d%H%M%S"),
-            clip_skip=(canonical.clip_skip or 0) + 1,
+            clip_skip=clip_stop,
             is_using_inpainting_conditioning=bool(img is not None and img.mask),
             version="imagegate",
         )

@@ -31,6 +31,7 @@ from msgspec import Meta
 from auth.keys import Principal
 from gateway.async_tasks import AsyncTaskDialect
 from gateway.context import bearer_token
+from gateway.dialects.a1111 import a1111_clip_skip
 from gateway.errors import Failure, invalid
 from gateway.fetch import FetchRefused, check_image, fetch_image
 from gateway.wire import decode_json, json_response, retry_headers
@@ -224,17 +225,6 @@ def sampler_for(body: Txt2ImgRequest) -> str:
         raise invalid(f"scheduler {body.scheduler!r} is not supported; use automatic or karras "
                       "(or a sampler_name such as 'DPM++ 2M Karras')", field="scheduler")
     return name
-
-
-def a1111_clip_skip(value: int | None) -> int | None:
-    """A1111's clip_skip (1 = last CLIP layer) as extra layers skipped past SDXL's penultimate.
-
-    SDXL already reads the penultimate layer, which is what A1111's 2 means; 1 and 2 both give
-    that, and each step above skips one more layer.
-    """
-    if value is None or value <= 2:
-        return None
-    return value - 2
 
 
 # -- the dialect -----------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from msgspec import Meta
 
 from auth.keys import Principal
 from gateway.async_tasks import AsyncTaskDialect
+from gateway.dialects.a1111 import a1111_clip_skip
 from gateway.errors import ApiError, Failure, invalid
 from gateway.wire import convert, decode_json, json_response, retry_headers
 from inference import GenerationRequest
@@ -254,11 +255,6 @@ def parse_loras(models: str | None, strengths: str | None) -> tuple[Lora, ...]:
     return tuple(Lora(name=n, weight=w) for n, w in zip(names, values, strict=True))
 
 
-def clip_skip_for(value: int) -> int | None:
-    """ModelsLab's clip_skip (A1111 terms; 2 = penultimate layer, SDXL's default) → extra skip."""
-    return None if value <= 2 else value - 2
-
-
 def _new_id() -> str:
     # The vendor's ids are integers; 15 digits keep them unique and JSON-safe.
     return str(10**14 + secrets.randbelow(9 * 10**14))
@@ -358,7 +354,7 @@ class ModelsLabDialect(AsyncTaskDialect):
             guidance=body.guidance_scale,
             sampler=sampler_for(body.scheduler, body.use_karras_sigmas, body.algorithm_type),
             seed=body.seed,
-            clip_skip=clip_skip_for(body.clip_skip),
+            clip_skip=a1111_clip_skip(body.clip_skip),
             output_format="png",
             loras=parse_loras(body.lora_model, body.lora_strength),
         )
