@@ -1,74 +1,146 @@
-"""Which torch.compile recipe pays on this GPU? Bare pipeline, 1024², 20 steps, batch 8.
+"""Which torch.compile recipe pays on this GPU? Bare pipeline, 1024², 20 steps, guidance 5.
 
-Variants, in one process on the same weights: eager; regional (transformer blocks) with static
-shapes; whole UNet + VAE decoder with static shapes (the PyTorch SDXL recipe). Each prints one
-JSON line to $OUT/variants.jsonl as soon as it is measured, with its compile time.
+Each variant runs in its own process (compiled modules cannot be un-compiled cleanly) on the
+same random-weight full-size SDXL, compiled by the server's own code (``inference.compile``), so
+a winner here is a setting the server can be started with. For every batch size asked for it
+records the compile-and-first-call time and the warm time of a 20-step call, as one JSON line in
+``$OUT/variants.jsonl``.
+
+Variants (``--variants``, comma-separated; default: all but the slow max-autotune one):
+
+- ``eager``: no compile;
+- ``blocks-dynamic``: the server's default (regional, shape-generic);
+- ``full-dynamic``: ``--compile-scope full`` (whole UNet + VAE decoder, fused QKV, channels-last);
+- ``full-static``: ``--compile-scope full --compile-shapes static``;
+- ``full-static-cdt``: the same plus inductor's coordinate-descent tuning and no epilogue
+  fusion (the rest of the PyTorch team's SDXL recipe; not a server setting yet);
+- ``full-static-graphs``: static shapes with CUDA graphs (``--compile-mode reduce-overhead``);
+- ``full-static-autotune``: ``--compile-mode max-autotune-no-cudagraphs`` (compiles for many
+  minutes per shape).
+
+Example (one call of the device tool fits about three full variants at two batch sizes)::
+
+    OUT=/tmp/gpuout python -m bench.gpu_compile_variants --variants full-dynamic,full-static \\
+        --batches 1,8
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import torch
-
-from bench import gpu_sdxl
-
 OUT = Path(os.environ.get("OUT") or "/tmp/gpuout")
-OUT.mkdir(parents=True, exist_ok=True)
-T0 = time.perf_counter()
+
+VARIANTS: dict[str, dict[str, str] | None] = {
+    "eager": None,
+    "blocks-dynamic": {"scope": "blocks", "shapes": "dynamic"},
+    "full-dynamic": {"scope": "full", "shapes": "dynamic"},
+    "full-static": {"scope": "full", "shapes": "static"},
+    "full-static-cdt": {"scope": "full", "shapes": "static", "tuning": "cdt"},
+    "full-static-graphs": {"scope": "full", "shapes": "static", "mode": "reduce-overhead"},
+    "full-static-autotune": {"scope": "full", "shapes": "static",
+                             "mode": "max-autotune-no-cudagraphs"},
+}
+DEFAULT = "eager,blocks-dynamic,full-dynamic,full-static,full-static-cdt,full-static-graphs"
 
 
-def emit(**kw):
-    kw["t"] = round(time.perf_counter() - T0, 1)
-    print(json.dumps(kw), flush=True)
+def emit(**kw: object) -> None:
+    """Print one result line and append it to ``$OUT/variants.jsonl``."""
+    line = json.dumps(kw)
+    print(line, flush=True)
+    OUT.mkdir(parents=True, exist_ok=True)
     with open(OUT / "variants.jsonl", "a") as f:
-        f.write(json.dumps(kw) + "\n")
+        f.write(line + "\n")
 
 
-def run(pipe, batch, steps):
-    gens = [torch.Generator("cpu").manual_seed(i) for i in range(batch)]
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    with torch.inference_mode():
-        pipe(prompt=["a lighthouse at dusk"] * batch, generator=gens, num_inference_steps=steps,
-             width=1024, height=1024, guidance_scale=5.0, output_type="pt")
-    torch.cuda.synchronize()
-    return time.perf_counter() - t
+def run_variant(name: str, batches: list[int], *, dry: bool) -> None:
+    """Build the pipeline, compile it as ``name`` says, and time every batch size.
+
+    ``dry``: the built-in tiny model on the CPU at 64², to check the flow without a GPU.
+    """
+    import torch
+
+    from inference.compile import CompileOptions, apply_compile, prepare_for_compile
+
+    spec = VARIANTS[name]
+    size, steps = (64, 3) if dry else (1024, 20)
+    if dry:
+        from diffusers import StableDiffusionXLPipeline
+
+        from inference.tiny import ensure_tiny
+
+        pipe = StableDiffusionXLPipeline.from_pretrained(ensure_tiny(Path("/tmp/igcache-e2e"))
+                                                         / "base")
+        def sync() -> None:
+            return None
+
+        gpu = "cpu (dry)"
+    else:
+        from bench import gpu_sdxl
+
+        pipe = gpu_sdxl.build(torch.bfloat16)
+        sync = torch.cuda.synchronize
+        gpu = torch.cuda.get_device_name(0)
+    pipe.set_progress_bar_config(disable=True)
+    if spec is not None:
+        options = CompileOptions(scope=spec["scope"], shapes=spec["shapes"],  # type: ignore[arg-type]
+                                 mode=spec.get("mode", "default"))
+        prepare_for_compile(pipe, options)
+        if spec.get("tuning") == "cdt":
+            import torch._inductor.config as ic
+
+            ic.coordinate_descent_tuning = True
+            ic.coordinate_descent_check_all_directions = True
+            ic.epilogue_fusion = False
+        apply_compile(pipe, options)
+
+    def call(batch: int, steps: int) -> float:
+        gens = [torch.Generator("cpu").manual_seed(i) for i in range(batch)]
+        sync()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            pipe(prompt=["a lighthouse at dusk"] * batch, generator=gens,
+                 num_inference_steps=steps, width=size, height=size, guidance_scale=5.0,
+                 output_type="pt")
+        sync()
+        return time.perf_counter() - t
+
+    for batch in batches:
+        first = call(batch, 2)
+        call(batch, 2)  # CUDA graphs record on the second call
+        seconds = min(call(batch, steps) for _ in range(2))
+        emit(variant=name, batch=batch, size=size, steps=steps, first_call_s=round(first, 1),
+             seconds=round(seconds, 3), images_per_s=round(batch / seconds, 3), gpu=gpu,
+             torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
 
 
-def measure(name, pipe):
-    t = time.perf_counter()
-    run(pipe, 8, 2)
-    warm = time.perf_counter() - t
-    b8 = run(pipe, 8, 20)
-    emit(variant=name, compile_and_first_s=round(warm, 1), b8_s=round(b8, 3),
-         img_s=round(8 / b8, 3))
-
-
-def main():
-    import torch._inductor.config as ic
-
-    pipe = gpu_sdxl.build(torch.bfloat16)
-    emit(variant="build", gpu=torch.cuda.get_device_name(0), torch=torch.__version__)
-    measure("eager", pipe)
-    pipe.fuse_qkv_projections()
-    pipe.unet.to(memory_format=torch.channels_last)
-    pipe.vae.to(memory_format=torch.channels_last)
-    measure("eager+fused_qkv+channels_last", pipe)
-    ic.conv_1x1_as_mm = True
-    pipe.unet.compile_repeated_blocks(fullgraph=True, dynamic=False)
-    measure("blocks_static", pipe)
-    for m in pipe.unet.modules():  # undo the regional compile before compiling the whole UNet
-        if hasattr(m, "_compiled_call_impl"):
-            m._compiled_call_impl = None
-    torch._dynamo.reset()
-    pipe.unet = torch.compile(pipe.unet, fullgraph=True, dynamic=False)
-    pipe.vae.decode = torch.compile(pipe.vae.decode, fullgraph=True, dynamic=False)
-    measure("full_static", pipe)
-    emit(variant="done")
+def main() -> None:
+    """Run each variant in a child process, one after another."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", default=DEFAULT)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--dry", action="store_true", help="tiny model on the CPU, to check the flow")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    if args.child:
+        run_variant(args.child, batches, dry=args.dry)
+        return
+    for name in args.variants.split(","):
+        if name not in VARIANTS:
+            sys.exit(f"unknown variant {name!r}; known: {', '.join(VARIANTS)}")
+    for name in args.variants.split(","):
+        t = time.perf_counter()
+        code = subprocess.call([sys.executable, "-m", "bench.gpu_compile_variants",
+                                "--child", name, "--batches", args.batches]
+                               + (["--dry"] if args.dry else []))
+        if code:
+            emit(variant=name, failed=code, after_s=round(time.perf_counter() - t, 1))
 
 
 if __name__ == "__main__":

@@ -306,8 +306,15 @@ def main():
             prepare_for_compile,
         )
 
-        scope = "full" if "--compile-scope full" in " ".join(shlex.split(a.serve_args)) else "blocks"
-        options = CompileOptions(scope=scope)  # the served phases' recipe, for a fair comparison
+        served = argparse.ArgumentParser(add_help=False)
+        served.add_argument("--compile-scope", default="blocks")
+        served.add_argument("--compile-shapes", default="dynamic")
+        served.add_argument("--compile-mode", default="default")
+        recipe, _ = served.parse_known_args(shlex.split(a.serve_args))
+        scope = recipe.compile_scope
+        # The served phases' recipe, for a fair comparison.
+        options = CompileOptions(scope=scope, shapes=recipe.compile_shapes,
+                                 mode=recipe.compile_mode)
         CompileCache(cache / "bare-compile").activate()
         prepare_for_compile(pipe, options)
         apply_compile(pipe, options)
@@ -317,7 +324,7 @@ def main():
         emit(phase="barec", compile_and_warm_s=round(time.perf_counter() - t, 1))
         b1 = min(bare_time(pipe, 1, steps, size) for _ in range(3))
         b8 = bare_time(pipe, 8, steps, size)
-        emit(phase="barec", mode=f"compiled ({scope})", b1_s=round(b1, 3), b8_s=round(b8, 3),
+        emit(phase="barec", mode=f"compiled ({scope}, {recipe.compile_shapes} shapes)", b1_s=round(b1, 3), b8_s=round(b8, 3),
              b8_img_s=round(8 / b8, 3))
     del pipe
     if cuda:

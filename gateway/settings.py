@@ -101,6 +101,8 @@ class Settings(msgspec.Struct, kw_only=True):
     compile: Annotated[bool | None, Meta(description="torch.compile the UNet and VAE decoder (default: on for CUDA, off for CPU).")] = None
     compile_mode: Annotated[str, Meta(description="torch.compile mode.")] = "default"
     compile_scope: Annotated[Literal["blocks", "full"], Meta(description="What torch.compile compiles: blocks (the UNet's repeated transformer blocks; fast cold start) or full (the whole UNet and VAE decoder).")] = "blocks"
+    compile_shapes: Annotated[Literal["dynamic", "static"], Meta(description="dynamic: one shape-generic graph serves every batch size and resolution. static: one graph per batch bucket and warm-up size (needed for CUDA graphs); batches are padded up to a bucket.")] = "dynamic"
+    batch_buckets: Annotated[str | None, Meta(description="With --compile-shapes static: the batch sizes compiled, comma-separated (default: 1,2,4,… up to --max-batch-images, which is always one).")] = None
     quantize: Annotated[Literal["none", "fp8"], Meta(description="Quantize the UNet: fp8 (torchao float8 matmuls; needs an FP8-capable GPU such as Hopper, and the fp8 extra) or none.")] = "none"
     allow_download: Annotated[bool, Meta(description="Allow fetching a hub id that is not in the local cache.")] = False
     single_file_config: Annotated[str | None, Meta(description="Diffusers SDXL folder or hub id that supplies component configs for a single-file checkpoint.")] = None
@@ -120,7 +122,7 @@ class Settings(msgspec.Struct, kw_only=True):
     max_steps: Annotated[int, Meta(ge=1, description="Largest number of denoising steps a request may ask for.")] = 150
     max_batch_images: Annotated[int, Meta(ge=1, description="Most images in one pipeline call.")] = 8
     max_wait_ms: Annotated[float, Meta(ge=0, description="How long an idle executor waits for a batch to fill (0: start at once).")] = 0.0
-    batch_fill_ms: Annotated[Annotated[float, Meta(ge=0)] | None, Meta(description="Under back-to-back load, how long a batch may wait to fill up to the last batch's size (default: a fifth of a recent batch's time, at most 250 ms; 0: never wait).")] = None
+    batch_fill_ms: Annotated[Annotated[float, Meta(ge=0)] | None, Meta(description="Under back-to-back load, how long a batch may wait to fill up to the last batch's size (default: a fifth of a recent batch's time, at most 1 s; 0: never wait).")] = None
     max_prompt_chars: Annotated[int, Meta(ge=1, description="Longest prompt or negative prompt any API accepts, in characters (the CLIP encoders read 77 tokens; longer text costs tokenizer time only).")] = 8000
     max_queue_images: Annotated[int, Meta(ge=1, description="Most images waiting in the queue; past it requests are refused with an overload error.")] = 64
     request_timeout_s: Annotated[float, Meta(gt=0, description="Deadline of one request, queue time included.")] = 300.0
@@ -253,6 +255,15 @@ class Settings(msgspec.Struct, kw_only=True):
             problems.append(f"{src('warmup_batch_sizes')}: expected batch sizes from 1 to "
                             f"max-batch-images ({self.max_batch_images}) separated by commas, got "
                             f"{self.warmup_batch_sizes!r}")
+        if self.batch_buckets is not None:
+            try:
+                buckets = _int_list(self.batch_buckets)
+                if not buckets or any(b < 1 or b > self.max_batch_images for b in buckets):
+                    raise ValueError
+            except ValueError:
+                problems.append(f"{src('batch_buckets')}: expected batch sizes from 1 to "
+                                f"max-batch-images ({self.max_batch_images}) separated by commas, "
+                                f"got {self.batch_buckets!r}")
         if self.public_url and not self.public_url.startswith(("http://", "https://")):
             problems.append(f"{src('public_url')}: must start with http:// or https://, got "
                             f"{self.public_url!r}")
@@ -265,6 +276,9 @@ class Settings(msgspec.Struct, kw_only=True):
             out.append(f"--public-url is not set and the server binds {self.host}: image URLs "
                        "are built from each client's Host header; set --public-url to the "
                        "address clients should use")
+        if self.batch_buckets is not None and self.compile_shapes != "static":
+            out.append("--batch-buckets is set but --compile-shapes is not static: batches are "
+                       "not padded, the buckets are ignored")
         if self.token_ttl_s < 3600:
             out.append(f"--token-ttl-s is {self.token_ttl_s}s, below 3600: Qianfan's SDK "
                        "refreshes access tokens at most hourly, so its clients will see expired "
@@ -296,6 +310,8 @@ class Settings(msgspec.Struct, kw_only=True):
             compile=self.compile,
             compile_mode=self.compile_mode,
             compile_scope=self.compile_scope,
+            compile_shapes=self.compile_shapes,
+            batch_buckets=_int_list(self.batch_buckets) if self.batch_buckets else (),
             quantize=self.quantize,
             batch_fill_ms=self.batch_fill_ms,
             max_prompt_chars=self.max_prompt_chars,

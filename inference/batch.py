@@ -133,6 +133,17 @@ class Batch:
 
     key: BatchKey
     slots: list[Slot]
+    # Run as this many slots (static-shape buckets, inference.buckets); 0 or ≤ len(slots): none.
+    pad_to: int = 0
+
+    def input_slots(self) -> list[Slot]:
+        """The slots whose inputs go into the pipeline call: real ones, then padding.
+
+        Padding repeats the last real slot, so every input list keeps one shape and the real
+        slots' prompts, seeds and images are exactly what they would be unpadded.
+        """
+        extra = self.pad_to - len(self.slots)
+        return self.slots + [self.slots[-1]] * extra if extra > 0 and self.slots else self.slots
 
     def tickets(self) -> list[Ticket]:
         """Distinct tickets in slot order."""

@@ -11,6 +11,12 @@ The design (issue 9), and why:
   symbolic, so one compile serves every batch size and resolution. No padding to buckets, no
   wasted slots, and no per-shape compile. Warm-up still runs every configured (size × batch) shape
   so that everything a request can hit was traced, and specialisations (batch 1) exist.
+- **Or static shapes and buckets** (``shapes="static"``, opt-in): every graph is specialised to
+  one batch size and resolution, which is what the fastest measured recipe used (whole UNet,
+  static: +25% over eager at batch 8 on an H200, docs/benchmarks.md §4.2) and what CUDA graphs
+  (``mode="reduce-overhead"``) need. Warm-up compiles every batch bucket at every warm-up size
+  and the executor pads each batch up to a bucket (:mod:`inference.buckets`); the price is a
+  compile per bucket and size at a cold start, and padded slots' compute.
 - **A stance, not a promise**: after warm-up the process switches to torch's
   ``eager_on_recompile`` stance. Any input that the warmed graphs do not cover (a dtype, a size
   that breaks a guard) runs eagerly instead of compiling, so a user request never waits minutes.
@@ -39,7 +45,11 @@ import msgspec
 logger = logging.getLogger(__name__)
 
 Scope = Literal["blocks", "full"]
+Shapes = Literal["dynamic", "static"]
 ARTIFACTS = "artifacts.bin"
+# Static graphs: one per (bucket × warm-up size × distinct block shape); dynamo's default limit
+# of 8 graphs per function would silently fall back to eager for the rest during warm-up.
+STATIC_RECOMPILE_LIMIT = 256
 
 
 class CompileOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -47,6 +57,7 @@ class CompileOptions(msgspec.Struct, frozen=True, kw_only=True):
 
     scope: Scope = "blocks"
     mode: str = "default"
+    shapes: Shapes = "dynamic"
     # Fuse attention Q/K/V projections into one matmul and use channels-last memory format:
     # both are part of the PyTorch team's SDXL recipe and cost nothing at start-up.
     fuse_qkv: bool = True
@@ -158,14 +169,22 @@ def apply_compile(pipe: Any, options: CompileOptions) -> None:
 
     # From the PyTorch SDXL recipe: 1×1 convolutions as matmuls fuse better.
     inductor_config.conv_1x1_as_mm = True
-    kwargs: dict[str, Any] = {"mode": options.mode, "fullgraph": True, "dynamic": True}
+    static = options.shapes == "static"
+    if static:
+        import torch._dynamo.config as dynamo_config
+
+        limit_name = ("recompile_limit" if hasattr(dynamo_config, "recompile_limit")
+                      else "cache_size_limit")
+        setattr(dynamo_config, limit_name,
+                max(getattr(dynamo_config, limit_name), STATIC_RECOMPILE_LIMIT))
+    kwargs: dict[str, Any] = {"mode": options.mode, "fullgraph": True, "dynamic": not static}
     if options.scope == "blocks":
         pipe.unet.compile_repeated_blocks(**kwargs)
     else:
         pipe.unet = torch.compile(pipe.unet, **kwargs)
         pipe.vae.decode = torch.compile(pipe.vae.decode, **kwargs)
-    logger.info("torch.compile armed (scope=%s, mode=%s, dynamic shapes)", options.scope,
-                options.mode)
+    logger.info("torch.compile armed (scope=%s, mode=%s, %s shapes)", options.scope,
+                options.mode, options.shapes)
 
 
 class CompileWatch:

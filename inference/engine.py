@@ -18,6 +18,7 @@ import msgspec
 
 from inference import __version__
 from inference.batch import Batch, BatchKey, Slot, Ticket
+from inference.buckets import BatchBuckets
 from inference.compile import CompileCache, CompileWatch
 from inference.controlnet import PREPROCESSORS
 from inference.cost import image_megapixels, image_units
@@ -64,6 +65,9 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     compile: bool | None = None
     compile_mode: str = "default"
     compile_scope: str = "blocks"
+    compile_shapes: str = "dynamic"
+    # Batch sizes static-shape graphs are compiled for (empty: 1, 2, 4, … up to the maximum).
+    batch_buckets: tuple[int, ...] = ()
     quantize: str = "none"
     allow_download: bool = False
     single_file_config: str | None = None
@@ -151,7 +155,8 @@ def diffusers_runner_factory(config: EngineConfig) -> tuple[BatchRunner, ModelIn
     from inference.quantize import quantize_unet
 
     compile_on = config.compile if config.compile is not None else choice.device.startswith("cuda")
-    options = CompileOptions(scope=config.compile_scope, mode=config.compile_mode)  # type: ignore[arg-type]
+    options = CompileOptions(scope=config.compile_scope, mode=config.compile_mode,  # type: ignore[arg-type]
+                             shapes=config.compile_shapes)  # type: ignore[arg-type]
     if compile_on:
         prepare_for_compile(base, options)
     quantize_unet(base, config.quantize, choice.device)  # type: ignore[arg-type]
@@ -248,7 +253,10 @@ class Engine:
         watch = getattr(runner, "compile_watch", None) or CompileWatch(info.compiled)
         self._hub = ProgressHub(asyncio.get_running_loop(),
                                 png_level=self.config.png_compress_level)
-        self._executor = Executor(ObservedRunner(runner, self._hub), watch=watch)
+        buckets = self.batch_buckets()
+        if buckets is not None:
+            logger.info("static-shape graphs: batches padded to buckets %s", buckets.sizes)
+        self._executor = Executor(ObservedRunner(runner, self._hub), watch=watch, buckets=buckets)
         self._scheduler = Scheduler(
             self._executor, self._encoder, self.metrics, model=info.id,
             max_batch_images=self.config.max_batch_images,
@@ -256,6 +264,7 @@ class Engine:
             max_queue_images=self.config.max_queue_images,
             request_timeout_s=self.config.request_timeout_s,
             batch_fill_ms=self.config.batch_fill_ms,
+            buckets=buckets,
         )
         self.state = EngineState.WARMING
         await self._warm_up()
@@ -268,17 +277,32 @@ class Engine:
         self.metrics.started.set(1)
         logger.info("ready in %.1fs", time.perf_counter() - started)
 
+    def batch_buckets(self) -> BatchBuckets | None:
+        """The batch sizes every call is padded to, when the graphs are compiled static."""
+        assert self.info is not None
+        if not (self.info.compiled and self.config.compile_shapes == "static"):
+            return None
+        top = self.config.max_batch_images
+        if self.config.batch_buckets:
+            return BatchBuckets.of(self.config.batch_buckets, top)
+        return BatchBuckets.powers_of_two(top)
+
     def warmup_shapes(self) -> list[tuple[int, int, int]]:
         """(width, height, batch) shapes run before ready.
 
-        Every configured size × batch size. With compile on, batch 1 and the largest batch are
-        always included: batch 1 is its own specialisation, the largest checks memory, and the
-        shape-generic graph traced between them serves every batch size in between.
+        Every configured size × batch size. With shape-generic compiled graphs, batch 1 and the
+        largest batch are always included: batch 1 is its own specialisation, the largest checks
+        memory, and the graph traced between them serves every batch size in between. With
+        static-shape graphs every bucket is compiled, and only buckets (any other batch size
+        is padded to one).
         """
         assert self.info is not None
         sizes = self.config.warmup_sizes or ((self.info.default_width, self.info.default_height),)
         batches = set(self.config.warmup_batch_sizes)
-        if self.info.compiled:
+        buckets = self.batch_buckets()
+        if buckets is not None:
+            batches = set(buckets.sizes)
+        elif self.info.compiled:
             batches |= {1, min(2, self.config.max_batch_images), self.config.max_batch_images}
         return [(w, h, b) for (w, h) in sizes for b in sorted(batches)]
 
@@ -306,8 +330,9 @@ class Engine:
                 compiling += took
             elif i > 1:  # the very first call pays one-off initialisation
                 for size, times in outcome.calls:
-                    self._scheduler.cost.observe(image_megapixels(request) * size,
-                                                 image_units(request) * size, times.total)
+                    computed = size + times.padded
+                    self._scheduler.cost.observe(image_megapixels(request) * computed,
+                                                 image_units(request) * computed, times.total)
             logger.info("warm-up %d/%d: %dx%d batch %d, %d steps in %.2fs%s", i, len(runs), w, h,
                         b, steps, took,
                         f" ({outcome.compiles} graphs compiled)" if outcome.compiles else "")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from inference.batch import Batch, Slot, Ticket
+from inference.buckets import BatchBuckets
 from inference.compile import CompileWatch
 from inference.errors import Cancelled, GenerationFailed, InferenceError, OutOfMemory
 from inference.runner import BatchRunner, StepTimes
@@ -51,9 +52,11 @@ class Executor:
     """Runs batches on a single dedicated thread."""
 
     def __init__(self, runner: BatchRunner, *, name: str = "imagegate-executor",
-                 watch: CompileWatch | None = None) -> None:
+                 watch: CompileWatch | None = None, buckets: BatchBuckets | None = None) -> None:
         self.runner = runner
         self.watch = watch or CompileWatch(enabled=False)
+        # Static-shape graphs: every call is padded up to one of these batch sizes.
+        self.buckets = buckets
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
 
     async def run(self, batch: Batch, *, warmup: bool = False) -> BatchOutcome:
@@ -98,6 +101,8 @@ class Executor:
         """Run ``batch``; on OOM retry it as two halves, failing only single images that still OOM."""
         if batch.all_abandoned():
             return
+        if self.buckets is not None:
+            batch.pad_to = self.buckets.fit(len(batch.slots))
         try:
             arrays, times = self.runner.run(batch)
         except Cancelled:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import msgspec
 import numpy as np
 
-from inference.batch import Batch
+from inference.batch import Batch, Slot
 from inference.controlnet import control_map
 from inference.errors import Cancelled, FeatureUnavailable, InvalidRequest
 from inference.images import decode_rgb
@@ -34,6 +34,8 @@ class StepTimes(msgspec.Struct, kw_only=True):
     steps: int = 0
     decode: float = 0.0
     total: float = 0.0
+    # Slots computed only as padding up to a batch bucket (their images were discarded).
+    padded: int = 0
 
 
 class BatchRunner(Protocol):
@@ -42,7 +44,10 @@ class BatchRunner(Protocol):
     has_refiner: bool
 
     def run(self, batch: Batch) -> tuple[list[np.ndarray], StepTimes]:
-        """One (H, W, 3) uint8 RGB array per slot, in slot order."""
+        """One (H, W, 3) uint8 RGB array per real slot, in slot order.
+
+        A batch with ``pad_to`` set runs ``batch.input_slots()`` and returns the real slots only.
+        """
         ...
 
     def count_tokens(self, prompt: str, negative_prompt: str) -> int:
@@ -199,11 +204,13 @@ class DiffusersRunner:
         key = batch.key
         self._check(batch)
         self._apply_loras(batch)
-        prompts = [s.ticket.prompt for s in batch.slots]
-        negatives = [s.ticket.request.negative_prompt for s in batch.slots]
+        slots = batch.input_slots()
+        real = len(batch.slots)
+        prompts = [s.ticket.prompt for s in slots]
+        negatives = [s.ticket.request.negative_prompt for s in slots]
         # CPU generators: the same seed gives the same latents on every device and batch.
-        generators = [torch.Generator("cpu").manual_seed(s.seed) for s in batch.slots]
-        times = StepTimes()
+        generators = [torch.Generator("cpu").manual_seed(s.seed) for s in slots]
+        times = StepTimes(padded=len(slots) - real)
         started = time.perf_counter()
         last_step = [started]
         phase = [0]
@@ -233,15 +240,15 @@ class DiffusersRunner:
             if key.img2img_strength is not None:
                 inits = [
                     decode_init_image(s.ticket.init_image.data, key.width, key.height)  # type: ignore[union-attr]
-                    for s in batch.slots
+                    for s in slots
                 ]
             if key.inpaint:
                 masks = [
                     decode_mask(s.ticket.init_image.mask, key.width, key.height)  # type: ignore[union-attr]
-                    for s in batch.slots
+                    for s in slots
                 ]
             if key.control or key.inpaint:
-                out = self._run_conditioned(batch, common, inits, masks)
+                out = self._run_conditioned(batch, slots, common, inits, masks)
             elif key.img2img_strength is not None:
                 if key.refine is not None:
                     out = self._refine(
@@ -282,9 +289,9 @@ class DiffusersRunner:
                     else:
                         out = self._refine(common, out, steps=refine.steps, strength=refine.strength)
         times.denoise = last_step[0] - started
-        arrays = to_uint8(out)
+        arrays = to_uint8(out[:real])
         if masks:
-            arrays = [composite(a, i, m) for a, i, m in zip(arrays, inits, masks, strict=True)]
+            arrays = [composite(a, i, m) for a, i, m in zip(arrays, inits[:real], masks[:real], strict=True)]
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         ended = time.perf_counter()
@@ -293,7 +300,8 @@ class DiffusersRunner:
         return arrays, times
 
     def _run_conditioned(
-        self, batch: Batch, common: dict[str, Any], inits: list[Any], masks: list[np.ndarray]
+        self, batch: Batch, slots: list[Slot], common: dict[str, Any], inits: list[Any],
+        masks: list[np.ndarray],
     ) -> Any:
         """Inpainting and/or ControlNet: one call of the matching shared-component pipeline."""
         import torch
@@ -326,7 +334,7 @@ class DiffusersRunner:
                     control_map(s.ticket.request.control[u].image, kinds[u],
                                 preprocess=s.ticket.request.control[u].preprocess,
                                 width=key.width, height=key.height)
-                    for s in batch.slots
+                    for s in slots
                 ]))
                 for u in range(len(kinds))
             ]

@@ -11,6 +11,9 @@ Rules:
   images wait than the last batch held, it waits a short fill window (a fraction of a batch's
   time) for the rest, since under steady load the clients just answered come straight back. An
   idle executor still starts a lone request at once, so single-request latency is unchanged;
+- with static-shape compiled graphs (``buckets``), a batch is either every waiting image (padded
+  up to the next bucket by the executor) or the largest bucket they fill, whichever the cost
+  model says is cheaper per real image (:mod:`inference.buckets`);
 - admission is by cost (pixels × steps, see :mod:`inference.cost`): a request that could not
   finish inside the request timeout, alone or behind the queue, is refused at once with an
   estimate of when to retry, rather than admitted to time out.
@@ -27,6 +30,7 @@ from collections import deque
 from concurrent.futures import Future
 
 from inference.batch import Batch, BatchKey, Slot, Ticket
+from inference.buckets import BatchBuckets
 from inference.cost import CostModel, image_megapixels, image_units
 from inference.encoder import EncoderPool
 from inference.errors import InferenceError, InvalidRequest, QueueFull, ShuttingDown
@@ -35,6 +39,12 @@ from inference.request import GenerationResult, Timings
 from observability.metrics import Metrics
 
 logger = logging.getLogger(__name__)
+
+# The automatic fill window's ceiling. On an H200 at 1024² a batch of eight PNG responses
+# (~4 MB of base64 each) took its clients longer than 250 ms to read and answer, so batches after
+# a full one started half empty (mean 4.8 of 8). The window only runs while fewer images wait
+# than the last batch held, so a steady load of any size never waits for it.
+FILL_CAP_S = 1.0
 
 
 class Scheduler:
@@ -53,6 +63,7 @@ class Scheduler:
         request_timeout_s: float = 300.0,
         batch_fill_ms: float | None = None,
         cost: CostModel | None = None,
+        buckets: BatchBuckets | None = None,
     ) -> None:
         self.executor = executor
         self.encoder = encoder
@@ -62,9 +73,10 @@ class Scheduler:
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue_images = max_queue_images
         self.request_timeout_s = request_timeout_s
-        # None: automatic (a fifth of a recent batch's time, at most 250 ms); 0 turns it off.
+        # None: automatic (a fifth of a recent batch's time, at most 1 s); 0 turns it off.
         self.batch_fill = None if batch_fill_ms is None else batch_fill_ms / 1000.0
         self.cost = cost or CostModel()
+        self.buckets = buckets
         self._queued_units = 0.0
         self._running_units = 0.0
         self._queued_megapixels = 0.0
@@ -249,16 +261,29 @@ class Scheduler:
             return 0.0
         window = self.batch_fill
         if window is None:
-            window = min(0.25, 0.2 * self._last_batch_seconds)
+            window = min(FILL_CAP_S, 0.2 * self._last_batch_seconds)
         return self._last_batch_end + window
+
+    def _batch_limit(self, key: BatchKey) -> int:
+        """How many images the next batch of ``key`` takes."""
+        if self.buckets is None:
+            return self.max_batch_images
+        waiting = self._group_images(key)
+        seconds = None
+        if self.cost.known:
+            head = self._groups[key][0].request
+            mp, units = image_megapixels(head), image_units(head)
+            seconds = lambda k: self.cost.seconds(mp * k, units * k)  # noqa: E731
+        return self.buckets.choose(waiting, seconds)
 
     def _take_batch(self, key: BatchKey) -> Batch:
         group = self._groups[key]
         slots: list[Slot] = []
         now = time.monotonic()
-        while group and len(slots) < self.max_batch_images:
+        limit = self._batch_limit(key)
+        while group and len(slots) < limit:
             ticket = group[0]
-            room = self.max_batch_images - len(slots)
+            room = limit - len(slots)
             take, ticket.pending = ticket.pending[:room], ticket.pending[room:]
             slots.extend(Slot(ticket, i) for i in take)
             self._queued_images -= len(take)
@@ -306,6 +331,8 @@ class Scheduler:
         for size, times in outcome.calls:
             self.metrics.batches.inc()
             self.metrics.images.inc(size)
+            if times.padded:
+                self.metrics.padded_images.inc(times.padded)
             self.metrics.batch_size.observe(size)
             self.metrics.batch_seconds.observe(times.total)
             if times.steps:
@@ -319,8 +346,9 @@ class Scheduler:
             first = batch.slots[0].ticket.request if batch.slots else None
             for size, times in outcome.calls:
                 if first is not None:
-                    self.cost.observe(image_megapixels(first) * size, image_units(first) * size,
-                                      times.total)
+                    computed = size + times.padded  # padding costs like real images
+                    self.cost.observe(image_megapixels(first) * computed,
+                                      image_units(first) * computed, times.total)
         total = sum(t.total for _, t in outcome.calls)
         for ticket, exc in outcome.failures:
             self._fail(ticket, exc)

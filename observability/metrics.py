@@ -88,6 +88,12 @@ class Metrics:
         self.oom_splits = Counter(
             "imagegate_oom_splits", "Batches split in halves after running out of memory.", registry=r,
         )
+        self.padded_images = Counter(
+            "imagegate_padded_images",
+            "Batch slots computed only to fill a static-shape batch bucket (their images are "
+            "discarded); padded_images / (images_generated + padded_images) is the waste.",
+            registry=r,
+        )
         self.model_loaded = Gauge(
             "imagegate_model_loaded", "1 once the model weights are loaded.", registry=r,
         )

@@ -24,6 +24,8 @@ class FakeRunner:
         self.delay = delay
         self.fail = fail
         self.batches: list[list[tuple[str, int]]] = []
+        # Slots each call computed, padding (Batch.pad_to) included.
+        self.call_sizes: list[int] = []
         self.gate: threading.Event | None = None
         self.entered = threading.Event()
 
@@ -47,9 +49,12 @@ class FakeRunner:
         if self.delay:
             time.sleep(self.delay)
         self.batches.append([(s.ticket.prompt, s.seed) for s in batch.slots])
+        computed = len(batch.input_slots())
+        self.call_sizes.append(computed)
         h, w = batch.key.height, batch.key.width
         out = [np.full((h, w, 3), s.seed % 256, dtype=np.uint8) for s in batch.slots]
-        return out, StepTimes(denoise=0.01, steps=batch.key.steps, decode=0.001, total=0.011)
+        return out, StepTimes(denoise=0.01, steps=batch.key.steps, decode=0.001, total=0.011,
+                              padded=computed - len(batch.slots))
 
     def count_tokens(self, prompt: str, negative_prompt: str) -> int:
         return len(prompt.split()) + len(negative_prompt.split())

@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from inference import GenerationRequest
-from inference.batch import Batch
+from inference.batch import Batch, Slot
+from inference.buckets import BatchBuckets
 from inference.compile import CompileWatch
 from inference.cost import CostModel
 from inference.encoder import EncoderPool, fpng_available
@@ -83,7 +84,7 @@ class CompilingRunner(FakeRunner):
         self.seen: set[int] = set()
 
     def run(self, batch: Batch):
-        size = len(batch.slots)
+        size = len(batch.input_slots())  # what the graph sees: padding included
         if size in self.compile_sizes and size not in self.seen:
             self.seen.add(size)
             self.compile_watch.compiled += 1
@@ -123,6 +124,121 @@ async def test_compiled_warmup_covers_batch_1_2_and_max_at_every_size_before_rea
     assert engine.metrics.registry.get_sample_value(
         "imagegate_compiles_total", {"reason": "request"}) == 0
     await engine.drain(5)
+
+
+# -- static shapes: batch buckets -----------------------------------------------------------
+
+
+def test_buckets_are_powers_of_two_up_to_the_maximum_which_is_always_one():
+    assert BatchBuckets.powers_of_two(8).sizes == (1, 2, 4, 8)
+    assert BatchBuckets.powers_of_two(6).sizes == (1, 2, 4, 6)
+    assert BatchBuckets.powers_of_two(1).sizes == (1,)
+    assert BatchBuckets.of((3, 16, 0), 8).sizes == (3, 8)
+    buckets = BatchBuckets.of((2, 4), 8)
+    assert [buckets.fit(n) for n in range(1, 10)] == [2, 2, 4, 4, 8, 8, 8, 8, 8]
+
+
+def test_bucket_choice_pads_when_calls_cost_and_fills_a_smaller_bucket_when_images_cost():
+    buckets = BatchBuckets.powers_of_two(8)
+    assert buckets.choose(4) == 4 and buckets.choose(12) == 8
+    assert buckets.choose(5) == 5  # no estimate yet: everything waiting starts now
+    per_image = lambda k: 1.0 * k  # noqa: E731 - compute-bound: padding is pure waste
+    assert [buckets.choose(n, per_image) for n in range(1, 9)] == [1, 2, 2, 4, 4, 4, 4, 8]
+    per_call = lambda k: 10.0 + 0.1 * k  # noqa: E731 - overhead-bound: one call beats two
+    assert [buckets.choose(n, per_call) for n in range(1, 9)] == list(range(1, 9))
+
+
+def static_engine(runner: FakeRunner, **config):
+    engine = fake_engine(runner, compile_shapes="static", **config)
+    info = engine._runner_factory(engine.config)[1]
+    info.compiled = True  # as the real factory marks a model loaded with --compile
+    return engine
+
+
+async def test_static_shapes_warm_every_bucket_pad_batches_and_never_compile_on_a_request():
+    runner = CompilingRunner(compile_sizes={1, 2, 4, 8})
+    engine = static_engine(runner, max_batch_images=8, warmup_sizes=((64, 64),))
+    await engine.start()
+    assert engine.warmup_shapes() == [(64, 64, 1), (64, 64, 2), (64, 64, 4), (64, 64, 8)]
+    registry = engine.metrics.registry
+    assert registry.get_sample_value("imagegate_compiles_total", {"reason": "warmup"}) == 4
+    runner.call_sizes.clear()
+    runner.batches.clear()
+    results = [await engine.generate(req(n=n, seed=100 * n)) for n in (3, 5, 7)]
+    assert registry.get_sample_value("imagegate_compiles_total", {"reason": "request"}) == 0
+    # Every call ran a bucket; the real slots kept their own seeds and images.
+    assert all(size in (1, 2, 4, 8) for size in runner.call_sizes), runner.call_sizes
+    assert sorted(seed for batch in runner.batches for _, seed in batch) == sorted(
+        100 * n + i for n in (3, 5, 7) for i in range(n))
+    for n, result in zip((3, 5, 7), results, strict=True):
+        assert len(result.images) == n
+        for i, image in enumerate(result.images):
+            pixel = np.asarray(Image.open(io.BytesIO(image.data)))[0, 0, 0]
+            assert pixel == (100 * n + i) % 256, (n, i, pixel)
+    padded = sum(runner.call_sizes) - sum(len(b) for b in runner.batches)
+    assert padded > 0
+    assert registry.get_sample_value("imagegate_padded_images_total") == padded
+    await engine.drain(5)
+
+
+async def test_static_shapes_buckets_can_be_chosen_and_the_maximum_is_always_one():
+    engine = static_engine(FakeRunner(), max_batch_images=6, batch_buckets=(2, 4))
+    await engine.start()
+    assert engine.batch_buckets() == BatchBuckets((2, 4, 6))
+    assert [b for _, _, b in engine.warmup_shapes()] == [2, 4, 6]
+    await engine.drain(5)
+    dynamic = fake_engine(FakeRunner(), max_batch_images=6, batch_buckets=(2, 4))
+    await dynamic.start()
+    assert dynamic.batch_buckets() is None  # only static-shape graphs need buckets
+    await dynamic.drain(5)
+
+
+class PerImageRunner(FakeRunner):
+    """Reports a cost proportional to the images computed, padding included (a busy GPU)."""
+
+    def run(self, batch: Batch):
+        arrays, times = super().run(batch)
+        units = len(batch.input_slots()) * batch.key.steps * batch.key.width * batch.key.height
+        times.total = units / 1e6
+        return arrays, times
+
+
+async def test_with_a_compute_bound_cost_a_queue_of_five_runs_as_four_then_one_unpadded():
+    runner = PerImageRunner()
+    engine = static_engine(runner, max_batch_images=8, warmup_sizes=((64, 64), (128, 128)))
+    await engine.start()
+    assert engine._scheduler.cost.known
+    runner.call_sizes.clear()
+    runner.batches.clear()
+    runner.hold()
+    first = asyncio.create_task(engine.generate(req("first")))
+    await asyncio.to_thread(runner.entered.wait, 30)
+    rest = [asyncio.create_task(engine.generate(req(f"r{i}"))) for i in range(5)]
+    await wait_until(lambda: engine.queued_images == 5, "5 images queued")
+    runner.release()
+    await asyncio.gather(first, *rest)
+    assert [len(b) for b in runner.batches] == [1, 4, 1], runner.batches
+    assert runner.call_sizes == [1, 4, 1]
+    await engine.drain(5)
+
+
+@pytest.mark.asyncio(loop_scope="session")
+async def test_padding_leaves_the_real_images_of_the_tiny_pipeline_unchanged(tiny_engine):
+    """Padded slots repeat the last real slot's inputs; the real slots' pixels do not move."""
+    engine = tiny_engine
+    request = engine.prepare(GenerationRequest(prompt="a red cube", n=3, width=64, height=64,
+                                               steps=3, seed=11))
+    ticket = engine._ticket(request, asyncio.get_running_loop().create_future())
+    plain = await engine._executor.run(Batch(ticket.key, [Slot(ticket, i) for i in range(3)]))
+    padded_batch = Batch(ticket.key, [Slot(ticket, i) for i in range(3)], pad_to=4)
+    padded = await engine._executor.run(padded_batch)
+    assert not plain.failures and not padded.failures
+    assert [times.padded for _, times in padded.calls] == [1]
+    assert len(padded.images) == 3
+    for (slot_a, a), (slot_b, b) in zip(plain.images, padded.images, strict=True):
+        assert slot_a.index == slot_b.index
+        # Same seeds and prompts; batched CPU kernels may round differently by one level.
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 2, slot_a.index
 
 
 # -- batches that fill ----------------------------------------------------------------------
