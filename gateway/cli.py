@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     usage.add_argument("--usage-db", default=None,
                        help="ledger file [env IMAGEGATE_USAGE_DB; default DATA_DIR/usage.sqlite3]")
     usage.add_argument("--data-dir", default=None, help="[env IMAGEGATE_DATA_DIR]")
+    usage.add_argument("--redis-url", default=None,
+                       help="read the replicas' shared ledger in Redis [env IMAGEGATE_REDIS_URL]")
+    usage.add_argument("--redis-prefix", default=None, help="[env IMAGEGATE_REDIS_PREFIX]")
     return parser
 
 
@@ -150,18 +153,23 @@ def usage_command(args: argparse.Namespace) -> int:
     """``imagegate usage [--client ID] [--since DATE]``."""
     import msgspec
 
-    from auth.usage import UsageLedger
+    from gateway.replicas import usage_ledger
 
-    settings = Settings.from_sources({"usage_db": args.usage_db, "data_dir": args.data_dir})
-    if not settings.usage_path.exists():
+    settings = Settings.from_sources({"usage_db": args.usage_db, "data_dir": args.data_dir,
+                                      "redis_url": args.redis_url,
+                                      "redis_prefix": args.redis_prefix})
+    if not settings.redis_url and not settings.usage_path.exists():
         print(f"imagegate: no usage ledger at {settings.usage_path}", file=sys.stderr)
         return 1
-    ledger = UsageLedger(settings.usage_path)
+    ledger = usage_ledger(settings)
     try:
         rows = ledger.rows(args.client, args.since)
     except ValueError:
         print(f"imagegate: --since must be YYYY-MM-DD, got {args.since!r}", file=sys.stderr)
         return 2
+    except OSError as exc:  # redis' ConnectionError is an OSError too
+        print(f"imagegate: cannot read the usage ledger: {exc}", file=sys.stderr)
+        return 1
     finally:
         ledger.close()
     if args.json:

@@ -26,18 +26,28 @@ class Stores:
     quotas: QuotaLimiter
 
 
+def usage_ledger(settings: Settings) -> Any:
+    """The usage ledger these settings point at: the SQLite file, or Redis with ``--redis-url``."""
+    if not settings.redis_url:
+        return UsageLedger(settings.usage_path)
+    import redis
+
+    from auth.usage_redis import RedisUsageLedger
+
+    return RedisUsageLedger(redis.Redis.from_url(settings.redis_url), settings.redis_prefix)
+
+
 def build_stores(settings: Settings) -> Stores:
     """SQLite and files under the data dir, or Redis when ``--redis-url`` is set."""
     if not settings.redis_url:
         return Stores(
             tasks=job_store(settings.data_path, settings.results_dir or ""),
             media=MediaStore(settings.data_path / "media", settings.url_ttl_s),
-            ledger=UsageLedger(settings.usage_path),
+            ledger=usage_ledger(settings),
             quotas=QuotaLimiter(settings.ratelimit_storage),
         )
     import redis
 
-    from auth.usage_redis import RedisUsageLedger
     from gateway.media_redis import RedisMediaStore
     from inference.tasks_redis import RedisTaskStore
 
@@ -49,6 +59,6 @@ def build_stores(settings: Settings) -> Stores:
     return Stores(
         tasks=RedisTaskStore(settings.redis_url, prefix),
         media=RedisMediaStore(client, prefix, settings.url_ttl_s),
-        ledger=RedisUsageLedger(client, prefix),
+        ledger=usage_ledger(settings),
         quotas=QuotaLimiter(storage, key_prefix=f"{prefix}:limits"),
     )

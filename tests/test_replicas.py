@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import signal
 import subprocess
@@ -24,6 +25,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from gateway.cli import main as cli
 from tests import serving
 
 redis = pytest.importorskip("redis")
@@ -127,7 +129,7 @@ def status(r: Replica, job_id: str) -> dict[str, Any]:
     return resp.json()
 
 
-def test_submit_on_a_poll_and_fetch_on_b(pair: dict[str, Replica]) -> None:
+def test_submit_on_a_poll_and_fetch_on_b(pair: dict[str, Replica], capsys) -> None:
     a, b = pair["A"], pair["B"]
     job = httpx.post(f"{a.url}/v2/ep/run", json={"input": {**SMALL, "seed": 5}}, timeout=60).json()
     assert job["status"] == "IN_QUEUE"
@@ -145,6 +147,12 @@ def test_submit_on_a_poll_and_fetch_on_b(pair: dict[str, Replica]) -> None:
     client = redis.Redis.from_url(REDIS_URL)
     assert client.smembers(f"{pair['prefix']}:usage:index"), "no usage rows in Redis"
     client.close()
+    # The operator's view of that ledger: `imagegate usage` pointed at Redis.
+    capsys.readouterr()
+    assert cli(["usage", "--redis-url", REDIS_URL, "--redis-prefix", pair["prefix"],
+                "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rows and sum(r["requests"] for r in rows) >= 2, rows
 
 
 def test_cancel_on_b_a_job_submitted_on_a(pair: dict[str, Replica]) -> None:
