@@ -106,6 +106,41 @@ def test_client_disconnect_drops_the_queued_request(tmp_path):
         assert srv.metric("imagegate_errors_total", {"dialect": "openai", "cause": "cancelled"}) == 1
 
 
+def test_client_leaving_a_running_batch_costs_the_others_nothing(tmp_path):
+    """A client that disconnects while its image is being made: its batch mates still get theirs,
+    the server records a cancellation (not an error) and keeps serving."""
+    runner = FakeRunner()
+    factory = engine_factory(runner, max_batch_images=2, max_wait_ms=30_000)
+    with live_server(tmp_path, engine_factory=factory) as srv:
+        runner.batches.clear()
+        runner.hold()
+        body = json.dumps({"prompt": "leaver", "size": "64x64"}).encode()
+        port = int(srv.url.rsplit(":", 1)[1])
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: "
+                     + str(len(body)).encode() + b"\r\n\r\n" + body)
+        _wait(lambda: srv.engine.queued_images == 1, "the leaver to be queued")
+        # The idle executor waits (max_wait_ms) for a second image, so both share one batch.
+        stayer = Poster(srv.url, {"prompt": "stayer", "size": "64x64"})
+        _wait(runner.entered.is_set, "the shared batch to reach the runner")
+        sock.close()
+        _wait(lambda: srv.metric("imagegate_errors_total",
+                                 {"dialect": "openai", "cause": "cancelled"}) == 1,
+              "the server to notice the leaver's disconnect")
+        runner.release()
+        resp = stayer.result()
+        assert resp.status_code == 200, resp.text
+        assert len(resp.json()["data"]) == 1
+        assert [sorted(p for p, _ in b) for b in runner.batches] == [["leaver", "stayer"]]
+        # Two images fill a batch, so the executor does not wait max_wait_ms for company.
+        after = httpx.post(srv.url + "/v1/images/generations",
+                           json={"prompt": "after", "size": "64x64", "n": 2}, timeout=60)
+        assert after.status_code == 200, after.text
+        assert len(after.json()["data"]) == 2
+        assert srv.metric("imagegate_errors_total", {"dialect": "openai", "cause": "internal"}) == 0
+
+
 def test_metrics_endpoint_has_sane_values(server):
     c = openai.OpenAI(base_url=server.url, api_key="x", max_retries=0)
     for _ in range(2):
