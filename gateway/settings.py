@@ -247,23 +247,17 @@ class Settings(msgspec.Struct, kw_only=True):
             problems.append(f"{src('warmup_sizes')}: expected WxH sizes within min-size..max-size "
                             f"separated by commas (e.g. 1024x1024,768x1344), got "
                             f"{self.warmup_sizes!r}")
-        try:
-            batches = _int_list(self.warmup_batch_sizes)
-            if not batches or any(b < 1 or b > self.max_batch_images for b in batches):
-                raise ValueError
-        except ValueError:
-            problems.append(f"{src('warmup_batch_sizes')}: expected batch sizes from 1 to "
-                            f"max-batch-images ({self.max_batch_images}) separated by commas, got "
-                            f"{self.warmup_batch_sizes!r}")
-        if self.batch_buckets is not None:
+        for name in ("warmup_batch_sizes", "batch_buckets"):
+            text = getattr(self, name)
+            if text is None:
+                continue
             try:
-                buckets = _int_list(self.batch_buckets)
-                if not buckets or any(b < 1 or b > self.max_batch_images for b in buckets):
+                batches = _int_list(text)
+                if not batches or any(b < 1 or b > self.max_batch_images for b in batches):
                     raise ValueError
             except ValueError:
-                problems.append(f"{src('batch_buckets')}: expected batch sizes from 1 to "
-                                f"max-batch-images ({self.max_batch_images}) separated by commas, "
-                                f"got {self.batch_buckets!r}")
+                problems.append(f"{src(name)}: expected batch sizes from 1 to max-batch-images "
+                                f"({self.max_batch_images}) separated by commas, got {text!r}")
         if self.public_url and not self.public_url.startswith(("http://", "https://")):
             problems.append(f"{src('public_url')}: must start with http:// or https://, got "
                             f"{self.public_url!r}")

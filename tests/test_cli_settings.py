@@ -76,6 +76,9 @@ def test_local_model_not_found_does_not_talk_about_the_hub(tmp_path):
         (["--max-queue-images", "-1", "--request-timeout-s", "soon"], {},
          ["--max-queue-images", "--request-timeout-s"]),
         (["--min-size", "512", "--max-size", "256"], {}, ["--min-size"]),
+        (["--batch-buckets", "0,4", "--compile-shapes", "static"], {}, ["--batch-buckets"]),
+        ([], {"IMAGEGATE_BATCH_BUCKETS": "2,16"}, ["IMAGEGATE_BATCH_BUCKETS"]),
+        (["--compile-shapes", "fixed"], {}, ["--compile-shapes"]),
     ],
 )
 def test_bad_settings_stop_the_start_with_one_line_each(args, env, names):
@@ -153,5 +156,8 @@ def test_start_up_warnings():
     warnings = " ".join(s.startup_warnings())
     assert "Host header" in warnings and "--public-url" in warnings
     assert "3600" in warnings
+    buckets = Settings.from_sources({"public_url": "https://img.example",
+                                     "batch_buckets": "1,4"}, environ={})
+    assert "--compile-shapes" in " ".join(buckets.startup_warnings())
     quiet = Settings.from_sources({"public_url": "https://img.example"}, environ={})
     assert quiet.startup_warnings() == []

@@ -83,6 +83,16 @@ def test_full_queue_is_429_with_retry_after(tmp_path):
         assert srv.metric("imagegate_errors_total", {"dialect": "openai", "cause": "overload"}) == 1
 
 
+def raw_post(url: str, payload: dict) -> socket.socket:
+    """Send an OpenAI generation over a bare socket and return it open (close it to leave)."""
+    body = json.dumps(payload).encode()
+    sock = socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: "
+                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+    return sock
+
+
 def test_client_disconnect_drops_the_queued_request(tmp_path):
     runner = FakeRunner()
     with live_server(tmp_path, engine_factory=engine_factory(runner)) as srv:
@@ -90,12 +100,7 @@ def test_client_disconnect_drops_the_queued_request(tmp_path):
         runner.hold()
         t1 = Poster(srv.url, {"prompt": "running", "size": "64x64"})
         _wait(runner.entered.is_set, "the first request to reach the runner")
-        body = json.dumps({"prompt": "abandoned", "size": "64x64"}).encode()
-        port = int(srv.url.rsplit(":", 1)[1])
-        sock = socket.create_connection(("127.0.0.1", port))
-        sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: "
-                     + str(len(body)).encode() + b"\r\n\r\n" + body)
+        sock = raw_post(srv.url, {"prompt": "abandoned", "size": "64x64"})
         _wait(lambda: srv.engine.queued_images == 1, "the raw-socket request to be queued")
         sock.close()
         _wait(lambda: srv.engine.queued_images == 0, "the abandoned request to leave the queue")
@@ -114,12 +119,7 @@ def test_client_leaving_a_running_batch_costs_the_others_nothing(tmp_path):
     with live_server(tmp_path, engine_factory=factory) as srv:
         runner.batches.clear()
         runner.hold()
-        body = json.dumps({"prompt": "leaver", "size": "64x64"}).encode()
-        port = int(srv.url.rsplit(":", 1)[1])
-        sock = socket.create_connection(("127.0.0.1", port))
-        sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: "
-                     + str(len(body)).encode() + b"\r\n\r\n" + body)
+        sock = raw_post(srv.url, {"prompt": "leaver", "size": "64x64"})
         _wait(lambda: srv.engine.queued_images == 1, "the leaver to be queued")
         # The idle executor waits (max_wait_ms) for a second image, so both share one batch.
         stayer = Poster(srv.url, {"prompt": "stayer", "size": "64x64"})
