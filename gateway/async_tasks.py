@@ -13,11 +13,11 @@ How a new async dialect plugs in:
    execution_timeout_s=..., webhook=url)``: the webhook URL is SSRF-checked, admission runs
    (503 + Retry-After while draining, 429 when the engine or the job queue is full, the
    client's quota via ``ctx.admit``) and a queued :class:`~inference.tasks.Job` is stored.
-3. Poll route: ``job = self.tasks.own(principal, scope, job_id)`` (404 for anyone else's job),
-   then render ``job.status`` (``inference.tasks`` constants) with ``await
+3. Poll route: ``job = await self.tasks.own(principal, scope, job_id)`` (404 for anyone
+   else's job), then render ``job.status`` (``inference.tasks`` constants) with ``await
    self.tasks.data_uris(job)`` or ``await self.tasks.media_urls(job, request)`` (expiring URLs
    on ``/media``). ``self.tasks.wait``, ``cancel``, ``retry``, ``purge`` and ``stats`` serve the
-   other verbs.
+   other verbs. Every store call is awaited: it runs on a worker thread, never on the loop.
 4. Implement ``async prepare(job) -> GenerationRequest`` (validate the stored payload; raise to
    fail the job: ``error_message`` turns the exception into the job's error text), and
    ``async webhook_body(job) -> bytes`` when the API has webhooks (sent once the job is final,
@@ -39,6 +39,7 @@ from auth.keys import Principal
 from gateway.dialects.base import Dialect
 from gateway.errors import ApiError, failure_from, invalid
 from gateway.fetch import AllowList, FetchPolicy, FetchRefused, resolve_checked
+from gateway.task_store_async import AsyncTaskStore
 from gateway.webhooks import WebhookSender
 from inference import EngineState, GenerationRequest
 from inference.errors import InvalidRequest
@@ -71,13 +72,13 @@ class TaskService:
         self.jobs.register(dialect, handler)
 
     @property
-    def store(self) -> Any:
-        """The task store (SQLite, or Redis for replicas)."""
-        return self.jobs.store
+    def store(self) -> AsyncTaskStore:
+        """The task store (SQLite, or Redis for replicas), its calls run off the event loop."""
+        return self.jobs.db
 
     # -- admission -------------------------------------------------------------------------
 
-    def admit(self, principal: Principal, images: int) -> None:
+    async def admit(self, principal: Principal, images: int) -> None:
         """Refuse work the server cannot take now, then count the request against quotas.
 
         503 + Retry-After while draining (a load balancer then fails over), 429 when the
@@ -93,7 +94,7 @@ class TaskService:
         if not engine.has_room(images):
             raise ApiError("overload", f"the queue is full ({engine.queued_images} images "
                            "waiting); retry shortly", retry_after=1.0)
-        waiting = self.store.count((QUEUED,))
+        waiting = await self.store.count((QUEUED,))
         if waiting >= self.ctx.settings.job_queue_max:
             raise ApiError("overload", f"too many queued jobs ({waiting}); retry shortly",
                            retry_after=1.0)
@@ -146,7 +147,7 @@ class TaskService:
         """
         if webhook is not None:
             await self.check_webhook(webhook, webhook_field)
-        self.admit(principal, images)
+        await self.admit(principal, images)
         settings = self.ctx.settings
         now = time.time()
         job = Job(
@@ -161,13 +162,13 @@ class TaskService:
             webhook=webhook,
             images=images,
         )
-        return self.jobs.submit(job)
+        return await self.jobs.submit(job)
 
     # -- lookups and verbs -----------------------------------------------------------------
 
-    def own(self, principal: Principal, scope: str, job_id: str) -> Job:
+    async def own(self, principal: Principal, scope: str, job_id: str) -> Job:
         """The job if it belongs to this dialect and ``scope``; else a 404 :class:`ApiError`."""
-        job = self.store.get(job_id)
+        job = await self.store.get(job_id)
         if job is None or job.dialect != self.dialect or job.scope != scope:
             raise ApiError("not_found", f"job {job_id} not found (unknown or expired)")
         return self.jobs.view(job)
@@ -177,11 +178,11 @@ class TaskService:
         job = await self.jobs.wait(job_id, timeout_s)
         return self.jobs.view(job) if job is not None else None
 
-    def cancel(self, job_id: str) -> Job | None:
+    async def cancel(self, job_id: str) -> Job | None:
         """Cancel a queued or running job; a final one comes back unchanged."""
-        return self.jobs.cancel(job_id)
+        return await self.jobs.cancel(job_id)
 
-    def retry(self, principal: Principal, job: Job) -> Job | None:
+    async def retry(self, principal: Principal, job: Job) -> Job | None:
         """Queue a FAILED/TIMED_OUT job again, admitted and counted like a new request.
 
         ``None`` when the job is not in a retryable state; a 400 once it was retried
@@ -190,16 +191,16 @@ class TaskService:
         if job.retries >= MAX_RETRIES:
             raise invalid(f"job {job.id} was already retried {job.retries} times "
                           f"(at most {MAX_RETRIES}); submit a new job")
-        self.admit(principal, job.images)
-        return self.jobs.retry(job.id, max_retries=MAX_RETRIES)
+        await self.admit(principal, job.images)
+        return await self.jobs.retry(job.id, max_retries=MAX_RETRIES)
 
-    def purge(self, scope: str) -> int:
+    async def purge(self, scope: str) -> int:
         """Remove this scope's queued jobs; how many went."""
-        return self.jobs.purge(self.dialect, scope)
+        return await self.jobs.purge(self.dialect, scope)
 
-    def stats(self, scope: str) -> dict[str, int]:
+    async def stats(self, scope: str) -> dict[str, int]:
         """Counts by status in this scope, plus ``retried``."""
-        return self.store.stats(self.dialect, scope)
+        return await self.store.stats(self.dialect, scope)
 
     # -- results ---------------------------------------------------------------------------
 
@@ -207,12 +208,8 @@ class TaskService:
         """A completed job's images with their bytes (read off the event loop)."""
         if job.status != COMPLETED or job.result is None:
             return []
-        store = self.store
-
-        def read() -> list[tuple[StoredImage, bytes]]:
-            return [(img, store.read_image(job.id, img)) for img in job.result.images]
-
-        return await asyncio.to_thread(read)
+        images = job.result.images
+        return list(zip(images, await self.store.read_images(job.id, images), strict=True))
 
     async def data_uris(self, job: Job) -> list[str]:
         """A completed job's images as ``data:`` URIs (empty for any other state)."""
@@ -237,7 +234,7 @@ class TaskService:
         pairs = await self.images(job)
         names = await asyncio.to_thread(
             lambda: [media.put(data, img.media_type) for img, data in pairs])
-        self.store.update(job.id, None, media=names, media_at=time.time())
+        await self.store.update(job.id, None, media=names, media_at=time.time())
         return [f"{base}/media/{name}" for name in names]
 
     # -- webhooks --------------------------------------------------------------------------

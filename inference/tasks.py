@@ -7,8 +7,9 @@ Alibaba and ModelsLab later) renders its own status bodies from a :class:`Job`.
 :class:`TaskStore` is the interface; :class:`SqliteTaskStore` keeps jobs in one SQLite file and
 result images in a folder next to it. A Redis store can implement the same protocol.
 
-Calls are short and synchronous (SQLite in WAL mode, one connection behind a lock); writing
-result images is the only slow one and callers run it off the event loop.
+Calls are synchronous (SQLite in WAL mode, one connection behind a lock, usable from any
+thread); a server on an event loop makes every call on a worker thread
+(``gateway/task_store_async.py``), since even a short call stalls every request while it runs.
 """
 
 from __future__ import annotations

@@ -264,7 +264,7 @@ class AlibabaSccDialect(AsyncTaskDialect):
         async def get_result(request: Request) -> Response:
             principal = self._principal(request)
             body = decode_json(await request.body(), GetResultRequest)
-            job = self.tasks.own(principal, principal.id, body.taskId)
+            job = await self.tasks.own(principal, principal.id, body.taskId)
             return json_response(await self.result_body(job, request))
 
         return [txt2img, img2img, get_result]

@@ -210,15 +210,15 @@ class DashScopeDialect(AsyncTaskDialect):
             "summary": "A task's status and, once SUCCEEDED, its image URLs"})
         async def fetch(request: Request, task_id: str) -> Response:
             principal = self._principal(request)
-            return json_response(await self.task_body(self._job(principal, task_id), task_id,
-                                                      request))
+            return json_response(await self.task_body(await self._job(principal, task_id),
+                                                      task_id, request))
 
         @post(f"{BASE}/tasks/{{task_id:str}}/cancel", status_code=200, opt={
             **opt, "schema_out": CancelResponse, "summary": "Cancel a PENDING task"})
         async def cancel(request: Request, task_id: str) -> Response:
             principal = self._principal(request)
-            job = self._job(principal, task_id)
-            if job is None or job.status != QUEUED or self.tasks.cancel(job.id) is None:
+            job = await self._job(principal, task_id)
+            if job is None or job.status != QUEUED or await self.tasks.cancel(job.id) is None:
                 raise ApiError("validation", "Failed to cancel the task, please confirm if the "
                                "task is in PENDING status.", code="UnsupportedOperation")
             return json_response(CancelResponse(request_id=_request_id()))
@@ -311,9 +311,9 @@ class DashScopeDialect(AsyncTaskDialect):
     def _principal(self, request: Request) -> Principal:
         return self.ctx.authenticate_key(bearer_token(request), self.name)
 
-    def _job(self, principal: Principal, task_id: str) -> Job | None:
+    async def _job(self, principal: Principal, task_id: str) -> Job | None:
         try:
-            return self.tasks.own(principal, principal.id, task_id)
+            return await self.tasks.own(principal, principal.id, task_id)
         except ApiError:
             return None
 

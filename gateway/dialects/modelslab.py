@@ -380,7 +380,7 @@ class ModelsLabDialect(AsyncTaskDialect):
         """A job's current body, for its owner only (404 otherwise)."""
         principal = self._principal(body.key)
         try:
-            job = self.tasks.own(principal, principal.id, job_id.strip())
+            job = await self.tasks.own(principal, principal.id, job_id.strip())
         except ApiError:
             raise ApiError("not_found", f"no request with id {job_id} (unknown or expired)",
                            field="id") from None
