@@ -43,7 +43,7 @@ from gateway.task_store_async import AsyncTaskStore
 from gateway.webhooks import WebhookSender
 from inference import EngineState, GenerationRequest
 from inference.errors import InvalidRequest
-from inference.tasks import COMPLETED, QUEUED, Job, StoredImage
+from inference.tasks import COMPLETED, FINISHED, QUEUED, Job, StoredImage
 
 # Bounds on what a client may ask of a job's lifetime (vendors use ms or s; these are seconds).
 MIN_TTL_S = 1.0
@@ -178,9 +178,15 @@ class TaskService:
         job = await self.jobs.wait(job_id, timeout_s)
         return self.jobs.view(job) if job is not None else None
 
-    async def cancel(self, job_id: str) -> Job | None:
-        """Cancel a queued or running job; a final one comes back unchanged."""
-        return await self.jobs.cancel(job_id)
+    async def cancel(self, job: Job) -> Job | None:
+        """Cancel ``job`` (from :meth:`own`) if queued or running; a final one comes back unchanged.
+
+        A job already final when it was read stays so (only a client's retry revives one, and
+        cancelling as of that read is a consistent answer), so the store is not asked again.
+        """
+        if job.status in FINISHED:
+            return job
+        return await self.jobs.cancel(job.id)
 
     async def retry(self, principal: Principal, job: Job) -> Job | None:
         """Queue a FAILED/TIMED_OUT job again, admitted and counted like a new request.

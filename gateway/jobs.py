@@ -353,7 +353,7 @@ class JobRunner:
             else:
                 images = [(img.data, img.media_type, img.seed, img.width, img.height)
                           for img in result.images]
-                stored = await self.db.save_images(job.id, images)
+                stored = await self.db.save_images(job.id, images, job.expires_at)
                 changes = {"status": COMPLETED, "result": StoredResult(
                     images=stored, seed=result.seed, model=result.model,
                     prompt_tokens=result.prompt_tokens)}

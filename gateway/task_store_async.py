@@ -115,10 +115,10 @@ class AsyncTaskStore:
 
     # -- results ---------------------------------------------------------------------------
 
-    async def save_images(self, job_id: str, images: Sequence[tuple[bytes, str, int, int, int]]
-                          ) -> list[StoredImage]:
-        """Write result images (data, media type, seed, width, height)."""
-        return await self._call(self.store.save_images, job_id, images)
+    async def save_images(self, job_id: str, images: Sequence[tuple[bytes, str, int, int, int]],
+                          expires_at: float | None = None) -> list[StoredImage]:
+        """Write result images (data, media type, seed, width, height); see the protocol."""
+        return await self._call(self.store.save_images, job_id, images, expires_at)
 
     async def read_images(self, job_id: str, images: Sequence[StoredImage]) -> list[bytes]:
         """The bytes of several stored result images, read in one trip to a worker thread."""

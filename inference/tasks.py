@@ -150,9 +150,13 @@ class TaskStore(Protocol):
         """
         ...
 
-    def save_images(self, job_id: str, images: Sequence[tuple[bytes, str, int, int, int]]
-                    ) -> list[StoredImage]:
-        """Write result images (data, media type, seed, width, height) to disk."""
+    def save_images(self, job_id: str, images: Sequence[tuple[bytes, str, int, int, int]],
+                    expires_at: float | None = None) -> list[StoredImage]:
+        """Write result images (data, media type, seed, width, height).
+
+        ``expires_at`` is the job's (it never changes); a store that expires images with their
+        job need not read the job back for it.
+        """
         ...
 
     def read_image(self, job_id: str, image: StoredImage) -> bytes:
@@ -346,9 +350,9 @@ class SqliteTaskStore:
 
     # -- results ---------------------------------------------------------------------------
 
-    def save_images(self, job_id: str, images: Sequence[tuple[bytes, str, int, int, int]]
-                    ) -> list[StoredImage]:
-        """Write result images to ``results_dir/<job id>/<i>.<ext>``."""
+    def save_images(self, job_id: str, images: Sequence[tuple[bytes, str, int, int, int]],
+                    expires_at: float | None = None) -> list[StoredImage]:
+        """Write result images to ``results_dir/<job id>/<i>.<ext>`` (the sweeper deletes them)."""
         folder = self.results_dir / _safe_id(job_id)
         folder.mkdir(parents=True, exist_ok=True)
         stored = []

@@ -140,3 +140,30 @@ async def test_async_store_runs_calls_off_the_loop_thread(tmp_path: Any) -> None
         assert (await store.get("a")) is not None
     finally:
         await store.close()
+
+
+def test_redis_images_expire_with_the_job_without_reading_it_back() -> None:
+    redis = pytest.importorskip("redis")
+    import time
+    import uuid
+
+    from inference.tasks_redis import GRACE_S, RedisTaskStore
+
+    store = RedisTaskStore("redis://127.0.0.1:6379/7", f"imagegate-test-{uuid.uuid4().hex[:12]}")
+    try:
+        store.open()
+    except redis.RedisError as exc:
+        pytest.skip(f"no Redis: {exc}")
+    try:
+        expires_at = time.time() + 600
+        # No job record exists: the expiry can only come from the argument.
+        stored = store.save_images("j", [(b"x", "image/png", 1, 8, 8)], expires_at=expires_at)
+        assert [s.file for s in stored] == ["0.png"]
+        ttl_s = store.r.pttl(store._k("img", "j", "0")) / 1000
+        assert 600 + GRACE_S - 60 < ttl_s <= 600 + GRACE_S
+        assert store.read_image("j", stored[0]) == b"x"
+    finally:
+        keys = list(store.r.scan_iter(match=f"{store.prefix}:*"))
+        if keys:
+            store.r.delete(*keys)
+        store.close()

@@ -218,7 +218,7 @@ class DashScopeDialect(AsyncTaskDialect):
         async def cancel(request: Request, task_id: str) -> Response:
             principal = self._principal(request)
             job = await self._job(principal, task_id)
-            if job is None or job.status != QUEUED or await self.tasks.cancel(job.id) is None:
+            if job is None or job.status != QUEUED or await self.tasks.cancel(job) is None:
                 raise ApiError("validation", "Failed to cancel the task, please confirm if the "
                                "task is in PENDING status.", code="UnsupportedOperation")
             return json_response(CancelResponse(request_id=_request_id()))

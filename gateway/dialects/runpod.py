@@ -226,8 +226,7 @@ class RunPodDialect(AsyncTaskDialect):
 
         @post(f"{base}/cancel/{{job_id:str}}", status_code=200, opt=opt)
         async def cancel(request: Request, endpoint_id: str, job_id: str) -> Response:
-            await self._own_job(request, endpoint_id, job_id)
-            job = await self.tasks.cancel(job_id)
+            job = await self.tasks.cancel(await self._own_job(request, endpoint_id, job_id))
             if job is None:
                 raise ApiError("not_found", f"job {job_id} not found")
             return json_response({"id": job.id, "status": STATUS[job.status]})
