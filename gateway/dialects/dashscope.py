@@ -18,7 +18,6 @@ SDK's source (dashscope 2.0.2). Docs: docs/dashscope.md.
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from typing import Annotated, Any, ClassVar
@@ -31,6 +30,7 @@ from auth.keys import Principal
 from gateway.async_tasks import AsyncTaskDialect
 from gateway.context import bearer_token
 from gateway.errors import ApiError, Failure, invalid
+from gateway.sizes import parse_size
 from gateway.wire import decode_json, json_response, retry_headers
 from inference import GenerationRequest
 from inference.tasks import CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING, TIMED_OUT, Job
@@ -155,18 +155,13 @@ class ErrorResponse(msgspec.Struct, kw_only=True):
 # -- helpers ---------------------------------------------------------------------------------
 
 
-_DIM = re.compile(r"[0-9]{1,5}")
-
-
-def parse_size(size: str) -> tuple[int, int]:
-    """``"W*H"`` (DashScope's form; ``x`` also accepted) → (width, height)."""
-    text = size.strip().lower().replace("x", "*")
-    w, sep, h = text.partition("*")
-    # ASCII digits, at most 5: isdigit() takes "²", and int() refuses 4,300+ digit strings.
-    if not sep or not _DIM.fullmatch(w.strip()) or not _DIM.fullmatch(h.strip()):
+def dashscope_size(size: str) -> tuple[int, int]:
+    """``"W*H"`` (DashScope's form; ``x`` and blanks around the ``*`` also accepted) → (W, H)."""
+    parsed = parse_size(size, "*x", spaces=True)
+    if parsed is None:
         raise invalid(f"parameters.size must look like '1024*1024', got {size!r}",
                       field="parameters.size")
-    return int(w.strip()), int(h.strip())
+    return parsed
 
 
 def _stamp(t: float | None) -> str | None:
@@ -268,7 +263,7 @@ class DashScopeDialect(AsyncTaskDialect):
         if params.ref_strength is not None or params.ref_mode is not None:
             raise invalid("parameters.ref_strength and ref_mode need a reference image, which "
                           "is not supported", field="parameters.ref_mode")
-        width, height = parse_size(params.size)
+        width, height = dashscope_size(params.size)
         return GenerationRequest(
             prompt=inp.prompt, negative_prompt=inp.negative_prompt or "", n=params.n,
             width=width, height=height, steps=params.steps, guidance=params.scale,
