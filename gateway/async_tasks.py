@@ -18,10 +18,13 @@ How a new async dialect plugs in:
    self.tasks.data_uris(job)`` or ``await self.tasks.media_urls(job, request)`` (expiring URLs
    on ``/media``). ``self.tasks.wait``, ``cancel``, ``retry``, ``purge`` and ``stats`` serve the
    other verbs. Every store call is awaited: it runs on a worker thread, never on the loop.
-4. Implement ``async prepare(job) -> GenerationRequest`` (validate the stored payload; raise to
-   fail the job: ``error_message`` turns the exception into the job's error text), and
-   ``async webhook_body(job) -> bytes`` when the API has webhooks (sent once the job is final,
-   with retries, through the SSRF-safe sender).
+4. Store the canonical request, checked at submission (``self.tasks.check_request``), as
+   ``payload["request"] = encode_request(canonical)``: the default ``prepare`` runs it. A
+   dialect that validates only when the job runs (RunPod, as worker-sdxl does) overrides
+   ``async prepare(job) -> GenerationRequest`` instead (raise to fail the job:
+   ``error_message`` turns the exception into the job's error text). Add ``async
+   webhook_body(job) -> bytes`` when the API has webhooks (sent once the job is final, with
+   retries, through the SSRF-safe sender).
 """
 
 from __future__ import annotations
@@ -30,9 +33,9 @@ import asyncio
 import base64
 import time
 import uuid
-from abc import abstractmethod
 from typing import Any, ClassVar
 
+import msgspec
 from litestar import Request
 
 from auth.keys import Principal
@@ -53,6 +56,16 @@ MIN_EXECUTION_S = 1.0
 MAX_RETRIES = 3
 # Retry-After for a draining server: long enough for a load balancer to pick another replica.
 DRAIN_RETRY_AFTER_S = 5.0
+
+
+def encode_request(request: GenerationRequest) -> str:
+    """``request`` as a job keeps it in ``payload["request"]`` (read back by ``prepare``)."""
+    return msgspec.json.encode(request).decode()
+
+
+def decode_request(job: Job) -> GenerationRequest:
+    """The canonical request a job stored with :func:`encode_request`."""
+    return msgspec.json.decode(job.payload["request"], type=GenerationRequest)
 
 
 class TaskService:
@@ -260,8 +273,9 @@ class TaskService:
 class AsyncTaskDialect(Dialect):
     """Base of a task API.
 
-    Subclasses add routes, ``prepare`` and, if they have webhooks, ``webhook_body``;
-    ``self.tasks`` does the rest (see the module docstring).
+    Subclasses add routes and, if they have webhooks, ``webhook_body``; ``prepare`` only when
+    a job does not store its checked canonical request. ``self.tasks`` does the rest (see the
+    module docstring).
     """
 
     #: Delivery attempts after the first for a webhook that does not answer 2xx.
@@ -271,9 +285,14 @@ class AsyncTaskDialect(Dialect):
         super().__init__(ctx)
         self.tasks = TaskService(ctx, self.name, self, webhook_retries=self.webhook_retries)
 
-    @abstractmethod
     async def prepare(self, job: Job) -> GenerationRequest:
-        """The canonical request for a stored job; raise to fail the job."""
+        """The canonical request for a stored job; raise to fail the job.
+
+        By default the request checked at submission and stored as ``payload["request"]``
+        (:func:`encode_request`), charged to the submitting client.
+        """
+        return msgspec.structs.replace(decode_request(job), client_id=job.payload.get("client_id"),
+                                       request_id=job.id)
 
     def error_message(self, exc: BaseException) -> str:
         """The job's error text for ``exc``, in this dialect's field names."""

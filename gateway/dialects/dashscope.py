@@ -27,7 +27,7 @@ from litestar import Request, Response, get, post
 from msgspec import Meta
 
 from auth.keys import Principal
-from gateway.async_tasks import AsyncTaskDialect
+from gateway.async_tasks import AsyncTaskDialect, encode_request
 from gateway.context import bearer_token
 from gateway.errors import ApiError, Failure, invalid
 from gateway.sizes import parse_size
@@ -233,7 +233,7 @@ class DashScopeDialect(AsyncTaskDialect):
         self.tasks.check_request(canonical, self.field_names)
         job = await self.tasks.submit(
             principal, scope=principal.id, images=canonical.n,
-            payload={"request": msgspec.json.encode(canonical).decode()},
+            payload={"request": encode_request(canonical)},
         )
         if request.headers.get("x-dashscope-async", "").strip().lower() != "enable":
             done = await self.tasks.wait(job.id, self.ctx.settings.request_timeout_s)
@@ -269,14 +269,6 @@ class DashScopeDialect(AsyncTaskDialect):
             width=width, height=height, steps=params.steps, guidance=params.scale,
             seed=params.seed, output_format="png",
         )
-
-    # -- JobHandler ------------------------------------------------------------------------
-
-    async def prepare(self, job: Job) -> GenerationRequest:
-        """The canonical request checked at submission, stored with the job."""
-        request = msgspec.json.decode(job.payload["request"], type=GenerationRequest)
-        return msgspec.structs.replace(request, client_id=job.payload.get("client_id"),
-                                       request_id=job.id)
 
     # -- rendering -------------------------------------------------------------------------
 
