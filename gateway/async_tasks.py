@@ -152,15 +152,19 @@ class TaskService:
         webhook: str | None = None,
         webhook_field: str = "webhook",
         job_id: str | None = None,
+        admitted: bool = False,
     ) -> Job:
         """Check, admit and store a queued job; ``payload`` gains ``client_id``.
 
         ``ttl_s``/``execution_timeout_s`` default to the server settings; the caller validates
         client-given values against :data:`MIN_TTL_S` etc. in its own field names.
+        ``admitted``: the caller already ran :meth:`admit` (before fetching the request's
+        images, so that a client without quota cannot make the server fetch URLs).
         """
         if webhook is not None:
             await self.check_webhook(webhook, webhook_field)
-        await self.admit(principal, images)
+        if not admitted:
+            await self.admit(principal, images)
         settings = self.ctx.settings
         now = time.time()
         job = Job(
