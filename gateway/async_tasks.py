@@ -13,15 +13,18 @@ How a new async dialect plugs in:
    execution_timeout_s=..., webhook=url)``: the webhook URL is SSRF-checked, admission runs
    (503 + Retry-After while draining, 429 when the engine or the job queue is full, the
    client's quota via ``ctx.admit``) and a queued :class:`~inference.tasks.Job` is stored.
-3. Poll route: ``job = self.tasks.own(principal, scope, job_id)`` (404 for anyone else's job),
-   then render ``job.status`` (``inference.tasks`` constants) with ``await
+3. Poll route: ``job = await self.tasks.own(principal, scope, job_id)`` (404 for anyone
+   else's job), then render ``job.status`` (``inference.tasks`` constants) with ``await
    self.tasks.data_uris(job)`` or ``await self.tasks.media_urls(job, request)`` (expiring URLs
    on ``/media``). ``self.tasks.wait``, ``cancel``, ``retry``, ``purge`` and ``stats`` serve the
-   other verbs.
-4. Implement ``async prepare(job) -> GenerationRequest`` (validate the stored payload; raise to
-   fail the job: ``error_message`` turns the exception into the job's error text), and
-   ``async webhook_body(job) -> bytes`` when the API has webhooks (sent once the job is final,
-   with retries, through the SSRF-safe sender).
+   other verbs. Every store call is awaited: it runs on a worker thread, never on the loop.
+4. Store the canonical request, checked at submission (``self.tasks.check_request``), as
+   ``payload["request"] = encode_request(canonical)``: the default ``prepare`` runs it. A
+   dialect that validates only when the job runs (RunPod, as worker-sdxl does) overrides
+   ``async prepare(job) -> GenerationRequest`` instead (raise to fail the job:
+   ``error_message`` turns the exception into the job's error text). Add ``async
+   webhook_body(job) -> bytes`` when the API has webhooks (sent once the job is final, with
+   retries, through the SSRF-safe sender).
 """
 
 from __future__ import annotations
@@ -30,19 +33,20 @@ import asyncio
 import base64
 import time
 import uuid
-from abc import abstractmethod
 from typing import Any, ClassVar
 
+import msgspec
 from litestar import Request
 
 from auth.keys import Principal
 from gateway.dialects.base import Dialect
 from gateway.errors import ApiError, failure_from, invalid
 from gateway.fetch import AllowList, FetchPolicy, FetchRefused, resolve_checked
+from gateway.task_store_async import AsyncTaskStore
 from gateway.webhooks import WebhookSender
 from inference import EngineState, GenerationRequest
 from inference.errors import InvalidRequest
-from inference.tasks import COMPLETED, QUEUED, Job, StoredImage
+from inference.tasks import COMPLETED, FINISHED, QUEUED, Job, StoredImage
 
 # Bounds on what a client may ask of a job's lifetime (vendors use ms or s; these are seconds).
 MIN_TTL_S = 1.0
@@ -52,6 +56,16 @@ MIN_EXECUTION_S = 1.0
 MAX_RETRIES = 3
 # Retry-After for a draining server: long enough for a load balancer to pick another replica.
 DRAIN_RETRY_AFTER_S = 5.0
+
+
+def encode_request(request: GenerationRequest) -> str:
+    """``request`` as a job keeps it in ``payload["request"]`` (read back by ``prepare``)."""
+    return msgspec.json.encode(request).decode()
+
+
+def decode_request(job: Job) -> GenerationRequest:
+    """The canonical request a job stored with :func:`encode_request`."""
+    return msgspec.json.decode(job.payload["request"], type=GenerationRequest)
 
 
 class TaskService:
@@ -71,13 +85,13 @@ class TaskService:
         self.jobs.register(dialect, handler)
 
     @property
-    def store(self) -> Any:
-        """The task store (SQLite, or Redis for replicas)."""
-        return self.jobs.store
+    def store(self) -> AsyncTaskStore:
+        """The task store (SQLite, or Redis for replicas), its calls run off the event loop."""
+        return self.jobs.db
 
     # -- admission -------------------------------------------------------------------------
 
-    def admit(self, principal: Principal, images: int) -> None:
+    async def admit(self, principal: Principal, images: int) -> None:
         """Refuse work the server cannot take now, then count the request against quotas.
 
         503 + Retry-After while draining (a load balancer then fails over), 429 when the
@@ -93,7 +107,7 @@ class TaskService:
         if not engine.has_room(images):
             raise ApiError("overload", f"the queue is full ({engine.queued_images} images "
                            "waiting); retry shortly", retry_after=1.0)
-        waiting = self.store.count((QUEUED,))
+        waiting = await self.store.count((QUEUED,))
         if waiting >= self.ctx.settings.job_queue_max:
             raise ApiError("overload", f"too many queued jobs ({waiting}); retry shortly",
                            retry_after=1.0)
@@ -138,15 +152,19 @@ class TaskService:
         webhook: str | None = None,
         webhook_field: str = "webhook",
         job_id: str | None = None,
+        admitted: bool = False,
     ) -> Job:
         """Check, admit and store a queued job; ``payload`` gains ``client_id``.
 
         ``ttl_s``/``execution_timeout_s`` default to the server settings; the caller validates
         client-given values against :data:`MIN_TTL_S` etc. in its own field names.
+        ``admitted``: the caller already ran :meth:`admit` (before fetching the request's
+        images, so that a client without quota cannot make the server fetch URLs).
         """
         if webhook is not None:
             await self.check_webhook(webhook, webhook_field)
-        self.admit(principal, images)
+        if not admitted:
+            await self.admit(principal, images)
         settings = self.ctx.settings
         now = time.time()
         job = Job(
@@ -161,13 +179,13 @@ class TaskService:
             webhook=webhook,
             images=images,
         )
-        return self.jobs.submit(job)
+        return await self.jobs.submit(job)
 
     # -- lookups and verbs -----------------------------------------------------------------
 
-    def own(self, principal: Principal, scope: str, job_id: str) -> Job:
+    async def own(self, principal: Principal, scope: str, job_id: str) -> Job:
         """The job if it belongs to this dialect and ``scope``; else a 404 :class:`ApiError`."""
-        job = self.store.get(job_id)
+        job = await self.store.get(job_id)
         if job is None or job.dialect != self.dialect or job.scope != scope:
             raise ApiError("not_found", f"job {job_id} not found (unknown or expired)")
         return self.jobs.view(job)
@@ -177,11 +195,17 @@ class TaskService:
         job = await self.jobs.wait(job_id, timeout_s)
         return self.jobs.view(job) if job is not None else None
 
-    def cancel(self, job_id: str) -> Job | None:
-        """Cancel a queued or running job; a final one comes back unchanged."""
-        return self.jobs.cancel(job_id)
+    async def cancel(self, job: Job) -> Job | None:
+        """Cancel ``job`` (from :meth:`own`) if queued or running; a final one comes back unchanged.
 
-    def retry(self, principal: Principal, job: Job) -> Job | None:
+        A job already final when it was read stays so (only a client's retry revives one, and
+        cancelling as of that read is a consistent answer), so the store is not asked again.
+        """
+        if job.status in FINISHED:
+            return job
+        return await self.jobs.cancel(job.id)
+
+    async def retry(self, principal: Principal, job: Job) -> Job | None:
         """Queue a FAILED/TIMED_OUT job again, admitted and counted like a new request.
 
         ``None`` when the job is not in a retryable state; a 400 once it was retried
@@ -190,16 +214,16 @@ class TaskService:
         if job.retries >= MAX_RETRIES:
             raise invalid(f"job {job.id} was already retried {job.retries} times "
                           f"(at most {MAX_RETRIES}); submit a new job")
-        self.admit(principal, job.images)
-        return self.jobs.retry(job.id, max_retries=MAX_RETRIES)
+        await self.admit(principal, job.images)
+        return await self.jobs.retry(job.id, max_retries=MAX_RETRIES)
 
-    def purge(self, scope: str) -> int:
+    async def purge(self, scope: str) -> int:
         """Remove this scope's queued jobs; how many went."""
-        return self.jobs.purge(self.dialect, scope)
+        return await self.jobs.purge(self.dialect, scope)
 
-    def stats(self, scope: str) -> dict[str, int]:
+    async def stats(self, scope: str) -> dict[str, int]:
         """Counts by status in this scope, plus ``retried``."""
-        return self.store.stats(self.dialect, scope)
+        return await self.store.stats(self.dialect, scope)
 
     # -- results ---------------------------------------------------------------------------
 
@@ -207,12 +231,8 @@ class TaskService:
         """A completed job's images with their bytes (read off the event loop)."""
         if job.status != COMPLETED or job.result is None:
             return []
-        store = self.store
-
-        def read() -> list[tuple[StoredImage, bytes]]:
-            return [(img, store.read_image(job.id, img)) for img in job.result.images]
-
-        return await asyncio.to_thread(read)
+        images = job.result.images
+        return list(zip(images, await self.store.read_images(job.id, images), strict=True))
 
     async def data_uris(self, job: Job) -> list[str]:
         """A completed job's images as ``data:`` URIs (empty for any other state)."""
@@ -237,7 +257,7 @@ class TaskService:
         pairs = await self.images(job)
         names = await asyncio.to_thread(
             lambda: [media.put(data, img.media_type) for img, data in pairs])
-        self.store.update(job.id, None, media=names, media_at=time.time())
+        await self.store.update(job.id, None, media=names, media_at=time.time())
         return [f"{base}/media/{name}" for name in names]
 
     # -- webhooks --------------------------------------------------------------------------
@@ -257,8 +277,9 @@ class TaskService:
 class AsyncTaskDialect(Dialect):
     """Base of a task API.
 
-    Subclasses add routes, ``prepare`` and, if they have webhooks, ``webhook_body``;
-    ``self.tasks`` does the rest (see the module docstring).
+    Subclasses add routes and, if they have webhooks, ``webhook_body``; ``prepare`` only when
+    a job does not store its checked canonical request. ``self.tasks`` does the rest (see the
+    module docstring).
     """
 
     #: Delivery attempts after the first for a webhook that does not answer 2xx.
@@ -268,9 +289,14 @@ class AsyncTaskDialect(Dialect):
         super().__init__(ctx)
         self.tasks = TaskService(ctx, self.name, self, webhook_retries=self.webhook_retries)
 
-    @abstractmethod
     async def prepare(self, job: Job) -> GenerationRequest:
-        """The canonical request for a stored job; raise to fail the job."""
+        """The canonical request for a stored job; raise to fail the job.
+
+        By default the request checked at submission and stored as ``payload["request"]``
+        (:func:`encode_request`), charged to the submitting client.
+        """
+        return msgspec.structs.replace(decode_request(job), client_id=job.payload.get("client_id"),
+                                       request_id=job.id)
 
     def error_message(self, exc: BaseException) -> str:
         """The job's error text for ``exc``, in this dialect's field names."""

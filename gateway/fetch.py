@@ -23,11 +23,13 @@ import io
 import ipaddress
 import socket
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 
 import httpx
+
+from gateway.errors import invalid
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -278,6 +280,25 @@ async def fetch_image(url: str, policy: FetchPolicy) -> bytes:
             raise FetchRefused(f"fetching the image failed: {type(exc).__name__}") from exc
     await asyncio.to_thread(check_image, data, policy.max_pixels)
     return data
+
+
+async def load_image(value: str, field: str, policy: FetchPolicy,
+                     decode: Callable[[str], bytes]) -> bytes:
+    """The image a request gives as text in ``field``, checked; a refusal is a 400 naming it.
+
+    An ``http(s)`` URL is fetched under the SSRF rules. Anything else is inline data, which
+    ``decode`` turns into bytes (raising :class:`FetchRefused`, or its own API error): each API
+    has its own rules for base64 and ``data:`` URIs. The bytes must then open as an image within
+    ``policy.max_pixels``.
+    """
+    try:
+        if value.startswith(("http://", "https://")):
+            return await fetch_image(value, policy)
+        data = decode(value)
+        await asyncio.to_thread(check_image, data, policy.max_pixels)
+        return data
+    except FetchRefused as exc:
+        raise invalid(f"{field}: {exc}", field=field) from None
 
 
 async def post_json(url: str, body: bytes, policy: FetchPolicy) -> int:

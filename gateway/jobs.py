@@ -5,6 +5,9 @@ into a canonical request (fetching images, validating) and hears when a job fini
 webhooks). Up to ``concurrency`` jobs are on the engine at once, each an asyncio task calling
 ``engine.generate``; the engine's scheduler batches them. Jobs past that wait in the store as
 ``queued``. Cancelling a job cancels its task, which drops it from the engine's queue.
+
+The store is synchronous (SQLite or Redis); every call goes through :class:`~gateway.
+task_store_async.AsyncTaskStore` (``self.db``), so a slow store never blocks the event loop.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ from typing import Any, Protocol
 import msgspec
 
 from gateway import datadir
+from gateway.task_store_async import AsyncTaskStore
 from inference import Engine, EngineState, GenerationRequest, GenerationResult
 from inference import errors as ie
 from inference.progress import Progress
 from inference.tasks import (
+    ACTIVE,
     CANCELLED,
     COMPLETED,
     FAILED,
@@ -74,7 +79,10 @@ class JobRunner:
         port: int | None = None,
         heartbeat_s: float = 2.0,
     ) -> None:
+        # The synchronous store, for code that runs off the loop; everything on the loop uses
+        # ``db``, which runs the same calls on worker threads.
         self.store = store
+        self.db = AsyncTaskStore(store)
         # The data dir is locked while the store is open (one server per data dir).
         self.data_dir = data_dir
         self.port = port
@@ -89,6 +97,16 @@ class JobRunner:
         self.on_success = on_success
         self.handlers: dict[str, JobHandler] = {}
         self._active: dict[str, asyncio.Task[None]] = {}
+        # Every job task until it ends, recording included (``_active`` forgets a job before
+        # its final write), so close() can wait for those writes before closing the store.
+        self._tasks: set[asyncio.Task[None]] = set()
+        # The stored record of each active job as it started (its dialect and scope do not
+        # change), so purge need not read it back.
+        self._active_jobs: dict[str, Job] = {}
+        # Jobs claimed from the queue whose task is not made yet, and those of them cancelled
+        # meanwhile (the claim and the cancel are both awaited, so they may interleave).
+        self._claiming: set[str] = set()
+        self._cancelled_claims: set[str] = set()
         # Active jobs whose images have started on the engine (the rest wait in its queue).
         self._engine_started: set[str] = set()
         self._done: dict[str, asyncio.Event] = {}
@@ -126,13 +144,13 @@ class JobRunner:
         if self.data_dir is not None:
             datadir.acquire(self.data_dir, self.port)
         try:
-            self.store.open()
+            await self.db.open()
         except BaseException:
             if self.data_dir is not None:
                 datadir.release(self.data_dir)
             raise
-        self.store.heartbeat(self.worker_id, self.heartbeat_s * 5)
-        self._reclaim()
+        await self.db.heartbeat(self.worker_id, self.heartbeat_s * 5)
+        await self._reclaim()
         self._wake = asyncio.Event()
         self._closing = False
         self._loops = [
@@ -142,8 +160,8 @@ class JobRunner:
         if getattr(self.store, "shared", False):
             self._loops.append(asyncio.create_task(self._watch(), name="imagegate-jobs-watch"))
 
-    def _reclaim(self) -> None:
-        requeued, failed = self.store.reclaim()
+    async def _reclaim(self) -> None:
+        requeued, failed = await self.db.reclaim()
         if requeued or failed:
             logger.warning("jobs of a stopped server: %d re-queued, %d failed (interrupted twice)",
                            requeued, failed)
@@ -155,20 +173,25 @@ class JobRunner:
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
-        active = list(self._active.values())
-        for task in active:
+        for task in self._active.values():
             task.cancel()
-        await asyncio.gather(*active, return_exceptions=True)
-        self.store.close()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.db.close()
         if self.data_dir is not None:
             datadir.release(self.data_dir)
 
     # -- operations ------------------------------------------------------------------------
 
-    def submit(self, job: Job) -> Job:
+    async def submit(self, job: Job) -> Job:
         """Store a new queued job and wake the dispatcher."""
-        self.store.create(job)
+        # The event exists before the job does: the dispatcher may start it (and setdefault
+        # its own event) as soon as the insert lands.
         self._done[job.id] = asyncio.Event()
+        try:
+            await self.db.create(job)
+        except BaseException:
+            self._done.pop(job.id, None)
+            raise
         self._kick()
         return job
 
@@ -181,7 +204,7 @@ class JobRunner:
         deadline = loop.time() + timeout_s
         poll = 0.25 if getattr(self.store, "shared", False) else 1.0
         while True:
-            job = self.store.get(job_id)
+            job = await self.db.get(job_id)
             remaining = deadline - loop.time()
             if job is None or job.status in FINISHED or remaining <= 0:
                 return job
@@ -194,33 +217,32 @@ class JobRunner:
                 else:
                     await asyncio.sleep(step)
 
-    def cancel(self, job_id: str) -> Job | None:
+    async def cancel(self, job_id: str) -> Job | None:
         """Cancel a queued or running job; a finished one is returned unchanged.
 
         A job running on another replica (shared store) is marked here; that replica sees
         the change within a heartbeat and drops the work.
         """
-        now = time.time()
-        job = self.store.update(job_id, (QUEUED,), status=CANCELLED, finished_at=now)
-        if job is not None:
-            self._finish(job)
-            return job
-        job = self.store.update(job_id, (RUNNING,), status=CANCELLED, finished_at=now)
-        if job is not None:
-            task = self._active.get(job_id)
-            if task is not None:
-                self._cancelling.add(job_id)
-                task.cancel()
-            self._finish(job)
-            return job
-        return self.store.get(job_id)
+        job = await self.db.update(job_id, ACTIVE, status=CANCELLED, finished_at=time.time())
+        if job is None:
+            return await self.db.get(job_id)
+        task = self._active.get(job_id)
+        if task is not None:
+            self._cancelling.add(job_id)
+            task.cancel()
+        elif job_id in self._claiming:
+            self._cancelled_claims.add(job_id)
+        self._finish(job)
+        return job
 
-    def retry(self, job_id: str, max_retries: int | None = None) -> Job | None:
+    async def retry(self, job_id: str, max_retries: int | None = None) -> Job | None:
         """Queue a FAILED or TIMED_OUT job again under the same id; ``None`` if not allowed."""
-        current = self.store.get(job_id)
+        # Read here, not taken from the caller: the retry count must be as fresh as possible,
+        # since the compare-and-set below checks only the status.
+        current = await self.db.get(job_id)
         if current is None or (max_retries is not None and current.retries >= max_retries):
             return None
-        job = self.store.update(
+        job = await self.db.update(
             job_id, (FAILED, TIMED_OUT), status=QUEUED, error=None, result=None,
             started_at=None, finished_at=None, worker_id=None, created_at=time.time(),
             retries=current.retries + 1,
@@ -243,20 +265,21 @@ class JobRunner:
     def _waiting_for_engine(self, job_id: str) -> bool:
         return job_id in self._active and job_id not in self._engine_started
 
-    def purge(self, dialect: str, scope: str) -> int:
+    async def purge(self, dialect: str, scope: str) -> int:
         """Remove the queued jobs of one dialect and scope; return how many.
 
         Jobs already handed to the engine but still waiting in its queue count as queued.
         """
-        ids = self.store.purge_queued(dialect, scope)
+        ids = await self.db.purge_queued(dialect, scope)
         for job_id in ids:
             self._release(job_id)
         waiting = 0
-        for job_id in [j for j in self._active if self._waiting_for_engine(j)]:
-            job = self.store.get(job_id)
-            if (job is not None and job.dialect == dialect and job.scope == scope
-                    and self.cancel(job_id) is not None):
-                waiting += 1
+        for job_id, job in list(self._active_jobs.items()):
+            if (job.dialect == dialect and job.scope == scope
+                    and self._waiting_for_engine(job_id)):
+                cancelled = await self.cancel(job_id)
+                if cancelled is not None and cancelled.status == CANCELLED:
+                    waiting += 1
         return len(ids) + waiting
 
     # -- internals -------------------------------------------------------------------------
@@ -277,19 +300,37 @@ class JobRunner:
             if free <= 0:
                 continue
             try:
-                for job in self.store.queued(free):
-                    self._start(job)
+                for job in await self.db.queued(free):
+                    await self._start(job)
             except Exception:
                 logger.exception("job dispatch failed")
 
-    def _start(self, job: Job) -> None:
-        started = self.store.update(job.id, (QUEUED,), status=RUNNING, started_at=time.time(),
-                                    worker_id=self.worker_id)
-        if started is None:
+    async def _start(self, job: Job) -> None:
+        self._claiming.add(job.id)
+        claim = asyncio.ensure_future(self.db.update(
+            job.id, (QUEUED,), status=RUNNING, started_at=time.time(), worker_id=self.worker_id))
+        try:
+            started = await asyncio.shield(claim)
+        except asyncio.CancelledError:
+            # Stopping mid-claim: the write still lands on its thread; a job it claimed goes
+            # back to the queue as it was (it never ran, so no requeue is counted).
+            if await claim is not None:
+                await self.db.update(job.id, (RUNNING,), owner=self.worker_id, status=QUEUED,
+                                     started_at=None, worker_id=None)
+            raise
+        finally:
+            self._claiming.discard(job.id)
+            # Cancelled between the claim and now: already final and announced.
+            cancelled = job.id in self._cancelled_claims
+            self._cancelled_claims.discard(job.id)
+        if started is None or cancelled:
             return
         self._done.setdefault(job.id, asyncio.Event())
-        self._active[job.id] = asyncio.create_task(self._execute(started),
-                                                   name=f"imagegate-job-{job.id}")
+        self._active_jobs[job.id] = started
+        task = asyncio.create_task(self._execute(started), name=f"imagegate-job-{job.id}")
+        self._active[job.id] = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _execute(self, job: Job) -> None:
         handler = self.handlers.get(job.dialect)
@@ -312,7 +353,7 @@ class JobRunner:
             else:
                 images = [(img.data, img.media_type, img.seed, img.width, img.height)
                           for img in result.images]
-                stored = await asyncio.to_thread(self.store.save_images, job.id, images)
+                stored = await self.db.save_images(job.id, images, job.expires_at)
                 changes = {"status": COMPLETED, "result": StoredResult(
                     images=stored, seed=result.seed, model=result.model,
                     prompt_tokens=result.prompt_tokens)}
@@ -323,23 +364,26 @@ class JobRunner:
                 changes = {"status": CANCELLED}
             else:
                 # Shutting down: back to the queue for the next server (once).
-                self._record(job, requeue_changes(job))
+                await self._record(job, requeue_changes(job))
                 raise
         except Exception as exc:  # noqa: BLE001 - any failure becomes the job's error
             message = handler.error_message(exc) if handler else str(exc)
             changes = {"status": FAILED, "error": message}
-        self._record(job, changes)
+        await self._record(job, changes)
 
-    def _record(self, job: Job, changes: dict[str, Any]) -> None:
+    async def _record(self, job: Job, changes: dict[str, Any]) -> None:
+        # Forgotten before the write: once it is awaited, the job must no longer count as
+        # active (a cancel meanwhile finds no task to cancel, and purge skips it).
         self._active.pop(job.id, None)
+        self._active_jobs.pop(job.id, None)
         self._cancelling.discard(job.id)
         if changes.get("status") == QUEUED:
-            self.store.update(job.id, (RUNNING,), owner=self.worker_id, **changes)
+            await self.db.update(job.id, (RUNNING,), owner=self.worker_id, **changes)
             self._release(job.id)
             self._kick()
             return
-        final = self.store.update(job.id, (RUNNING,), owner=self.worker_id,
-                                  **{"finished_at": time.time(), **changes})
+        final = await self.db.update(job.id, (RUNNING,), owner=self.worker_id,
+                                     **{"finished_at": time.time(), **changes})
         if final is not None:
             self._finish(final)
         else:
@@ -382,11 +426,10 @@ class JobRunner:
         while True:
             await asyncio.sleep(self.heartbeat_s)
             try:
-                await asyncio.to_thread(self.store.heartbeat, self.worker_id,
-                                        self.heartbeat_s * 5)
-                await asyncio.to_thread(self._reclaim)
+                await self.db.heartbeat(self.worker_id, self.heartbeat_s * 5)
+                await self._reclaim()
                 for job_id, task in list(self._active.items()):
-                    job = await asyncio.to_thread(self.store.get, job_id)
+                    job = await self.db.get(job_id)
                     if job is None or job.status != RUNNING or job.worker_id != self.worker_id:
                         self._cancelling.add(job_id)
                         task.cancel()
@@ -404,13 +447,13 @@ class JobRunner:
 
     async def sweep(self) -> int:
         """Delete expired jobs (cancelling any still running) and their files."""
-        expired = self.store.expired()
+        expired = await self.db.expired()
         for job in expired:
             task = self._active.get(job.id)
             if task is not None:
                 self._cancelling.add(job.id)
                 task.cancel()
-            await asyncio.to_thread(self.store.delete, job.id)
+            await self.db.delete(job.id)
             self._release(job.id)
         return len(expired)
 

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from gateway.sizes import parse_size
 from inference import EngineConfig
 from inference.controlnet import parse_controlnets
 
@@ -25,10 +26,10 @@ ENV_PREFIX = "IMAGEGATE_"
 def _size_list(text: str) -> tuple[tuple[int, int], ...]:
     out = []
     for part in filter(None, (p.strip() for p in text.split(","))):
-        w, sep, h = part.lower().partition("x")
-        if not sep or len(w) > 5 or len(h) > 5:
+        size = parse_size(part, spaces=True)
+        if size is None:
             raise ValueError(f"not a WxH size: {part!r}")
-        out.append((int(w), int(h)))
+        out.append(size)
     return tuple(out)
 
 

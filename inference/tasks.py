@@ -7,8 +7,9 @@ Alibaba and ModelsLab later) renders its own status bodies from a :class:`Job`.
 :class:`TaskStore` is the interface; :class:`SqliteTaskStore` keeps jobs in one SQLite file and
 result images in a folder next to it. A Redis store can implement the same protocol.
 
-Calls are short and synchronous (SQLite in WAL mode, one connection behind a lock); writing
-result images is the only slow one and callers run it off the event loop.
+Calls are synchronous (SQLite in WAL mode, one connection behind a lock, usable from any
+thread); a server on an event loop makes every call on a worker thread
+(``gateway/task_store_async.py``), since even a short call stalls every request while it runs.
 """
 
 from __future__ import annotations
@@ -149,9 +150,13 @@ class TaskStore(Protocol):
         """
         ...
 
-    def save_images(self, job_id: str, images: Sequence[tuple[bytes, str, int, int, int]]
-                    ) -> list[StoredImage]:
-        """Write result images (data, media type, seed, width, height) to disk."""
+    def save_images(self, job_id: str, images: Sequence[tuple[bytes, str, int, int, int]],
+                    expires_at: float | None = None) -> list[StoredImage]:
+        """Write result images (data, media type, seed, width, height).
+
+        ``expires_at`` is the job's (it never changes); a store that expires images with their
+        job need not read the job back for it.
+        """
         ...
 
     def read_image(self, job_id: str, image: StoredImage) -> bytes:
@@ -345,9 +350,9 @@ class SqliteTaskStore:
 
     # -- results ---------------------------------------------------------------------------
 
-    def save_images(self, job_id: str, images: Sequence[tuple[bytes, str, int, int, int]]
-                    ) -> list[StoredImage]:
-        """Write result images to ``results_dir/<job id>/<i>.<ext>``."""
+    def save_images(self, job_id: str, images: Sequence[tuple[bytes, str, int, int, int]],
+                    expires_at: float | None = None) -> list[StoredImage]:
+        """Write result images to ``results_dir/<job id>/<i>.<ext>`` (the sweeper deletes them)."""
         folder = self.results_dir / _safe_id(job_id)
         folder.mkdir(parents=True, exist_ok=True)
         stored = []

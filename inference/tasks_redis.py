@@ -239,11 +239,13 @@ class RedisTaskStore:
 
     # -- results ---------------------------------------------------------------------------
 
-    def save_images(self, job_id: str, images: Sequence[tuple[bytes, str, int, int, int]]
-                    ) -> list[StoredImage]:
-        """Store result images next to the job, expiring with it."""
-        job = self.get(job_id)
-        expires = (job.expires_at if job else time.time() + GRACE_S) + GRACE_S
+    def save_images(self, job_id: str, images: Sequence[tuple[bytes, str, int, int, int]],
+                    expires_at: float | None = None) -> list[StoredImage]:
+        """Store result images next to the job, expiring with it (``expires_at``: the job's)."""
+        if expires_at is None:
+            job = self.get(job_id)
+            expires_at = job.expires_at if job else time.time() + GRACE_S
+        expires = expires_at + GRACE_S
         pipe = self.r.pipeline(transaction=False)
         stored = []
         for i, (data, media_type, seed, width, height) in enumerate(images):

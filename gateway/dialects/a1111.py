@@ -30,7 +30,7 @@ from gateway.context import bearer_token
 from gateway.dialects.base import Dialect
 from gateway.disconnect import unless_disconnected
 from gateway.errors import ApiError, Failure, invalid
-from gateway.fetch import FetchRefused, check_image, fetch_image
+from gateway.fetch import load_image
 from gateway.wire import decode_json, json_response, retry_headers
 from inference import GenerationRequest, GenerationResult, InitImage, Refine
 from inference.errors import UnknownSampler
@@ -249,6 +249,32 @@ class ErrorBody(msgspec.Struct, kw_only=True):
 # -- translation -----------------------------------------------------------------------------
 
 
+class UnsupportedScheduler(ValueError):
+    """A1111 1.9's ``scheduler`` names a noise schedule with no equivalent here."""
+
+
+def _scheduler(value: str | None) -> str:
+    return (value or "automatic").strip().lower()
+
+
+def a1111_sampler(name: str, scheduler: str | None) -> str:
+    """An A1111 sampler (menu name or ``k_*`` alias) with 1.9's ``scheduler`` folded in.
+
+    ``DPM++ 2M`` with ``scheduler: karras`` is ``DPM++ 2M Karras``, the spelling the sampler
+    registry knows. Raises :class:`UnsupportedScheduler` for a ``scheduler`` other than
+    automatic or karras. Whether the registry has the name is the caller's to ask: each API
+    refuses an unknown sampler in its own way.
+    """
+    raw = name.strip()
+    resolved = _BY_ALIAS.get(raw.lower(), raw)
+    scheduler = _scheduler(scheduler)
+    if scheduler == "karras":
+        return resolved if resolved.lower().endswith("karras") else f"{resolved} Karras"
+    if scheduler not in _DEFAULT_SCHEDULERS:
+        raise UnsupportedScheduler(scheduler)
+    return resolved
+
+
 def a1111_clip_skip(value: int | None) -> int | None:
     """A1111's clip_skip (1 = last CLIP layer) as extra layers skipped past SDXL's penultimate.
 
@@ -269,6 +295,13 @@ def decode_b64_image(text: str, field: str, max_bytes: int) -> bytes:
         return base64.b64decode(payload.strip(), validate=False)
     except (binascii.Error, ValueError):
         raise invalid(f"{field}: Invalid encoded image", field=field) from None
+
+
+def _init_source(body: Img2ImgRequest) -> str:
+    """The first of ``init_images`` (A1111 uses only that one), or A1111's 404 without one."""
+    if not body.init_images:
+        raise ApiError("not_found", "Init image not found", field="init_images")
+    return body.init_images[0]
 
 
 def invert_mask(data: bytes) -> bytes:
@@ -375,14 +408,20 @@ class A1111Dialect(Dialect):
         return self.ctx.authenticate_key(key, self.name)
 
     async def generate(self, request: Request, schema: type[Txt2ImgRequest]) -> Response:
-        """Authenticate, decode, translate, admit, run, and answer in A1111's shape."""
+        """Authenticate, decode, translate, admit, load the images, run, answer in A1111's shape.
+
+        Admission (quota included) comes before the init image and mask are loaded: a client
+        without quota cannot make this server fetch URLs.
+        """
         principal = self.authenticate(request)
         body = decode_json(await request.body(), schema)
         img = body if isinstance(body, Img2ImgRequest) else None
         canonical, sampler = self.to_canonical(body, principal.id)
         if img is not None:
-            canonical = msgspec.structs.replace(canonical, init_image=await self.init_image(img))
+            _init_source(img)
         self.ctx.admit(principal)
+        if img is not None:
+            canonical = msgspec.structs.replace(canonical, init_image=await self.init_image(img))
         result = await unless_disconnected(request, self.ctx.engine.generate(canonical))
         self.ctx.record_usage(principal, result, len(result.images))
         return json_response(self.to_response(body, img, canonical, sampler, result))
@@ -447,17 +486,15 @@ class A1111Dialect(Dialect):
     def sampler_name(self, body: Txt2ImgRequest) -> str:
         """``sampler_name`` (else ``sampler_index``) with ``scheduler`` applied; 404 if unknown."""
         raw = (body.sampler_name or body.sampler_index).strip()
-        name = _BY_ALIAS.get(raw.lower(), raw)
-        scheduler = (body.scheduler or "automatic").strip().lower()
-        if scheduler == "karras" and not name.lower().endswith("karras"):
-            name = f"{name} Karras"
-        elif scheduler not in (*_DEFAULT_SCHEDULERS, "karras"):
+        try:
+            name = a1111_sampler(raw, body.scheduler)
+        except UnsupportedScheduler:
             raise invalid(f"scheduler {body.scheduler!r} is not supported; use 'automatic' or "
-                          "'karras'", field="scheduler")
+                          "'karras'", field="scheduler") from None
         try:
             return self.ctx.engine.samplers.canonical_name(name)
         except UnknownSampler:
-            if scheduler == "karras":
+            if _scheduler(body.scheduler) == "karras":
                 raise invalid(f"sampler {raw!r} has no Karras variant here",
                               field="scheduler") from None
             raise ApiError("not_found", f"Sampler not found: {raw!r}; see GET {PREFIX}/samplers",
@@ -465,9 +502,7 @@ class A1111Dialect(Dialect):
 
     async def init_image(self, body: Img2ImgRequest) -> InitImage:
         """The first of ``init_images`` (base64, data URI or http(s) URL) and the mask, checked."""
-        if not body.init_images:
-            raise ApiError("not_found", "Init image not found", field="init_images")
-        data = await self._image(body.init_images[0], "init_images.0")
+        data = await self._image(_init_source(body), "init_images.0")
         mask = None
         if body.mask:
             mask = await self._image(body.mask, "mask")
@@ -476,15 +511,9 @@ class A1111Dialect(Dialect):
         return InitImage(data=data, strength=body.denoising_strength, mask=mask)
 
     async def _image(self, value: str, field: str) -> bytes:
-        policy = self.fetch_policy
-        try:
-            if value.startswith(("http://", "https://")):
-                return await fetch_image(value, policy)
-            data = decode_b64_image(value, field, policy.max_bytes)
-            await asyncio.to_thread(check_image, data, policy.max_pixels)
-        except FetchRefused as exc:
-            raise invalid(f"{field}: {exc}", field=field) from None
-        return data
+        max_bytes = self.fetch_policy.max_bytes
+        return await load_image(value, field, self.fetch_policy,
+                                lambda text: decode_b64_image(text, field, max_bytes))
 
     def to_response(self, body: Txt2ImgRequest, img: Img2ImgRequest | None,
                     canonical: GenerationRequest, sampler: str,

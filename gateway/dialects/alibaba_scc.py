@@ -9,15 +9,14 @@
 Choices where the vendor page is silent (docs/alibaba-scc.md): the API key travels as
 ``Authorization: Bearer <key>`` (the vendor signs with AK/SK, which is not reproduced); the outer
 envelope is ``{requestId, code, message, success, data}`` with real HTTP statuses; every input
-is checked (and remote images fetched) when the task is submitted, so a bad request is a 400
-naming the field rather than a failed task.
+is checked (and remote images fetched, once the client is admitted) when the task is submitted,
+so a bad request is a 400 naming the field rather than a failed task.
 
 Wire facts: shared/reference/api-dialects.md §3 and seed 001. Docs: docs/alibaba-scc.md.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import uuid
@@ -29,11 +28,11 @@ from litestar import Request, Response, post
 from msgspec import Meta
 
 from auth.keys import Principal
-from gateway.async_tasks import AsyncTaskDialect
+from gateway.async_tasks import AsyncTaskDialect, decode_request, encode_request
 from gateway.context import bearer_token
-from gateway.dialects.a1111 import a1111_clip_skip
+from gateway.dialects.a1111 import UnsupportedScheduler, a1111_clip_skip, a1111_sampler
 from gateway.errors import Failure, invalid
-from gateway.fetch import FetchRefused, check_image, fetch_image
+from gateway.fetch import FetchRefused, decode_data_uri, load_image
 from gateway.wire import decode_json, json_response, retry_headers
 from inference import GenerationRequest, InitImage
 from inference.request import ControlUnit
@@ -216,15 +215,45 @@ def _kind_in(name: str | None) -> str | None:
 
 
 def sampler_for(body: Txt2ImgRequest) -> str:
-    """The sampler name, with A1111 1.9's separate ``scheduler: karras`` folded in."""
-    name = body.sampler_name or body.sampler_index or DEFAULT_SAMPLER
-    sched = (body.scheduler or "automatic").strip().casefold()
-    if sched == "karras":
-        return name if name.casefold().endswith(" karras") else f"{name} Karras"
-    if sched != "automatic":
+    """The sampler name as A1111 resolves it (``k_*`` aliases, ``scheduler: karras`` folded in).
+
+    An unknown name is left to the engine's check at submission (a 400 naming sampler_name).
+    """
+    try:
+        return a1111_sampler(body.sampler_name or body.sampler_index or DEFAULT_SAMPLER,
+                             body.scheduler)
+    except UnsupportedScheduler:
         raise invalid(f"scheduler {body.scheduler!r} is not supported; use automatic or karras "
-                      "(or a sampler_name such as 'DPM++ 2M Karras')", field="scheduler")
-    return name
+                      "(or a sampler_name such as 'DPM++ 2M Karras')", field="scheduler") from None
+
+
+def inline_image(value: str, max_bytes: int) -> bytes:
+    """Image bytes from a ``data:`` URI or raw base64 (A1111's form), strictly decoded."""
+    if value.startswith("data:"):
+        return decode_data_uri(value, max_bytes)
+    if (len(value) * 3) // 4 > max_bytes + 3:
+        raise FetchRefused(f"the image is larger than the {max_bytes}-byte limit")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise FetchRefused("not valid base64, a data: URI or an http(s) URL") from None
+
+
+def request_info(request: GenerationRequest) -> dict[str, Any]:
+    """The request's part of ``sd_get_result``'s ``info`` (A1111's names)."""
+    return {
+        "prompt": request.prompt, "negative_prompt": request.negative_prompt,
+        "width": request.width, "height": request.height, "steps": request.steps,
+        "cfg_scale": request.guidance, "sampler_name": request.sampler, "batch_size": request.n,
+    }
+
+
+class _PendingImage(msgspec.Struct, frozen=True):
+    """A ControlNet unit, checked, whose image is loaded once the client is admitted."""
+
+    unit: ControlUnit
+    source: str
+    field: str
 
 
 # -- the dialect -----------------------------------------------------------------------------
@@ -264,7 +293,7 @@ class AlibabaSccDialect(AsyncTaskDialect):
         async def get_result(request: Request) -> Response:
             principal = self._principal(request)
             body = decode_json(await request.body(), GetResultRequest)
-            job = self.tasks.own(principal, principal.id, body.taskId)
+            job = await self.tasks.own(principal, principal.id, body.taskId)
             return json_response(await self.result_body(job, request))
 
         return [txt2img, img2img, get_result]
@@ -272,23 +301,34 @@ class AlibabaSccDialect(AsyncTaskDialect):
     # -- submission ------------------------------------------------------------------------
 
     async def submit(self, request: Request, schema: type[Txt2ImgRequest]) -> Response:
-        """Authenticate, decode, check everything, fetch images, admit and queue."""
+        """Authenticate, decode and check, admit, load the images, check them, and queue.
+
+        Admission (quota included) comes before any image is decoded or fetched: a client
+        without quota cannot make this server fetch URLs. A request without images is checked
+        in full before admission, as every other task API does.
+        """
         principal = self._principal(request)
         body = decode_json(await request.body(), schema)
-        canonical = await self.to_canonical(body)
-        self.tasks.check_request(canonical, self.field_names)
-        n = canonical.n
+        canonical = self.to_canonical(body)
+        units = self.control_units(body)
+        with_images = isinstance(body, Img2ImgRequest) or bool(units)
+        if not with_images:
+            self.tasks.check_request(canonical, self.field_names)
+        await self.tasks.admit(principal, canonical.n)
+        if with_images:
+            canonical = await self.load_images(body, canonical, units)
+            self.tasks.check_request(canonical, self.field_names)
         job = await self.tasks.submit(
-            principal, scope=principal.id, images=n,
-            payload={"request": msgspec.json.encode(canonical).decode(),
+            principal, scope=principal.id, images=canonical.n, admitted=True,
+            payload={"request": encode_request(canonical), "info": request_info(canonical),
                      "parameters": self.parameters(body),
                      "resource_config": request.headers.get("x-sp-resource-config-id")},
         )
         return json_response(SubmitResponse(requestId=_request_id(),
                                             data=TaskData(taskId=job.id, status=STATUS[job.status])))
 
-    async def to_canonical(self, body: Txt2ImgRequest) -> GenerationRequest:
-        """Translate a submit body; images are decoded (or fetched) here."""
+    def to_canonical(self, body: Txt2ImgRequest) -> GenerationRequest:
+        """Translate a submit body, without its images (:meth:`load_images` adds them)."""
         if body.restore_faces:
             raise invalid("restore_faces is not supported: this server has no face restoration "
                           "model; send restore_faces false or leave it out", field="restore_faces")
@@ -310,11 +350,6 @@ class AlibabaSccDialect(AsyncTaskDialect):
         width = body.width or (info.default_width if info else 1024)
         height = body.height or (info.default_height if info else 1024)
         negative = body.negative_prompt if body.negative_prompt is not None else body.negtive_prompt
-        init_image = None
-        if isinstance(body, Img2ImgRequest):
-            data = await self.image(body.init_images[0], "init_images[0]")
-            mask = await self.image(body.mask, "mask") if body.mask else None
-            init_image = InitImage(data=data, strength=body.denoising_strength, mask=mask)
         return GenerationRequest(
             prompt=body.prompt,
             negative_prompt=negative or "",
@@ -327,21 +362,31 @@ class AlibabaSccDialect(AsyncTaskDialect):
             seed=None if body.seed == -1 else body.seed,
             clip_skip=a1111_clip_skip(body.clip_skip),
             output_format="png",
-            init_image=init_image,
-            control=await self.control_units(body),
         )
 
-    async def control_units(self, body: Txt2ImgRequest) -> tuple[ControlUnit, ...]:
-        """``alwayson_scripts.controlnet`` units → canonical units (disabled ones dropped)."""
+    async def load_images(self, body: Txt2ImgRequest, canonical: GenerationRequest,
+                          units: list[_PendingImage]) -> GenerationRequest:
+        """``canonical`` with the init image, mask and ControlNet images decoded or fetched."""
+        init_image = None
+        if isinstance(body, Img2ImgRequest):
+            data = await self.image(body.init_images[0], "init_images[0]")
+            mask = await self.image(body.mask, "mask") if body.mask else None
+            init_image = InitImage(data=data, strength=body.denoising_strength, mask=mask)
+        control = [msgspec.structs.replace(p.unit, image=await self.image(p.source, p.field))
+                   for p in units]
+        return msgspec.structs.replace(canonical, init_image=init_image, control=tuple(control))
+
+    def control_units(self, body: Txt2ImgRequest) -> list[_PendingImage]:
+        """``alwayson_scripts.controlnet`` units, checked (disabled ones dropped), images unread."""
         script = body.alwayson_scripts.controlnet if body.alwayson_scripts else None
         if script is None:
-            return ()
+            return []
         key = "units" if script.units is not None else "args"
         units = (script.units if script.units is not None else script.args) or []
         if len(units) > MAX_CONTROL_UNITS:
             raise invalid(f"at most {MAX_CONTROL_UNITS} ControlNet units per task",
                           field=f"alwayson_scripts.controlnet.{key}")
-        out: list[ControlUnit] = []
+        out: list[_PendingImage] = []
         for i, unit in enumerate(units):
             field = f"alwayson_scripts.controlnet.{key}[{i}]"
             if not unit.enabled:
@@ -356,29 +401,18 @@ class AlibabaSccDialect(AsyncTaskDialect):
             if not source:
                 raise invalid(f"{field}.input_image is required", field=f"{field}.input_image")
             kind, preprocess = control_kind(unit.module, unit.model, field)
-            out.append(ControlUnit(
-                kind=kind, image=await self.image(source, f"{field}.input_image"),
-                weight=unit.weight, guidance_start=unit.guidance_start,
-                guidance_end=unit.guidance_end, preprocess=preprocess,
-            ))
-        return tuple(out)
+            out.append(_PendingImage(
+                ControlUnit(kind=kind, image=b"", weight=unit.weight,
+                            guidance_start=unit.guidance_start, guidance_end=unit.guidance_end,
+                            preprocess=preprocess),
+                source, f"{field}.input_image"))
+        return out
 
     async def image(self, value: str, field: str) -> bytes:
         """Image bytes from raw base64 (A1111), a ``data:`` URI or an http(s) URL (SSRF-safe)."""
         policy = self.tasks.fetch_policy
-        try:
-            if value.startswith(("data:", "http://", "https://")):
-                return await fetch_image(value, policy)
-            if (len(value) * 3) // 4 > policy.max_bytes + 3:
-                raise FetchRefused(f"the image is larger than the {policy.max_bytes}-byte limit")
-            try:
-                data = base64.b64decode(value, validate=True)
-            except (binascii.Error, ValueError):
-                raise FetchRefused("not valid base64, a data: URI or an http(s) URL") from None
-            await asyncio.to_thread(check_image, data, policy.max_pixels)
-            return data
-        except FetchRefused as exc:
-            raise invalid(f"{field}: {exc}", field=field) from None
+        return await load_image(value, field, policy,
+                                lambda text: inline_image(text, policy.max_bytes))
 
     def _check_model(self, name: str | None) -> None:
         if not name or not name.strip():
@@ -407,25 +441,14 @@ class AlibabaSccDialect(AsyncTaskDialect):
                         unit[key] = "<image>"
         return echo
 
-    # -- JobHandler ------------------------------------------------------------------------
-
-    async def prepare(self, job: Job) -> GenerationRequest:
-        """The canonical request checked at submission, stored with the job."""
-        request = msgspec.json.decode(job.payload["request"], type=GenerationRequest)
-        return msgspec.structs.replace(request, client_id=job.payload.get("client_id"),
-                                       request_id=job.id)
-
     # -- rendering -------------------------------------------------------------------------
 
     async def result_body(self, job: Job, request: Request) -> ResultResponse:
         """``sd_get_result``'s answer for ``job``."""
-        stored = msgspec.json.decode(job.payload["request"], type=GenerationRequest)
-        info: dict[str, Any] = {
-            "prompt": stored.prompt, "negative_prompt": stored.negative_prompt,
-            "width": stored.width, "height": stored.height, "steps": stored.steps,
-            "cfg_scale": stored.guidance, "sampler_name": stored.sampler,
-            "batch_size": stored.n,
-        }
+        # Kept apart at submission: the stored request holds every image, base64-encoded.
+        # Tasks queued by an older version have no "info" yet.
+        saved = job.payload.get("info")
+        info = dict(saved) if saved is not None else request_info(decode_request(job))
         if job.result is not None:
             info["seed"] = job.result.seed
             info["all_seeds"] = [img.seed for img in job.result.images]

@@ -18,7 +18,6 @@ SDK's source (dashscope 2.0.2). Docs: docs/dashscope.md.
 
 from __future__ import annotations
 
-import re
 import time
 import uuid
 from typing import Annotated, Any, ClassVar
@@ -28,9 +27,10 @@ from litestar import Request, Response, get, post
 from msgspec import Meta
 
 from auth.keys import Principal
-from gateway.async_tasks import AsyncTaskDialect
+from gateway.async_tasks import AsyncTaskDialect, encode_request
 from gateway.context import bearer_token
 from gateway.errors import ApiError, Failure, invalid
+from gateway.sizes import parse_size
 from gateway.wire import decode_json, json_response, retry_headers
 from inference import GenerationRequest
 from inference.tasks import CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING, TIMED_OUT, Job
@@ -155,18 +155,13 @@ class ErrorResponse(msgspec.Struct, kw_only=True):
 # -- helpers ---------------------------------------------------------------------------------
 
 
-_DIM = re.compile(r"[0-9]{1,5}")
-
-
-def parse_size(size: str) -> tuple[int, int]:
-    """``"W*H"`` (DashScope's form; ``x`` also accepted) → (width, height)."""
-    text = size.strip().lower().replace("x", "*")
-    w, sep, h = text.partition("*")
-    # ASCII digits, at most 5: isdigit() takes "²", and int() refuses 4,300+ digit strings.
-    if not sep or not _DIM.fullmatch(w.strip()) or not _DIM.fullmatch(h.strip()):
+def dashscope_size(size: str) -> tuple[int, int]:
+    """``"W*H"`` (DashScope's form; ``x`` and blanks around the ``*`` also accepted) → (W, H)."""
+    parsed = parse_size(size, "*x", spaces=True)
+    if parsed is None:
         raise invalid(f"parameters.size must look like '1024*1024', got {size!r}",
                       field="parameters.size")
-    return int(w.strip()), int(h.strip())
+    return parsed
 
 
 def _stamp(t: float | None) -> str | None:
@@ -210,15 +205,15 @@ class DashScopeDialect(AsyncTaskDialect):
             "summary": "A task's status and, once SUCCEEDED, its image URLs"})
         async def fetch(request: Request, task_id: str) -> Response:
             principal = self._principal(request)
-            return json_response(await self.task_body(self._job(principal, task_id), task_id,
-                                                      request))
+            return json_response(await self.task_body(await self._job(principal, task_id),
+                                                      task_id, request))
 
         @post(f"{BASE}/tasks/{{task_id:str}}/cancel", status_code=200, opt={
             **opt, "schema_out": CancelResponse, "summary": "Cancel a PENDING task"})
         async def cancel(request: Request, task_id: str) -> Response:
             principal = self._principal(request)
-            job = self._job(principal, task_id)
-            if job is None or job.status != QUEUED or self.tasks.cancel(job.id) is None:
+            job = await self._job(principal, task_id)
+            if job is None or job.status != QUEUED or await self.tasks.cancel(job) is None:
                 raise ApiError("validation", "Failed to cancel the task, please confirm if the "
                                "task is in PENDING status.", code="UnsupportedOperation")
             return json_response(CancelResponse(request_id=_request_id()))
@@ -238,7 +233,7 @@ class DashScopeDialect(AsyncTaskDialect):
         self.tasks.check_request(canonical, self.field_names)
         job = await self.tasks.submit(
             principal, scope=principal.id, images=canonical.n,
-            payload={"request": msgspec.json.encode(canonical).decode()},
+            payload={"request": encode_request(canonical)},
         )
         if request.headers.get("x-dashscope-async", "").strip().lower() != "enable":
             done = await self.tasks.wait(job.id, self.ctx.settings.request_timeout_s)
@@ -268,20 +263,12 @@ class DashScopeDialect(AsyncTaskDialect):
         if params.ref_strength is not None or params.ref_mode is not None:
             raise invalid("parameters.ref_strength and ref_mode need a reference image, which "
                           "is not supported", field="parameters.ref_mode")
-        width, height = parse_size(params.size)
+        width, height = dashscope_size(params.size)
         return GenerationRequest(
             prompt=inp.prompt, negative_prompt=inp.negative_prompt or "", n=params.n,
             width=width, height=height, steps=params.steps, guidance=params.scale,
             seed=params.seed, output_format="png",
         )
-
-    # -- JobHandler ------------------------------------------------------------------------
-
-    async def prepare(self, job: Job) -> GenerationRequest:
-        """The canonical request checked at submission, stored with the job."""
-        request = msgspec.json.decode(job.payload["request"], type=GenerationRequest)
-        return msgspec.structs.replace(request, client_id=job.payload.get("client_id"),
-                                       request_id=job.id)
 
     # -- rendering -------------------------------------------------------------------------
 
@@ -311,9 +298,9 @@ class DashScopeDialect(AsyncTaskDialect):
     def _principal(self, request: Request) -> Principal:
         return self.ctx.authenticate_key(bearer_token(request), self.name)
 
-    def _job(self, principal: Principal, task_id: str) -> Job | None:
+    async def _job(self, principal: Principal, task_id: str) -> Job | None:
         try:
-            return self.tasks.own(principal, principal.id, task_id)
+            return await self.tasks.own(principal, principal.id, task_id)
         except ApiError:
             return None
 

@@ -30,7 +30,7 @@ from litestar import Request, Response, post
 from msgspec import Meta
 
 from auth.keys import Principal
-from gateway.async_tasks import AsyncTaskDialect
+from gateway.async_tasks import AsyncTaskDialect, encode_request
 from gateway.dialects.a1111 import a1111_clip_skip
 from gateway.errors import ApiError, Failure, invalid
 from gateway.wire import convert, decode_json, json_response, retry_headers
@@ -324,7 +324,7 @@ class ModelsLabDialect(AsyncTaskDialect):
         job = await self.tasks.submit(
             principal, scope=principal.id, images=canonical.n, webhook=body.webhook or None,
             job_id=_new_id(),
-            payload={"request": msgspec.json.encode(canonical).decode(), "base_url": base,
+            payload={"request": encode_request(canonical), "base_url": base,
                      "fetch": fetch_base, "meta": self.meta(body, canonical),
                      "track_id": body.track_id},
         )
@@ -380,19 +380,13 @@ class ModelsLabDialect(AsyncTaskDialect):
         """A job's current body, for its owner only (404 otherwise)."""
         principal = self._principal(body.key)
         try:
-            job = self.tasks.own(principal, principal.id, job_id.strip())
+            job = await self.tasks.own(principal, principal.id, job_id.strip())
         except ApiError:
             raise ApiError("not_found", f"no request with id {job_id} (unknown or expired)",
                            field="id") from None
         return json_response(await self.job_body(job, request))
 
     # -- JobHandler ------------------------------------------------------------------------
-
-    async def prepare(self, job: Job) -> GenerationRequest:
-        """The canonical request checked at submission, stored with the job."""
-        request = msgspec.json.decode(job.payload["request"], type=GenerationRequest)
-        return msgspec.structs.replace(request, client_id=job.payload.get("client_id"),
-                                       request_id=job.id)
 
     async def webhook_body(self, job: Job) -> bytes:
         """The vendor's webhook body: success with output URLs, or failed with a message."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import re
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, ClassVar, Literal
@@ -29,6 +28,7 @@ from gateway.dialects.base import Dialect
 from gateway.disconnect import unless_disconnected
 from gateway.errors import ApiError, Failure, failure_from, invalid
 from gateway.fetch import FetchRefused, check_image, fetch_image
+from gateway.sizes import parse_size
 from gateway.wire import convert, decode_json, json_response, retry_headers
 from inference import GenerationRequest, GenerationResult, InitImage
 from inference.progress import Progress
@@ -212,8 +212,6 @@ class StreamEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 OPENAI_MODELS = ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5",
                  "gpt-image-2", "chatgpt-image-latest")
-# At most 5 digits a side: the limits check the value; this keeps int() from a 5,000-digit text.
-_SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
 # Default strength of an edit (1.0 repaints the masked area from scratch, as OpenAI's inpainting
 # does; without a mask the whole image is the edit, so some of it must survive) and of a
 # variation (half the schedule: composition and colours stay, details change).
@@ -638,11 +636,11 @@ class OpenAIDialect(Dialect):
             if info is None:
                 return 1024, 1024
             return info.default_width, info.default_height
-        m = _SIZE.match(size.strip().lower())
-        if not m:
+        parsed = parse_size(size)
+        if parsed is None:
             raise invalid(f"size must be 'auto' or 'WIDTHxHEIGHT' (e.g. '1024x1024'), got {size!r}",
                           field="size")
-        return int(m.group(1)), int(m.group(2))
+        return parsed
 
     def _model_objects(self) -> list[ModelObject]:
         info = self.ctx.engine.info

@@ -214,20 +214,19 @@ class RunPodDialect(AsyncTaskDialect):
 
         @get(f"{base}/status/{{job_id:str}}", opt={**opt, "kind": "poll"})
         async def status(request: Request, endpoint_id: str, job_id: str) -> Response:
-            job = self._own_job(request, endpoint_id, job_id)
+            job = await self._own_job(request, endpoint_id, job_id)
             return json_response(await self.status_body(job))
 
         @get(f"{base}/stream/{{job_id:str}}",
              opt={**opt, "kind": "poll", "summary": "RunPod job stream: the final output as "
                   "one chunk, delivered once"})
         async def stream(request: Request, endpoint_id: str, job_id: str) -> Response:
-            job = self._own_job(request, endpoint_id, job_id)
+            job = await self._own_job(request, endpoint_id, job_id)
             return json_response(await self.stream_body(job))
 
         @post(f"{base}/cancel/{{job_id:str}}", status_code=200, opt=opt)
         async def cancel(request: Request, endpoint_id: str, job_id: str) -> Response:
-            self._own_job(request, endpoint_id, job_id)
-            job = self.tasks.cancel(job_id)
+            job = await self.tasks.cancel(await self._own_job(request, endpoint_id, job_id))
             if job is None:
                 raise ApiError("not_found", f"job {job_id} not found")
             return json_response({"id": job.id, "status": STATUS[job.status]})
@@ -235,13 +234,14 @@ class RunPodDialect(AsyncTaskDialect):
         @post(f"{base}/retry/{{job_id:str}}", status_code=200, opt=opt)
         async def retry(request: Request, endpoint_id: str, job_id: str) -> Response:
             principal = self._principal(request)
-            current = self.tasks.own(principal, self._scope(principal.id, endpoint_id), job_id)
+            current = await self.tasks.own(principal, self._scope(principal.id, endpoint_id),
+                                           job_id)
             if current.status not in (FAILED, TIMED_OUT):
                 raise invalid(f"job {job_id} is {STATUS[current.status]}; only FAILED or "
                               "TIMED_OUT jobs can be retried")
-            job = self.tasks.retry(principal, current)
+            job = await self.tasks.retry(principal, current)
             if job is None:
-                latest = self.tasks.own(principal, current.scope, job_id)
+                latest = await self.tasks.own(principal, current.scope, job_id)
                 raise invalid(f"job {job_id} is {STATUS[latest.status]}; only FAILED or "
                               "TIMED_OUT jobs can be retried")
             return json_response({"id": job.id, "status": STATUS[job.status]})
@@ -249,13 +249,13 @@ class RunPodDialect(AsyncTaskDialect):
         @post(f"{base}/purge-queue", status_code=200, opt=opt)
         async def purge_queue(request: Request, endpoint_id: str) -> Response:
             principal = self._principal(request)
-            removed = self.tasks.purge(self._scope(principal.id, endpoint_id))
+            removed = await self.tasks.purge(self._scope(principal.id, endpoint_id))
             return json_response({"removed": removed, "status": "completed"})
 
         @get(f"{base}/health", opt=opt)
         async def health(request: Request, endpoint_id: str) -> Response:
             principal = self._principal(request)
-            stats = self.tasks.stats(self._scope(principal.id, endpoint_id))
+            stats = await self.tasks.stats(self._scope(principal.id, endpoint_id))
             return json_response(self.health_body(stats))
 
         return [run, runsync, status, stream, cancel, retry, purge_queue, health]
@@ -406,9 +406,9 @@ class RunPodDialect(AsyncTaskDialect):
     def _principal(self, request: Request) -> Principal:
         return self.ctx.authenticate_key(bearer_token(request), self.name)
 
-    def _own_job(self, request: Request, endpoint_id: str, job_id: str) -> Job:
+    async def _own_job(self, request: Request, endpoint_id: str, job_id: str) -> Job:
         principal = self._principal(request)
-        return self.tasks.own(principal, self._scope(principal.id, endpoint_id), job_id)
+        return await self.tasks.own(principal, self._scope(principal.id, endpoint_id), job_id)
 
     def render_failure(self, failure: Failure, request: Request) -> Response:
         """API errors: a real HTTP status and ``{"error": message}``.

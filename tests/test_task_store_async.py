@@ -1,0 +1,169 @@
+"""The task store never runs on the event loop: a stuck store call leaves the server answering."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway import app as app_module
+from gateway.jobs import job_store
+from gateway.task_store_async import AsyncTaskStore
+from inference import Engine, ModelInfo
+from inference.tasks import Job
+from tests import fakes, serving
+
+# Generous: the CI machine has two busy cores; nothing here waits this long when it works.
+DEADLINE_S = 60
+
+
+class GatedStore:
+    """The real SQLite store, except that the calls named in ``gated`` wait for ``gate``."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.gated: set[str] = set()
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.threads: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.threads.append(threading.current_thread().name)
+            if name in self.gated:
+                self.entered.set()
+                assert self.gate.wait(DEADLINE_S * 2), "the test never opened the gate"
+            return attr(*args, **kwargs)
+
+        return call
+
+
+class RefinerRunner(fakes.FakeRunner):
+    """worker-sdxl always runs the refiner: a fake model that has one."""
+
+    has_refiner = True
+
+
+def refiner_engine(runner: RefinerRunner) -> Any:
+    info = ModelInfo(id="fake", source="fake", description="fake", makes_noise=True,
+                     default_width=64, default_height=64, has_refiner=True, created=0)
+
+    def build(settings: Any, metrics: Any) -> Engine:
+        return Engine(settings.engine_config(), metrics, runner_factory=lambda _c: (runner, info))
+
+    return build
+
+
+@pytest.fixture
+def gated_server(tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+                 ) -> Iterator[tuple[serving.LiveServer, GatedStore]]:
+    holder: dict[str, GatedStore] = {}
+    real = app_module.build_stores
+
+    def build(settings: Any) -> Any:
+        stores = real(settings)
+        stores.tasks = holder["store"] = GatedStore(stores.tasks)
+        return stores
+
+    monkeypatch.setattr(app_module, "build_stores", build)
+    with serving.live_server(tmp_path, engine_factory=refiner_engine(RefinerRunner())) as live:
+        yield live, holder["store"]
+
+
+def test_health_and_other_jobs_answer_while_a_store_call_is_stuck(
+        gated_server: tuple[serving.LiveServer, GatedStore]) -> None:
+    live, store = gated_server
+    url = f"{live.url}/v2/ep"
+    store.gated.add("get")
+    stuck: dict[str, httpx.Response] = {}
+
+    def poll() -> None:
+        stuck["response"] = httpx.get(f"{url}/status/no-such-job", timeout=DEADLINE_S * 2)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        assert store.entered.wait(DEADLINE_S), "the status request never reached the store"
+        # The status request now holds a store thread; the event loop must not be in it.
+        health = httpx.get(f"{live.url}/health", timeout=DEADLINE_S)
+        assert health.status_code == 200
+        assert httpx.get(f"{live.url}/ready", timeout=DEADLINE_S).status_code == 200
+        # Other store calls (admission count, insert) go on in other threads.
+        job = httpx.post(f"{url}/run", json={"input": {"prompt": "x", "width": 64, "height": 64,
+                                                       "refiner_inference_steps": 4}},
+                         timeout=DEADLINE_S).json()
+        assert job["status"] == "IN_QUEUE"
+        assert poller.is_alive() and "response" not in stuck
+    finally:
+        store.gate.set()
+    poller.join(DEADLINE_S)
+    assert stuck["response"].status_code == 404
+    store.gated.clear()
+    done = httpx.post(f"{url}/runsync", json={"input": {"prompt": "y", "width": 64, "height": 64,
+                                                        "refiner_inference_steps": 4}},
+                      timeout=DEADLINE_S * 2).json()
+    assert done["status"] == "COMPLETED", done.get("error")
+    assert httpx.get(f"{url}/status/{job['id']}", timeout=DEADLINE_S).json()["status"] in (
+        "IN_QUEUE", "IN_PROGRESS", "COMPLETED")
+    # Every store call of the running server ran on the store's own worker threads.
+    assert store.threads and all(t.startswith("imagegate-tasks") for t in store.threads), \
+        sorted(set(store.threads))
+
+
+async def test_async_store_runs_calls_off_the_loop_thread(tmp_path: Any) -> None:
+    store = AsyncTaskStore(job_store(tmp_path / "data"), workers=2)
+    await store.open()
+    try:
+        await store.create(Job(id="a", dialect="d", scope="s", payload={}, created_at=1.0,
+                               expires_at=4e9))
+        job = await store.update("a", ("queued",), status="running", worker_id="w")
+        assert job is not None and job.status == "running"
+        assert (await store.get("a")) == job
+        assert await store.count(("running",)) == 1
+        stored = await store.save_images("a", [(b"png-bytes", "image/png", 7, 8, 8)])
+        assert await store.read_images("a", stored) == [b"png-bytes"]
+        seen: list[str] = []
+        await store._call(lambda: seen.append(threading.current_thread().name))
+        assert seen[0].startswith("imagegate-tasks")
+    finally:
+        await store.close()
+    # Closed and reopened: a fresh pool, the same file.
+    await store.open()
+    try:
+        assert (await store.get("a")) is not None
+    finally:
+        await store.close()
+
+
+def test_redis_images_expire_with_the_job_without_reading_it_back() -> None:
+    redis = pytest.importorskip("redis")
+    import time
+    import uuid
+
+    from inference.tasks_redis import GRACE_S, RedisTaskStore
+
+    store = RedisTaskStore("redis://127.0.0.1:6379/7", f"imagegate-test-{uuid.uuid4().hex[:12]}")
+    try:
+        store.open()
+    except redis.RedisError as exc:
+        pytest.skip(f"no Redis: {exc}")
+    try:
+        expires_at = time.time() + 600
+        # No job record exists: the expiry can only come from the argument.
+        stored = store.save_images("j", [(b"x", "image/png", 1, 8, 8)], expires_at=expires_at)
+        assert [s.file for s in stored] == ["0.png"]
+        ttl_s = store.r.pttl(store._k("img", "j", "0")) / 1000
+        assert 600 + GRACE_S - 60 < ttl_s <= 600 + GRACE_S
+        assert store.read_image("j", stored[0]) == b"x"
+    finally:
+        keys = list(store.r.scan_iter(match=f"{store.prefix}:*"))
+        if keys:
+            store.r.delete(*keys)
+        store.close()
