@@ -154,11 +154,13 @@ def test_no_image_url_is_fetched_for_a_client_out_of_quota(
     from gateway.cli import main as cli
 
     keys_file = tmp_path / "keys.json"
-    assert cli(["keys", "create", "--keys-file", str(keys_file), "--id", "d", "--daily", "2"]) == 0
+    assert cli(["keys", "create", "--keys-file", str(keys_file), "--id", "d", "--daily", "3"]) == 0
     key = dict(re.findall(r"^(\w+):\s+(\S+)$", capsys.readouterr().out, re.M))["api_key"]
     auth = {"authorization": f"Bearer {key}"}
     a1111 = {"prompt": "x", "init_images": [images.url], "width": 64, "height": 64, "steps": 2}
     scc = {"prompt": "x", "init_images": [images.url], "width": 64, "height": 64, "steps": 2}
+    edit = {"prompt": "x", "images": [{"image_url": images.url}], "size": "64x64",
+            "response_format": "b64_json", "num_inference_steps": 2}
     with serving.live_server(tmp_path, engine_factory=fakes.engine_factory(fakes.FakeRunner()),
                              keys_file=str(keys_file), fetch_allow="127.0.0.1") as live:
         # Within the quota both fetch the URL (the counter works).
@@ -166,10 +168,14 @@ def test_no_image_url_is_fetched_for_a_client_out_of_quota(
         assert r.status_code == 200, r.text
         r = httpx.post(f"{live.url}/scc/sd_img2img", json=scc, headers=auth, timeout=120)
         assert r.status_code == 200, r.text
-        assert images.hits == 2
+        r = httpx.post(f"{live.url}/v1/images/edits", json=edit, headers=auth, timeout=120)
+        assert r.status_code == 200, r.text
+        assert images.hits == 3
         # The daily quota is spent: refused before anything is fetched, in each envelope.
         r = httpx.post(f"{live.url}/sdapi/v1/img2img", json=a1111, headers=auth, timeout=120)
         assert r.status_code == 429, r.text
         r = httpx.post(f"{live.url}/scc/sd_img2img", json=scc, headers=auth, timeout=120)
         assert r.status_code == 429 and r.json()["code"] == "QuotaExceeded", r.text
-        assert images.hits == 2
+        r = httpx.post(f"{live.url}/v1/images/edits", json=edit, headers=auth, timeout=120)
+        assert r.status_code == 429 and r.json()["error"]["type"], r.text
+        assert images.hits == 3

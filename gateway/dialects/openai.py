@@ -323,8 +323,12 @@ class OpenAIDialect(Dialect):
         """``POST /v1/images/edits``: multipart files, or JSON with image URLs."""
         principal = self.ctx.authenticate_key(bearer_token(request), self.name)
         content_type = request.headers.get("content-type", "").lower()
+        admitted = False
         if content_type.startswith("application/json"):
             body: ImageEditRequest = decode_json(await request.body(), ImageEditJSONRequest)
+            # Quota first: a client over its allowance must not make this server fetch URLs.
+            self.ctx.admit(principal)
+            admitted = True
             image, mask = await self._json_images(body)  # type: ignore[arg-type]
         else:
             fields, files = await self._form(request)
@@ -349,7 +353,7 @@ class OpenAIDialect(Dialect):
             body, principal.id, prompt=body.prompt, init_image=init,
             auto_size=self._auto_size(width, height))
         return await self._answer(request, principal, body, canonical, response_format,
-                                  "image_edit")
+                                  "image_edit", admitted=admitted)
 
     async def variations(self, request: Request) -> Response:
         """``POST /v1/images/variations``: img2img of ``image`` with an empty prompt."""
@@ -377,9 +381,12 @@ class OpenAIDialect(Dialect):
         canonical: GenerationRequest,
         response_format: str,
         stream_kind: str | None,
+        *,
+        admitted: bool = False,
     ) -> Response:
-        """Admit, run, and answer as JSON or (``stream``) as Server-Sent Events."""
-        self.ctx.admit(principal)
+        """Admit (unless the route already did), run, and answer as JSON or as SSE (``stream``)."""
+        if not admitted:
+            self.ctx.admit(principal)
         if body.stream and stream_kind is not None:
             return await self._stream(request, principal, body, canonical, stream_kind)
         result = await unless_disconnected(request, self.ctx.engine.generate(canonical))
