@@ -150,7 +150,9 @@ class JobRunner:
                 datadir.release(self.data_dir)
             raise
         await self.db.heartbeat(self.worker_id, self.heartbeat_s * 5)
-        await self._reclaim()
+        # Nothing runs here yet, so a job "running" under this worker id was left by an earlier
+        # run of this server under the same (fixed) --replica-id: reclaim it, heartbeat or not.
+        await self._reclaim(dead=(self.worker_id,))
         self._wake = asyncio.Event()
         self._closing = False
         self._loops = [
@@ -160,8 +162,8 @@ class JobRunner:
         if getattr(self.store, "shared", False):
             self._loops.append(asyncio.create_task(self._watch(), name="imagegate-jobs-watch"))
 
-    async def _reclaim(self) -> None:
-        requeued, failed = await self.db.reclaim()
+    async def _reclaim(self, dead: tuple[str, ...] = ()) -> None:
+        requeued, failed = await self.db.reclaim(dead=dead)
         if requeued or failed:
             logger.warning("jobs of a stopped server: %d re-queued, %d failed (interrupted twice)",
                            requeued, failed)

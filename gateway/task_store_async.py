@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -108,10 +108,10 @@ class AsyncTaskStore:
         """Say that ``worker_id`` is alive for the next ``ttl_s`` seconds."""
         await self._call(self.store.heartbeat, worker_id, ttl_s)
 
-    async def reclaim(self, max_requeues: int = MAX_REQUEUES, reason: str = INTERRUPTED_REASON
-                      ) -> tuple[int, int]:
+    async def reclaim(self, max_requeues: int = MAX_REQUEUES, reason: str = INTERRUPTED_REASON,
+                      dead: Collection[str] = ()) -> tuple[int, int]:
         """Re-queue (or fail) running jobs of dead workers; (requeued, failed)."""
-        return await self._call(self.store.reclaim, max_requeues, reason)
+        return await self._call(self.store.reclaim, max_requeues, reason, dead)
 
     # -- results ---------------------------------------------------------------------------
 

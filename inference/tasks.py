@@ -18,7 +18,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -142,11 +142,13 @@ class TaskStore(Protocol):
         """Whether the server that runs jobs as ``worker_id`` is still alive."""
         ...
 
-    def reclaim(self, max_requeues: int = MAX_REQUEUES, reason: str = INTERRUPTED_REASON
-                ) -> tuple[int, int]:
+    def reclaim(self, max_requeues: int = MAX_REQUEUES, reason: str = INTERRUPTED_REASON,
+                dead: Collection[str] = ()) -> tuple[int, int]:
         """Running jobs whose worker is gone: re-queue (up to ``max_requeues`` times) or fail.
 
-        Queued jobs and jobs of live workers are never touched. Returns (requeued, failed).
+        ``dead``: workers known to be gone whatever their heartbeat says (a server restarted
+        under a fixed replica id reclaims what its previous run left running). Queued jobs and
+        jobs of live workers are never touched. Returns (requeued, failed).
         """
         ...
 
@@ -339,14 +341,14 @@ class SqliteTaskStore:
         """Only this process's own workers are alive: the data dir lock excludes any other."""
         return worker_id is not None and worker_id in self._workers
 
-    def reclaim(self, max_requeues: int = MAX_REQUEUES, reason: str = INTERRUPTED_REASON
-                ) -> tuple[int, int]:
+    def reclaim(self, max_requeues: int = MAX_REQUEUES, reason: str = INTERRUPTED_REASON,
+                dead: Collection[str] = ()) -> tuple[int, int]:
         """Running jobs of dead workers: back to the queue once, then failed."""
         with self._lock:
             rows = self.conn.execute("SELECT doc FROM jobs WHERE status = ?", (RUNNING,)
                                      ).fetchall()
         return reclaim_jobs(self, [msgspec.json.decode(r[0], type=Job) for r in rows],
-                            max_requeues, reason)
+                            max_requeues, reason, dead)
 
     # -- results ---------------------------------------------------------------------------
 
@@ -395,11 +397,11 @@ def requeue_changes(job: Job, max_requeues: int = MAX_REQUEUES,
 
 
 def reclaim_jobs(store: TaskStore, running: Sequence[Job], max_requeues: int,
-                 reason: str) -> tuple[int, int]:
+                 reason: str, dead: Collection[str] = ()) -> tuple[int, int]:
     """Apply :func:`requeue_changes` to each running job whose worker is dead."""
     requeued = failed = 0
     for job in running:
-        if store.worker_alive(job.worker_id):
+        if job.worker_id not in dead and store.worker_alive(job.worker_id):
             continue
         # Compare-and-set on the worker too: a job re-claimed and started elsewhere meanwhile
         # is not ours to touch.

@@ -18,7 +18,7 @@ start one queued job, and a late write from a dead replica cannot overwrite a re
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import msgspec
@@ -226,8 +226,8 @@ class RedisTaskStore:
         """Whether ``worker_id``'s heartbeat is still there."""
         return worker_id is not None and bool(self.r.exists(self._k("worker", worker_id)))
 
-    def reclaim(self, max_requeues: int = MAX_REQUEUES, reason: str = INTERRUPTED_REASON
-                ) -> tuple[int, int]:
+    def reclaim(self, max_requeues: int = MAX_REQUEUES, reason: str = INTERRUPTED_REASON,
+                dead: Collection[str] = ()) -> tuple[int, int]:
         """Running jobs of replicas whose heartbeat is gone: re-queue once, then fail."""
         running = []
         for job_id, job in self._jobs(list(self.r.smembers(self._k("running")))):
@@ -235,7 +235,7 @@ class RedisTaskStore:
                 self.r.srem(self._k("running"), job_id)
             else:
                 running.append(job)
-        return reclaim_jobs(self, running, max_requeues, reason)
+        return reclaim_jobs(self, running, max_requeues, reason, dead)
 
     # -- results ---------------------------------------------------------------------------
 

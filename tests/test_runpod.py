@@ -479,18 +479,23 @@ def test_restart_runs_queued_and_requeues_interrupted_jobs(tmp_path: Any) -> Non
     store = job_store(tmp_path / "data")
     store.open()
     now = time.time()
-    left = {"queued": ("queued", 0), "running": (RUNNING, 0), "twice": (RUNNING, 1)}
-    for name, (status, requeues) in left.items():
+    left = {"queued": ("queued", 0, "dead-server"), "running": (RUNNING, 0, "dead-server"),
+            "twice": (RUNNING, 1, "dead-server"),
+            # Left running by an earlier run of the restarted server itself (a fixed replica id,
+            # whose heartbeat the new run renews at once).
+            "own": (RUNNING, 0, "worker-a")}
+    for name, (status, requeues, worker) in left.items():
         store.create(Job(id=name, dialect="runpod", scope="anonymous/ep",
                          payload={"input": inp}, status=status, created_at=now,
-                         expires_at=now + 3600, worker_id="dead-server", requeues=requeues))
+                         expires_at=now + 3600, worker_id=worker, requeues=requeues))
     store.close()
-    with serving.live_server(tmp_path, engine_factory=slow_factory(SlowRunner())) as live:
+    with serving.live_server(tmp_path, engine_factory=slow_factory(SlowRunner()),
+                             replica_id="worker-a") as live:
         again = httpx.get(f"{live.url}/v2/ep/status/{done['id']}", timeout=120).json()
         assert again["status"] == "COMPLETED"
         assert again["output"] == done["output"]
-        # Nothing accepted is lost: the queued job runs, the interrupted one runs again once.
-        for name in ("queued", "running"):
+        # Nothing accepted is lost: the queued job runs, the interrupted ones run again once.
+        for name in ("queued", "running", "own"):
             body = wait_status(live, name, ("COMPLETED", "FAILED"), timeout=120)
             assert body["status"] == "COMPLETED", (name, body)
         # Interrupted a second time: failed, saying why.
