@@ -3,8 +3,8 @@
 Each variant runs in its own process (compiled modules cannot be un-compiled cleanly) on the
 same random-weight full-size SDXL, compiled by the server's own code (``inference.compile``), so
 a winner here is a setting the server can be started with. For every batch size asked for it
-records the compile-and-first-call time and the warm time of a 20-step call, as one JSON line in
-``$OUT/variants.jsonl``.
+records the compile-and-first-call time, the graphs dynamo compiled for it, and the warm time of
+a 20-step call, as one JSON line in ``$OUT/variants.jsonl``.
 
 Variants (``--variants``, comma-separated; default: all but the slow max-autotune one):
 
@@ -14,6 +14,8 @@ Variants (``--variants``, comma-separated; default: all but the slow max-autotun
 - ``full-static``: ``--compile-scope full --compile-shapes static``;
 - ``full-static-cdt``: the same plus inductor's coordinate-descent tuning and no epilogue
   fusion (the rest of the PyTorch team's SDXL recipe; not a server setting yet);
+- ``full-batch``: ``--compile-scope full --compile-shapes batch`` (only the batch dimension
+  dynamic: one graph per size for every batch from 2 up, no padding);
 - ``full-static-graphs``: static shapes with CUDA graphs (``--compile-mode reduce-overhead``);
 - ``full-static-autotune``: ``--compile-mode max-autotune-no-cudagraphs`` (compiles for many
   minutes per shape).
@@ -41,12 +43,14 @@ VARIANTS: dict[str, dict[str, str] | None] = {
     "blocks-dynamic": {"scope": "blocks", "shapes": "dynamic"},
     "full-dynamic": {"scope": "full", "shapes": "dynamic"},
     "full-static": {"scope": "full", "shapes": "static"},
+    "full-batch": {"scope": "full", "shapes": "batch"},
     "full-static-cdt": {"scope": "full", "shapes": "static", "tuning": "cdt"},
     "full-static-graphs": {"scope": "full", "shapes": "static", "mode": "reduce-overhead"},
     "full-static-autotune": {"scope": "full", "shapes": "static",
                              "mode": "max-autotune-no-cudagraphs"},
 }
-DEFAULT = "eager,blocks-dynamic,full-dynamic,full-static,full-static-cdt,full-static-graphs"
+DEFAULT = ("eager,blocks-dynamic,full-dynamic,full-static,full-batch,full-static-cdt,"
+           "full-static-graphs")
 
 
 def emit(**kw: object) -> None:
@@ -65,7 +69,12 @@ def run_variant(name: str, batches: list[int], *, dry: bool) -> None:
     """
     import torch
 
-    from inference.compile import CompileOptions, apply_compile, prepare_for_compile
+    from inference.compile import (
+        CompileOptions,
+        CompileWatch,
+        apply_compile,
+        prepare_for_compile,
+    )
 
     spec = VARIANTS[name]
     size, steps = (64, 3) if dry else (1024, 20)
@@ -110,12 +119,15 @@ def run_variant(name: str, batches: list[int], *, dry: bool) -> None:
         sync()
         return time.perf_counter() - t
 
+    watch = CompileWatch(enabled=spec is not None)
     for batch in batches:
+        graphs = watch.count()
         first = call(batch, 2)
+        graphs = watch.count() - graphs
         call(batch, 2)  # CUDA graphs record on the second call
         seconds = min(call(batch, steps) for _ in range(2))
         emit(variant=name, batch=batch, size=size, steps=steps, first_call_s=round(first, 1),
-             seconds=round(seconds, 3), images_per_s=round(batch / seconds, 3), gpu=gpu,
+             graphs=graphs, seconds=round(seconds, 3), images_per_s=round(batch / seconds, 3), gpu=gpu,
              torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
 
 

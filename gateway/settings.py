@@ -102,7 +102,7 @@ class Settings(msgspec.Struct, kw_only=True):
     compile: Annotated[bool | None, Meta(description="torch.compile the UNet and VAE decoder (default: on for CUDA, off for CPU).")] = None
     compile_mode: Annotated[str, Meta(description="torch.compile mode.")] = "default"
     compile_scope: Annotated[Literal["blocks", "full"], Meta(description="What torch.compile compiles: blocks (the UNet's repeated transformer blocks; fast cold start) or full (the whole UNet and VAE decoder).")] = "blocks"
-    compile_shapes: Annotated[Literal["dynamic", "static"], Meta(description="dynamic: one shape-generic graph serves every batch size and resolution. static: one graph per batch bucket and warm-up size (needed for CUDA graphs); batches are padded up to a bucket.")] = "dynamic"
+    compile_shapes: Annotated[Literal["dynamic", "static", "batch"], Meta(description="dynamic: one shape-generic graph serves every batch size and resolution. static: one graph per batch bucket and warm-up size (needed for CUDA graphs); batches are padded up to a bucket. batch (with --compile-scope full): only the batch dimension is dynamic, one graph per warm-up size, no padding.")] = "dynamic"
     batch_buckets: Annotated[str | None, Meta(description="With --compile-shapes static: the batch sizes compiled, comma-separated (default: 1,2,4,… up to --max-batch-images, which is always one).")] = None
     quantize: Annotated[Literal["none", "fp8"], Meta(description="Quantize the UNet: fp8 (torchao float8 matmuls; needs an FP8-capable GPU such as Hopper, and the fp8 extra) or none.")] = "none"
     allow_download: Annotated[bool, Meta(description="Allow fetching a hub id that is not in the local cache.")] = False
@@ -259,6 +259,9 @@ class Settings(msgspec.Struct, kw_only=True):
             except ValueError:
                 problems.append(f"{src(name)}: expected batch sizes from 1 to max-batch-images "
                                 f"({self.max_batch_images}) separated by commas, got {text!r}")
+        if self.compile_shapes == "batch" and self.compile_scope != "full":
+            problems.append(f"{src('compile_shapes')}: batch needs --compile-scope full (regional "
+                            "compilation cannot mark the blocks' batch dimension)")
         if self.public_url and not self.public_url.startswith(("http://", "https://")):
             problems.append(f"{src('public_url')}: must start with http:// or https://, got "
                             f"{self.public_url!r}")

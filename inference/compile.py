@@ -17,6 +17,13 @@ The design (issue 9), and why:
   (``mode="reduce-overhead"``) need. Warm-up compiles every batch bucket at every warm-up size
   and the executor pads each batch up to a bucket (:mod:`inference.buckets`); the price is a
   compile per bucket and size at a cold start, and padded slots' compute.
+- **Or a dynamic batch only** (``shapes="batch"``, with ``scope="full"``, opt-in): the batch
+  dimension of the UNet's and the VAE decoder's inputs is marked dynamic and everything else stays
+  static, with dynamo's automatic dynamic shapes off. One graph per warm-up size serves every
+  batch size from 2 up (batch 1 gets its own specialisation, as dynamo always gives size-1
+  dimensions), so there is no padding and a cold start compiles once per size instead of once per
+  bucket and size, while the latent height and width, which most kernels' tiling depends on,
+  stay constants as in the static recipe.
 - **A stance, not a promise**: after warm-up the process switches to torch's
   ``eager_on_recompile`` stance. Any input that the warmed graphs do not cover (a dtype, a size
   that breaks a guard) runs eagerly instead of compiling, so a user request never waits minutes.
@@ -45,10 +52,11 @@ import msgspec
 logger = logging.getLogger(__name__)
 
 Scope = Literal["blocks", "full"]
-Shapes = Literal["dynamic", "static"]
+Shapes = Literal["dynamic", "static", "batch"]
 ARTIFACTS = "artifacts.bin"
-# Static graphs: one per (bucket × warm-up size × distinct block shape); dynamo's default limit
-# of 8 graphs per function would silently fall back to eager for the rest during warm-up.
+# Static (or batch-dynamic) graphs: one per (bucket × warm-up size × distinct block shape);
+# dynamo's default limit of 8 graphs per function would silently fall back to eager for the rest
+# during warm-up.
 STATIC_RECOMPILE_LIMIT = 256
 
 
@@ -165,26 +173,68 @@ def prepare_for_compile(pipe: Any, options: CompileOptions) -> None:
 def apply_compile(pipe: Any, options: CompileOptions) -> None:
     """Compile ``pipe`` in place according to ``options`` (nothing runs yet; warm-up traces)."""
     import torch
+    import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
     # From the PyTorch SDXL recipe: 1×1 convolutions as matmuls fuse better.
     inductor_config.conv_1x1_as_mm = True
-    static = options.shapes == "static"
-    if static:
-        import torch._dynamo.config as dynamo_config
-
+    if options.shapes == "batch" and options.scope != "full":
+        raise ValueError("a dynamic batch only (shapes='batch') needs scope='full'")
+    if options.shapes != "dynamic":
         limit_name = ("recompile_limit" if hasattr(dynamo_config, "recompile_limit")
                       else "cache_size_limit")
         setattr(dynamo_config, limit_name,
                 max(getattr(dynamo_config, limit_name), STATIC_RECOMPILE_LIMIT))
-    kwargs: dict[str, Any] = {"mode": options.mode, "fullgraph": True, "dynamic": not static}
+    if options.shapes == "batch":
+        # Otherwise a second warm-up resolution would turn height and width symbolic too.
+        dynamo_config.automatic_dynamic_shapes = False
+    dynamic = {"dynamic": True, "static": False, "batch": None}[options.shapes]
+    kwargs: dict[str, Any] = {"mode": options.mode, "fullgraph": True, "dynamic": dynamic}
     if options.scope == "blocks":
         pipe.unet.compile_repeated_blocks(**kwargs)
     else:
         pipe.unet = torch.compile(pipe.unet, **kwargs)
-        pipe.vae.decode = torch.compile(pipe.vae.decode, **kwargs)
+        decode = torch.compile(pipe.vae.decode, **kwargs)
+        if options.shapes == "batch":
+            # Hooks on the compiled module run before dynamo sees the inputs, which is where
+            # marks must be made.
+            pipe.unet.register_forward_pre_hook(_mark_batch_hook, with_kwargs=True)
+            decode = _marking_batch(decode)
+        pipe.vae.decode = decode
     logger.info("torch.compile armed (scope=%s, mode=%s, %s shapes)", options.scope,
                 options.mode, options.shapes)
+
+
+def mark_batch_dynamic(value: Any) -> None:
+    """Mark dimension 0 of every tensor in ``value`` (nested in dicts, lists, tuples) dynamic.
+
+    Size-1 batches are left alone: dynamo specialises them anyway, and marking one is an error.
+    """
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 0 and value.shape[0] > 1:
+            torch._dynamo.mark_dynamic(value, 0)
+    elif isinstance(value, dict):
+        for item in value.values():
+            mark_batch_dynamic(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            mark_batch_dynamic(item)
+
+
+def _mark_batch_hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    mark_batch_dynamic(args)
+    mark_batch_dynamic(kwargs)
+
+
+def _marking_batch(fn: Any) -> Any:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        mark_batch_dynamic(args)
+        mark_batch_dynamic(kwargs)
+        return fn(*args, **kwargs)
+
+    return call
 
 
 class CompileWatch:

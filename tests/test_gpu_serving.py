@@ -126,6 +126,73 @@ async def test_compiled_warmup_covers_batch_1_2_and_max_at_every_size_before_rea
     await engine.drain(5)
 
 
+class _StandInUNet(torch.nn.Module):
+    """The UNet's call signature (batch-first tensors, some in a dict) on a few cheap layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.proj = torch.nn.Linear(8, 4)
+
+    def forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs):
+        context = self.proj(encoder_hidden_states).mean(1) + added_cond_kwargs["text_embeds"]
+        return (self.conv(sample) * timestep + context[:, :, None, None],)
+
+
+class _StandInVAE(torch.nn.Module):
+    def decode(self, latents, return_dict=False):
+        return (torch.nn.functional.interpolate(latents, scale_factor=2.0),)
+
+
+def test_batch_shapes_compile_one_graph_per_size_for_every_batch_from_two(monkeypatch):
+    """``--compile-shapes batch``: the batch dimension is dynamic, height and width stay static."""
+    import functools
+    import types
+
+    import torch._dynamo.config as dynamo_config
+
+    from inference.compile import CompileOptions, apply_compile
+
+    torch._dynamo.reset()
+    # dynamo's eager backend: the same guards and recompiles as inductor, without its compile time.
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    pipe = types.SimpleNamespace(unet=_StandInUNet(), vae=_StandInVAE())
+    with dynamo_config.patch(automatic_dynamic_shapes=True):
+        apply_compile(pipe, CompileOptions(scope="full", shapes="batch"))
+        watch = CompileWatch(enabled=True)
+
+        def unet_graphs(batch: int, size: int) -> int:
+            before = watch.count()
+            pipe.unet(torch.randn(batch, 4, size, size), torch.tensor(3.0),
+                      encoder_hidden_states=torch.randn(batch, 7, 8),
+                      added_cond_kwargs={"text_embeds": torch.randn(batch, 4)})
+            return watch.count() - before
+
+        def vae_graphs(batch: int, size: int) -> int:
+            before = watch.count()
+            pipe.vae.decode(torch.randn(batch, 4, size, size), return_dict=False)
+            return watch.count() - before
+
+        assert unet_graphs(2, 8) == 1
+        # (Up to 15: on the CPU, convolution's shape rules guard the batch below 16.)
+        assert [unet_graphs(b, 8) for b in (4, 6, 15)] == [0, 0, 0], "batch is not dynamic"
+        assert unet_graphs(2, 12) == 1
+        assert unet_graphs(6, 12) == 0
+        # Had the second size turned height and width symbolic, a third would reuse that graph.
+        assert unet_graphs(4, 16) == 1, "height and width became dynamic"
+        assert vae_graphs(1, 8) == 1  # size-1 batches are a specialisation of their own
+        assert vae_graphs(2, 8) == 1
+        assert [vae_graphs(b, 8) for b in (3, 8, 1)] == [0, 0, 0]
+    torch._dynamo.reset()
+
+
+def test_batch_shapes_refuse_regional_compilation():
+    from inference.compile import CompileOptions, apply_compile
+
+    with pytest.raises(ValueError, match="scope='full'"):
+        apply_compile(object(), CompileOptions(scope="blocks", shapes="batch"))
+
+
 # -- static shapes: batch buckets -----------------------------------------------------------
 
 
