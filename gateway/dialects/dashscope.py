@@ -18,8 +18,9 @@ With ``dashscope.base_http_api_url = "http://HOST:PORT/api/v1"`` the SDK's
   ``page_size`` (1–100).
 
 Errors: a real HTTP status and ``{code, message, request_id}``, the shape the SDK's
-``_handle_error_message`` reads. Wire facts: shared/reference/api-dialects.md §3.1 and the
-SDK's source (dashscope 2.0.2). Docs: docs/dashscope.md.
+``_handle_error_message`` reads. Wire facts: shared/reference/api-dialects.md §3.1, the
+SDK's source (dashscope 2.0.2) and, for the list, DashScope's "manage asynchronous tasks" page.
+Docs: docs/dashscope.md.
 """
 
 from __future__ import annotations
