@@ -16,8 +16,9 @@ How a new async dialect plugs in:
 3. Poll route: ``job = await self.tasks.own(principal, scope, job_id)`` (404 for anyone
    else's job), then render ``job.status`` (``inference.tasks`` constants) with ``await
    self.tasks.data_uris(job)`` or ``await self.tasks.media_urls(job, request)`` (expiring URLs
-   on ``/media``). ``self.tasks.wait``, ``cancel``, ``retry``, ``purge`` and ``stats`` serve the
-   other verbs. Every store call is awaited: it runs on a worker thread, never on the loop.
+   on ``/media``). ``self.tasks.wait``, ``cancel``, ``retry``, ``purge``, ``stats`` and
+   ``list_jobs`` (one scope's jobs, newest first, filtered and paged) serve the other verbs.
+   Every store call is awaited: it runs on a worker thread, never on the loop.
 4. Store the canonical request, checked at submission (``self.tasks.check_request``), as
    ``payload["request"] = encode_request(canonical)``: the default ``prepare`` runs it. A
    dialect that validates only when the job runs (RunPod, as worker-sdxl does) overrides
@@ -33,6 +34,7 @@ import asyncio
 import base64
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import msgspec
@@ -220,6 +222,19 @@ class TaskService:
     async def purge(self, scope: str) -> int:
         """Remove this scope's queued jobs; how many went."""
         return await self.jobs.purge(self.dialect, scope)
+
+    async def list_jobs(self, scope: str, *, statuses: Sequence[str] | None = None,
+                        since: float | None = None, until: float | None = None,
+                        payload_match: Mapping[str, str] | None = None, offset: int = 0,
+                        limit: int = 100) -> tuple[list[Job], int]:
+        """One page of this dialect's jobs in ``scope``, newest first, and the total that match.
+
+        Jobs come as clients see them (:meth:`gateway.jobs.JobRunner.view`).
+        """
+        jobs, total = await self.store.list_jobs(
+            self.dialect, scope, statuses=statuses, since=since, until=until,
+            payload_match=payload_match, offset=offset, limit=limit)
+        return [self.jobs.view(j) for j in jobs], total
 
     async def stats(self, scope: str) -> dict[str, int]:
         """Counts by status in this scope, plus ``retried``."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -93,6 +93,15 @@ class AsyncTaskStore:
     async def purge_queued(self, dialect: str, scope: str) -> list[str]:
         """Delete the queued jobs of one dialect and scope; return their ids."""
         return await self._call(self.store.purge_queued, dialect, scope)
+
+    async def list_jobs(self, dialect: str, scope: str, *, statuses: Sequence[str] | None = None,
+                        since: float | None = None, until: float | None = None,
+                        payload_match: Mapping[str, str] | None = None, offset: int = 0,
+                        limit: int = 100) -> tuple[list[Job], int]:
+        """One page of one dialect and scope's jobs, newest first, and the total that match."""
+        return await self._call(self.store.list_jobs, dialect, scope, statuses=statuses,
+                                since=since, until=until, payload_match=payload_match,
+                                offset=offset, limit=limit)
 
     async def expired(self, now: float | None = None) -> list[Job]:
         """Jobs whose ``expires_at`` has passed."""

@@ -14,11 +14,12 @@ thread); a server on an event loop makes every call on a worker thread
 
 from __future__ import annotations
 
+import re
 import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -35,6 +36,9 @@ FINISHED = (COMPLETED, FAILED, CANCELLED, TIMED_OUT)
 
 INTERRUPTED_REASON = ("the server running this job stopped before it finished, and the job "
                       "was already re-queued once after such a stop; retry it")
+# Payload keys ``list_jobs`` may match on: plain names (they become a JSON path in SQL).
+PAYLOAD_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
 # A job whose server died (crash, kill, restart) goes back to the queue this many times; the
 # next interruption fails it with INTERRUPTED_REASON (a job that kills its server each time
 # must not take every replica down in turn).
@@ -132,6 +136,19 @@ class TaskStore(Protocol):
 
     def purge_queued(self, dialect: str, scope: str) -> list[str]:
         """Delete the queued jobs of one dialect and scope; return their ids."""
+        ...
+
+    def list_jobs(self, dialect: str, scope: str, *, statuses: Sequence[str] | None = None,
+                  since: float | None = None, until: float | None = None,
+                  payload_match: Mapping[str, str] | None = None, offset: int = 0,
+                  limit: int = 100) -> tuple[list[Job], int]:
+        """One page of the unexpired jobs of one dialect and scope, newest first, and the total.
+
+        Filters (all optional, all must hold): status in ``statuses``; ``since <= created_at <
+        until``; ``payload[key] == value`` for each entry of ``payload_match`` (string values,
+        keys matching :data:`PAYLOAD_KEY`). Order: ``created_at`` descending, then ``id``
+        descending. ``total`` counts every matching job, not only this page's.
+        """
         ...
 
     def heartbeat(self, worker_id: str, ttl_s: float) -> None:
@@ -333,6 +350,37 @@ class SqliteTaskStore:
                              [(i, QUEUED) for i in ids])
         return ids
 
+    def list_jobs(self, dialect: str, scope: str, *, statuses: Sequence[str] | None = None,
+                  since: float | None = None, until: float | None = None,
+                  payload_match: Mapping[str, str] | None = None, offset: int = 0,
+                  limit: int = 100) -> tuple[list[Job], int]:
+        """One page of one dialect and scope's unexpired jobs, newest first, and the total."""
+        check_list_args(payload_match, offset, limit)
+        where = "dialect = ? AND scope = ? AND expires_at > ?"
+        args: list[Any] = [dialect, scope, time.time()]
+        if statuses is not None:
+            if not statuses:
+                return [], 0
+            where += f" AND status IN ({','.join('?' * len(statuses))})"
+            args.extend(statuses)
+        if since is not None:
+            where += " AND created_at >= ?"
+            args.append(since)
+        if until is not None:
+            where += " AND created_at < ?"
+            args.append(until)
+        for key, value in (payload_match or {}).items():
+            # The doc is a BLOB of JSON text; the key is a checked plain name.
+            where += " AND json_extract(CAST(doc AS TEXT), ?) = ?"
+            args.extend((f"$.payload.{key}", value))
+        with self._lock:
+            total = int(self.conn.execute(f"SELECT COUNT(*) FROM jobs WHERE {where}", args
+                                          ).fetchone()[0])
+            rows = self.conn.execute(
+                f"SELECT doc FROM jobs WHERE {where} ORDER BY created_at DESC, id DESC "
+                "LIMIT ? OFFSET ?", [*args, limit, offset]).fetchall()
+        return [msgspec.json.decode(r[0], type=Job) for r in rows], total
+
     def heartbeat(self, worker_id: str, ttl_s: float) -> None:
         """Register ``worker_id`` as alive (for as long as this process runs)."""
         self._workers.add(worker_id)
@@ -385,6 +433,20 @@ class SqliteTaskStore:
         with self._lock:
             self.conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
         shutil.rmtree(self.results_dir / _safe_id(job_id), ignore_errors=True)
+
+
+def check_list_args(payload_match: Mapping[str, str] | None, offset: int, limit: int) -> None:
+    """``list_jobs``'s arguments as both stores require them (ValueError otherwise)."""
+    if offset < 0 or limit < 1:
+        raise ValueError(f"offset must be >= 0 and limit >= 1, got {offset} and {limit}")
+    for key, value in (payload_match or {}).items():
+        if not PAYLOAD_KEY.fullmatch(key) or not isinstance(value, str):
+            raise ValueError(f"payload_match needs plain names and string values: {key!r}")
+
+
+def newest_first(job: Job) -> tuple[float, str]:
+    """Sort key of ``list_jobs`` (use with ``reverse=True``): creation time, then id."""
+    return job.created_at, job.id
 
 
 def requeue_changes(job: Job, max_requeues: int = MAX_REQUEUES,

@@ -18,7 +18,7 @@ start one queued job, and a late write from a dead replica cannot overwrite a re
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -33,6 +33,8 @@ from inference.tasks import (
     RUNNING,
     Job,
     StoredImage,
+    check_list_args,
+    newest_first,
     reclaim_jobs,
 )
 
@@ -189,6 +191,36 @@ class RedisTaskStore:
             if job is not None and job.status == QUEUED and self._delete_if_queued(job_id):
                 removed.append(job_id)
         return removed
+
+    def list_jobs(self, dialect: str, scope: str, *, statuses: Sequence[str] | None = None,
+                  since: float | None = None, until: float | None = None,
+                  payload_match: Mapping[str, str] | None = None, offset: int = 0,
+                  limit: int = 100) -> tuple[list[Job], int]:
+        """One page of one dialect and scope's unexpired jobs, newest first, and the total.
+
+        Reads every job of the scope set (as ``stats`` does) and filters here: a scope holds
+        only its jobs of the last ``--job-ttl-s``.
+        """
+        check_list_args(payload_match, offset, limit)
+        now = time.time()
+        key = self._scope_key(dialect, scope)
+        match = dict(payload_match or {})
+        found = []
+        for job_id, job in self._jobs(list(self.r.smembers(key))):
+            if job is None:
+                self.r.srem(key, job_id)  # stale index entry
+                continue
+            if job.expires_at <= now or (statuses is not None and job.status not in statuses):
+                continue
+            if (since is not None and job.created_at < since) or \
+                    (until is not None and job.created_at >= until):
+                continue
+            payload = job.payload if isinstance(job.payload, dict) else {}
+            if any(payload.get(k) != v for k, v in match.items()):
+                continue
+            found.append(job)
+        found.sort(key=newest_first, reverse=True)
+        return found[offset:offset + limit], len(found)
 
     def _delete_if_queued(self, job_id: str) -> bool:
         key = self._k("job", job_id)

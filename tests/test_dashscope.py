@@ -149,3 +149,151 @@ def test_cancel_a_pending_task(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -
         while ImageSynthesis.fetch(first).output.task_status != "SUCCEEDED":
             assert time.monotonic() < deadline, "the first task never finished"
             time.sleep(0.05)
+
+
+# -- the task list (GET /api/v1/tasks, the SDK's ImageSynthesis.list) --------------------------
+
+LIST_KEYS = ("list-key-a", "list-key-b")
+
+
+@pytest.fixture
+def lister(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    """A fake-model server with two keys; the SDK points at it (key A by default)."""
+    import dashscope
+    from dashscope import ImageSynthesis
+
+    runner = fakes.FakeRunner()
+    with serving.live_server(tmp_path, engine_factory=fakes.engine_factory(runner),
+                             job_concurrency=1, api_keys=",".join(LIST_KEYS)) as live:
+        monkeypatch.setattr(dashscope, "base_http_api_url", live.url + "/api/v1")
+        monkeypatch.setattr(dashscope, "api_key", LIST_KEYS[0])
+        try:
+            yield {"sdk": ImageSynthesis, "runner": runner, "url": live.url}
+        finally:
+            runner.release()
+
+
+def _ids(rsp: Any) -> list[str]:
+    assert rsp.status_code == 200, rsp
+    return [t["task_id"] for t in rsp.output["data"]]
+
+
+def _local(t: float) -> str:
+    return time.strftime("%Y%m%d%H%M%S", time.localtime(t))
+
+
+def test_list_own_tasks_newest_first_filtered_and_paged(lister: dict[str, Any]) -> None:
+    sdk, runner = lister["sdk"], lister["runner"]
+    other = sdk.call(model="stable-diffusion-xl", prompt="b", api_key=LIST_KEYS[1], **SMALL)
+    assert other.output.task_status == "SUCCEEDED", other
+    done = [sdk.call(model=m, prompt="a", **SMALL).output.task_id
+            for m in ("stable-diffusion-xl", "wanx-v1", "stable-diffusion-xl")]
+    runner.hold()
+    running = sdk.async_call(model="stable-diffusion-xl", prompt="a", **SMALL).output.task_id
+    assert runner.entered.wait(60), "the running task never reached the runner"
+    submitted = sdk.async_call(model="stable-diffusion-xl", prompt="a", **SMALL)
+    pending = submitted.output.task_id
+    newest_first = [pending, running, *reversed(done)]
+
+    everything = sdk.list()
+    assert _ids(everything) == newest_first  # key B's task is not there
+    out = everything.output
+    assert (out["total"], out["total_page"], out["page_no"], out["page_size"]) == (5, 1, 1, 10)
+    assert everything.request_id and "request_id" not in out
+    by_id = {t["task_id"]: t for t in out["data"]}
+    assert [by_id[i]["status"] for i in newest_first] == [
+        "PENDING", "RUNNING", "SUCCEEDED", "SUCCEEDED", "SUCCEEDED"]
+    assert by_id[done[1]]["model_name"] == "wanx-v1"
+    assert by_id[done[1]]["user_api_unique_key"].endswith(":image-synthesis:wanx-v1")
+    key_ids = {t["api_key_id"] for t in out["data"]}
+    assert len(key_ids) == 1
+    mine = key_ids.pop()
+    first = by_id[done[0]]
+    assert first["start_time"] >= first["gmt_create"] and first["end_time"] >= first["start_time"]
+    assert abs(first["gmt_create"] / 1000 - time.time()) < 600
+    assert "end_time" not in by_id[pending]
+    assert by_id[pending]["request_id"] == submitted.request_id  # the submission's
+
+    assert _ids(sdk.list(status="SUCCEEDED")) == list(reversed(done))
+    assert _ids(sdk.list(status="PENDING")) == [pending]
+    assert _ids(sdk.list(status="RUNNING")) == [running]
+    assert _ids(sdk.list(status="CANCELED")) == []
+    assert _ids(sdk.list(model_name="wanx-v1")) == [done[1]]
+    assert _ids(sdk.list(api_key_id=mine, status="SUCCEEDED", page_size=1)) == [done[2]]
+
+    pages = [sdk.list(page_no=n, page_size=2) for n in (1, 2, 3, 4)]
+    assert [_ids(p) for p in pages] == [newest_first[:2], newest_first[2:4], newest_first[4:], []]
+    assert {(p.output["total"], p.output["total_page"]) for p in pages} == {(5, 3)}
+
+    now = time.time()
+    assert _ids(sdk.list(start_time=_local(now - 3600), end_time=_local(now + 60))) == \
+        newest_first
+    assert _ids(sdk.list(start_time=_local(now + 120))) == []
+    assert _ids(sdk.list(end_time=_local(now - 3600))) == []
+
+    theirs = sdk.list(api_key=LIST_KEYS[1])
+    assert _ids(theirs) == [other.output.task_id]
+    their_id = theirs.output["data"][0]["api_key_id"]
+    assert their_id != mine
+    assert _ids(sdk.list(api_key_id=their_id)) == []  # only one's own tasks, ever
+
+    # task_id (in DashScope's docs, not the SDK's arguments): that task if it is the caller's.
+    url, auth = lister["url"] + "/api/v1/tasks", {"authorization": f"Bearer {LIST_KEYS[0]}"}
+    one = httpx.get(url, params={"task_id": done[1]}, headers=auth).json()
+    assert [t["task_id"] for t in one["data"]] == [done[1]] and one["total"] == 1
+    for params in ({"task_id": other.output.task_id},  # key B's task
+                   {"task_id": done[1], "status": "PENDING"},
+                   {"task_id": done[1], "page_no": 2}):
+        none = httpx.get(url, params=params, headers=auth).json()
+        assert none["data"] == [] and none["total"] == (1 if "page_no" in params else 0), params
+    # The vendor's own curl example ends the path with a slash.
+    assert [t["task_id"] for t in httpx.get(url + "/", headers=auth).json()["data"]] == \
+        newest_first
+
+    assert sdk.cancel(pending).status_code == 200
+    assert _ids(sdk.list(status="CANCELED")) == [pending]
+    runner.release()
+    deadline = time.monotonic() + 60
+    while _ids(sdk.list(status="SUCCEEDED")) != [running, *reversed(done)]:
+        assert time.monotonic() < deadline, "the running task never finished"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({"page_size": 0}, "page_size"),
+    ({"page_size": 101}, "page_size"),
+    ({"page_no": 0}, "page_no"),
+    ({"page_no": "two"}, "page_no"),
+    ({"page_no": "9" * 5000}, "page_no"),
+    ({"status": "DONE"}, "status"),
+    ({"start_time": "2023-04-20"}, "start_time"),
+    ({"end_time": "20231340000000"}, "end_time"),
+    ({"start_time": "20230421000000", "end_time": "20230420000000"}, "start_time"),
+    ({"start_time": "20230420000000", "end_time": "20230421000001"}, "end_time"),
+    ({"region": "cn beijing"}, "region"),
+    ({"model_name": "x" * 200}, "model_name"),
+])
+def test_list_bad_parameters_are_400s_naming_them(sdk: Any, kwargs: dict[str, Any], field: str
+                                                  ) -> None:
+    rsp = sdk.list(**kwargs)
+    assert rsp.status_code == 400, rsp
+    assert rsp.code == "InvalidParameter" and field in rsp.message, rsp
+    assert rsp.request_id
+
+
+def test_list_refuses_repeats_and_strangers(ds: serving.LiveServer, sdk: Any) -> None:
+    url = f"{ds.url}/api/v1/tasks"
+    r = httpx.get(url, params=[("status", "PENDING"), ("status", "RUNNING")],
+                  headers={"authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400, r.text
+    body = r.json()
+    assert set(body) == {"request_id", "code", "message"} and "status" in body["message"]
+    r = httpx.get(url)
+    assert r.status_code == 401 and r.json()["code"] == "InvalidApiKey"
+    stranger = sdk.list(api_key="wrong")
+    assert stranger.status_code == 401 and stranger.code == "InvalidApiKey"
+    # A full 24-hour range, empty values and unknown parameters are fine.
+    ok = httpx.get(url, params={"start_time": "20230420000000", "end_time": "20230421000000",
+                                "model_name": "", "foo": "bar"},
+                   headers={"authorization": f"Bearer {KEY}"})
+    assert ok.status_code == 200 and ok.json()["data"] == [] and ok.json()["total"] == 0

@@ -167,3 +167,95 @@ def test_redis_images_expire_with_the_job_without_reading_it_back() -> None:
         if keys:
             store.r.delete(*keys)
         store.close()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Any]:
+    """Each task store, empty: SQLite in ``tmp_path``, Redis under a prefix of its own."""
+    if request.param == "sqlite":
+        store = job_store(tmp_path / "data")
+        store.open()
+        try:
+            yield store
+        finally:
+            store.close()
+        return
+    redis = pytest.importorskip("redis")
+    import uuid
+
+    from inference.tasks_redis import RedisTaskStore
+
+    store = RedisTaskStore("redis://127.0.0.1:6379/7", f"imagegate-test-{uuid.uuid4().hex[:12]}")
+    try:
+        store.open()
+    except redis.RedisError as exc:
+        pytest.skip(f"no Redis: {exc}")
+    try:
+        yield store
+    finally:
+        keys = list(store.r.scan_iter(match=f"{store.prefix}:*"))
+        if keys:
+            store.r.delete(*keys)
+        store.close()
+
+
+def test_list_jobs_newest_first_filtered_and_paged(any_store: Any) -> None:
+    import time
+
+    now = time.time()
+    far = now + 3600
+
+    def add(job_id: str, created: float, status: str = "queued", *, scope: str = "s",
+            dialect: str = "d", model: str = "m1", expires: float = far) -> None:
+        any_store.create(Job(id=job_id, dialect=dialect, scope=scope, status=status,
+                             payload={"model": model, "n": 1}, created_at=created,
+                             expires_at=expires))
+
+    add("j1", now - 50, "completed")
+    add("j2", now - 40, "failed", model="m2")
+    add("j3", now - 30)
+    add("j4a", now - 20, "running")
+    add("j4b", now - 20)  # same second as j4a: the id breaks the tie
+    add("j5", now - 10, "completed", model="m2")
+    add("other-scope", now - 5, scope="t")
+    add("other-dialect", now - 5, dialect="e")
+    add("expired", now - 5, expires=now - 1)
+    # A status changed after creation is what the filter sees.
+    assert any_store.update("j3", ("queued",), status="cancelled") is not None
+
+    def ids(**kw: Any) -> tuple[list[str], int]:
+        jobs, total = any_store.list_jobs("d", "s", **kw)
+        return [j.id for j in jobs], total
+
+    everything = ["j5", "j4b", "j4a", "j3", "j2", "j1"]
+    assert ids() == (everything, 6)
+    assert ids(offset=0, limit=4) == (everything[:4], 6)
+    assert ids(offset=4, limit=4) == (everything[4:], 6)
+    assert ids(offset=6, limit=4) == ([], 6)
+    assert ids(statuses=("completed",)) == (["j5", "j1"], 2)
+    assert ids(statuses=("queued", "running")) == (["j4b", "j4a"], 2)
+    assert ids(statuses=()) == ([], 0)
+    assert ids(since=now - 40, until=now - 20) == (["j3", "j2"], 2)  # since in, until out
+    assert ids(payload_match={"model": "m2"}) == (["j5", "j2"], 2)
+    assert ids(payload_match={"model": "m2"}, statuses=("failed",), limit=1) == (["j2"], 1)
+    assert ids(payload_match={"model": "none"}) == ([], 0)
+    assert ids(payload_match={"n": "1"}) == ([], 0)  # strings match strings only
+    assert any_store.list_jobs("d", "nobody") == ([], 0)
+    assert [j.id for j in any_store.list_jobs("d", "t")[0]] == ["other-scope"]
+    for bad in ({"offset": -1}, {"limit": 0}, {"payload_match": {"a.b": "x"}},
+                {"payload_match": {"model": 1}}):
+        with pytest.raises(ValueError):
+            any_store.list_jobs("d", "s", **bad)
+
+
+async def test_async_store_lists_jobs(tmp_path: Any) -> None:
+    store = AsyncTaskStore(job_store(tmp_path / "data"), workers=1)
+    await store.open()
+    try:
+        for i in range(3):
+            await store.create(Job(id=f"a{i}", dialect="d", scope="s", payload={},
+                                   created_at=float(i + 1), expires_at=4e9))
+        jobs, total = await store.list_jobs("d", "s", offset=1, limit=1)
+        assert ([j.id for j in jobs], total) == (["a1"], 3)
+    finally:
+        await store.close()
