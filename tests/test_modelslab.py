@@ -394,20 +394,24 @@ def test_sdk_inpaint_repaints_only_the_white_area(ml: serving.LiveServer, images
         assert api.fetch(str(out["id"]))["output"] == out["output"]
 
 
-def test_every_image_path_is_served(ml: serving.LiveServer, images: Images) -> None:
-    image_paths = [p for p in SUBMIT_PATHS if not p.endswith("/text2img")]
-    assert sorted(image_paths) == sorted([
-        "/api/v6/images/img2img", "/api/v3/img2img", "/api/v1/enterprise/img2img",
-        "/api/v1/enterprise/images/img2img", "/api/v6/images/inpaint", "/api/v3/inpaint",
-        "/api/v1/enterprise/inpaint", "/api/v1/enterprise/images/inpaint"])
-    for path in image_paths:
-        body = {"key": KEY, "prompt": "x", "init_image": images.url("/red.png"), **SMALL}
-        if path.endswith("/inpaint"):
-            body["mask_image"] = images.url("/mask.png")
-        out = post(ml, path, body).json()
-        assert out["status"] == "success", (path, out)
-        assert image_size(out["output"][0]) == (64, 64)
-        assert out["meta"]["strength"] == 0.7  # the vendor examples' value when left out
+IMAGE_PATHS = ["/api/v6/images/img2img", "/api/v3/img2img", "/api/v1/enterprise/img2img",
+               "/api/v1/enterprise/images/img2img", "/api/v6/images/inpaint", "/api/v3/inpaint",
+               "/api/v1/enterprise/inpaint", "/api/v1/enterprise/images/inpaint"]
+
+
+def test_the_image_paths_are_the_submit_families() -> None:
+    assert sorted(p for p in SUBMIT_PATHS if not p.endswith("/text2img")) == sorted(IMAGE_PATHS)
+
+
+@pytest.mark.parametrize("path", IMAGE_PATHS)
+def test_every_image_path_is_served(ml: serving.LiveServer, images: Images, path: str) -> None:
+    body = {"key": KEY, "prompt": "x", "init_image": images.url("/red.png"), **SMALL}
+    if path.endswith("/inpaint"):
+        body["mask_image"] = images.url("/mask.png")
+    out = post(ml, path, body).json()
+    assert out["status"] == "success", (path, out)
+    assert image_size(out["output"][0]) == (64, 64)
+    assert out["meta"]["strength"] == 0.7  # the vendor examples' value when left out
 
 
 def test_legacy_img2img_strings_aliases_processing_then_fetch(ml: serving.LiveServer,
