@@ -159,7 +159,7 @@ class Settings(msgspec.Struct, kw_only=True):
     redis_prefix: Annotated[str, Meta(description="Prefix of every Redis key this server writes (replicas of one deployment share it).")] = "imagegate"
     replica_id: Annotated[str | None, Meta(description="Name of this replica in job records (RunPod workerId) and logs (default: random per start).")] = None
     # Async task dialects (Alibaba SCC, DashScope, ModelsLab).
-    modelslab_wait_s: Annotated[float, Meta(ge=0, le=300, description="How long a ModelsLab text2img call waits for its images before answering status processing with a fetch_result URL.")] = 20.0
+    modelslab_wait_s: Annotated[float, Meta(ge=0, le=300, description="How long a ModelsLab text2img, img2img or inpaint call waits for its images before answering status processing with a fetch_result URL.")] = 20.0
 
     @property
     def cache_path(self) -> Path:

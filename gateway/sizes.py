@@ -6,6 +6,7 @@ examples differ by API) and the engine checks the bounds, naming the field.
 
 from __future__ import annotations
 
+import math
 import re
 
 # ASCII digits, at most 5 per side: str.isdigit() takes "²", and int() refuses strings of
@@ -31,3 +32,21 @@ def parse_size(text: str, separators: str = "x", *, spaces: bool = False
     if not found or not _DIM.fullmatch(width) or not _DIM.fullmatch(height):
         return None
     return int(width), int(height)
+
+
+def fit_size(width: int, height: int, *, area: int, min_size: int, max_size: int
+             ) -> tuple[int, int]:
+    """An input image's ``width`` x ``height`` as an output size the engine accepts.
+
+    Shrunk (aspect kept) to at most ``area`` pixels if larger, each side rounded down to a
+    multiple of 8 and kept within ``min_size``..``max_size``. Edits (OpenAI) and img2img
+    (ModelsLab) without an explicit size answer at their input's size this way.
+    """
+    scale = min(1.0, math.sqrt(area / (width * height)))
+    return fit_side(width * scale, min_size, max_size), fit_side(height * scale, min_size,
+                                                                 max_size)
+
+
+def fit_side(value: float, min_size: int, max_size: int) -> int:
+    """One side rounded down to a multiple of 8, within ``min_size``..``max_size``."""
+    return min(max(int(value) // 8 * 8, min_size), max_size // 8 * 8)

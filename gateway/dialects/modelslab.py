@@ -1,11 +1,15 @@
-"""ModelsLab / stablediffusionapi.com text2img, as its HTTP API and the ``modelslab-py`` SDK speak.
+"""ModelsLab / stablediffusionapi.com text2img, img2img and inpaint, as the API and SDK speak.
 
-Submit: ``POST /api/v6/images/text2img`` (v6 community), ``/api/v3/text2img`` (legacy),
-``/api/v1/enterprise/text2img`` (the enterprise page, seed 003) and
-``/api/v1/enterprise/images/text2img`` (where ``modelslab-py`` sends enterprise calls). The key
-is ``"key"`` in the JSON body; numbers may arrive as strings and booleans as ``"yes"``/``"no"``.
-The call waits up to ``--modelslab-wait-s`` for the images: ``status: "success"`` with
-``output`` URLs, else ``status: "processing"`` with ``eta`` and ``fetch_result``.
+The HTTP API of the vendor's docs and the ``modelslab-py`` SDK.
+
+Submit: ``POST /api/v6/images/{op}`` (v6 community), ``/api/v3/{op}`` (legacy),
+``/api/v1/enterprise/{op}`` (the enterprise pages, seed 003) and
+``/api/v1/enterprise/images/{op}`` (where ``modelslab-py`` sends enterprise calls), for ``op`` in
+``text2img``, ``img2img`` (``init_image`` + ``strength``) and ``inpaint`` (+ ``mask_image``). The
+key is ``"key"`` in the JSON body; numbers may arrive as strings and booleans as
+``"yes"``/``"no"``. The call waits up to ``--modelslab-wait-s`` for the images: ``status:
+"success"`` with ``output`` URLs, else ``status: "processing"`` with ``eta`` and ``fetch_result``.
+img2img and inpaint are admitted (quota counted) before their images are fetched or decoded.
 
 Fetch: ``POST /api/v6/images/fetch/{id}``, ``/api/v3/fetch/{id}``,
 ``/api/v1/enterprise/images/fetch/{id}`` with ``{key}``, or ``/api/v6/images/fetch`` and
@@ -20,6 +24,8 @@ Docs: docs/modelslab.md.
 
 from __future__ import annotations
 
+import asyncio
+import io
 import math
 import re
 import secrets
@@ -32,10 +38,13 @@ from msgspec import Meta
 from auth.keys import Principal
 from gateway.async_tasks import AsyncTaskDialect, encode_request
 from gateway.dialects.a1111 import a1111_clip_skip
+from gateway.dialects.alibaba_scc import inline_image
 from gateway.errors import ApiError, Failure, invalid
+from gateway.fetch import load_image
+from gateway.sizes import fit_side, fit_size
 from gateway.wire import convert, decode_json, json_response, retry_headers
 from inference import GenerationRequest
-from inference.request import Lora
+from inference.request import InitImage, Lora
 from inference.tasks import CANCELLED, COMPLETED, FAILED, QUEUED, RUNNING, TIMED_OUT, Job
 
 MAX_SEED = 2**32 - 1
@@ -43,6 +52,8 @@ MAX_SAMPLES = 4
 MAX_LORAS = 5
 DEFAULT_SCHEDULER = "UniPCMultistepScheduler"
 DEFAULT_STEPS = 30
+# The vendor's img2img/inpaint examples all send 0.7 (its OpenAPI placeholder is 0.5).
+DEFAULT_STRENGTH = 0.7
 # Schedulers whose Karras-sigma variant the sampler registry has (A1111 names).
 KARRAS = {
     "DPMSolverMultistepScheduler": "DPM++ 2M Karras",
@@ -52,12 +63,15 @@ KARRAS = {
     "DPMSolverSDEScheduler": "DPM++ SDE Karras",
 }
 
-SUBMIT_PATHS = {
-    "/api/v6/images/text2img": "/api/v6/images/fetch",
-    "/api/v3/text2img": "/api/v3/fetch",
-    "/api/v1/enterprise/text2img": "/api/v1/enterprise/fetch",
-    "/api/v1/enterprise/images/text2img": "/api/v1/enterprise/images/fetch",
+# Each family of submit paths and the fetch path its jobs answer with in ``fetch_result``.
+FAMILIES = {
+    "/api/v6/images/": "/api/v6/images/fetch",
+    "/api/v3/": "/api/v3/fetch",
+    "/api/v1/enterprise/": "/api/v1/enterprise/fetch",
+    "/api/v1/enterprise/images/": "/api/v1/enterprise/images/fetch",
 }
+OPERATIONS = ("text2img", "img2img", "inpaint")
+SUBMIT_PATHS = {f"{prefix}{op}": fetch for op in OPERATIONS for prefix, fetch in FAMILIES.items()}
 FETCH_ID_PATHS = ("/api/v6/images/fetch/{job_id:str}", "/api/v3/fetch/{job_id:str}",
                   "/api/v1/enterprise/fetch/{job_id:str}",
                   "/api/v1/enterprise/images/fetch/{job_id:str}")
@@ -69,7 +83,9 @@ BOOL_FIELDS = ("safety_checker", "enhance_prompt", "multi_lingual", "panorama", 
                "upscale", "highres_fix", "tomesd", "use_karras_sigmas", "base64", "temp",
                "instant_response")
 NUMBER_FIELDS = ("width", "height", "samples", "num_inference_steps", "seed", "guidance_scale",
-                 "clip_skip")
+                 "clip_skip", "strength")
+# Older vendor pages' names, read when the current name is absent (img2img and inpaint only).
+IMAGE_ALIASES = {"prompt_strength": "strength", "steps": "num_inference_steps"}
 
 # -- wire schemas ----------------------------------------------------------------------------
 
@@ -110,6 +126,25 @@ class Text2ImgRequest(msgspec.Struct, kw_only=True):
     instant_response: bool = False
     webhook: str | None = None
     track_id: str | int | None = None
+
+
+class Img2ImgRequest(Text2ImgRequest, kw_only=True):
+    """img2img: text2img's fields plus the init image and the denoising strength.
+
+    ``width``/``height`` left out: the init image's size (the vendor: "the dimensions of the
+    generated image will be the same as the dimensions of the init_image").
+    """
+
+    init_image: str | None = None
+    strength: Annotated[float, Meta(gt=0, le=1)] = DEFAULT_STRENGTH
+    width: int | None = None
+    height: int | None = None
+
+
+class InpaintRequest(Img2ImgRequest, kw_only=True):
+    """inpaint: img2img's fields plus the mask (white = repaint, black = keep)."""
+
+    mask_image: str | None = None
 
 
 class FetchRequest(msgspec.Struct, kw_only=True):
@@ -216,6 +251,34 @@ def normalise(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def image_aliases(raw: dict[str, Any]) -> dict[str, Any]:
+    """``prompt_strength`` → ``strength`` and ``steps`` → ``num_inference_steps`` when absent."""
+    out = dict(raw)
+    for old, new in IMAGE_ALIASES.items():
+        if out.get(new) is None and out.get(old) is not None:
+            out[new] = out[old]
+    return out
+
+
+def output_size(width: int | None, height: int | None, image: tuple[int, int], *, area: int,
+                min_size: int, max_size: int) -> tuple[int, int]:
+    """The img2img output size: as asked, else from the init image (``image``).
+
+    Neither given: the init image's own size (shrunk to ``area`` if larger, multiples of 8).
+    One given: the other follows the init image's aspect ratio. Both: as asked (the engine
+    checks them).
+    """
+    if width is not None and height is not None:
+        return width, height
+    if width is None and height is None:
+        return fit_size(*image, area=area, min_size=min_size, max_size=max_size)
+    iw, ih = image
+    if width is not None:
+        return width, fit_side(width * ih / iw, min_size, max_size)
+    assert height is not None
+    return fit_side(height * iw / ih, min_size, max_size), height
+
+
 def sampler_for(scheduler: str | None, karras: bool, algorithm_type: str | None) -> str:
     """ModelsLab's scheduler class name (+ Karras sigmas) as a sampler registry name."""
     if algorithm_type not in (None, "", "none"):
@@ -268,20 +331,25 @@ def _int_id(job_id: str) -> int:
 
 
 class ModelsLabDialect(AsyncTaskDialect):
-    """ModelsLab / stablediffusionapi text2img with fetch and webhooks."""
+    """ModelsLab / stablediffusionapi text2img, img2img and inpaint with fetch and webhooks."""
 
     name = "modelslab"
     prefixes = ("/api/v6/", "/api/v3/", "/api/v1/enterprise/")
     field_names: ClassVar[dict[str, str]] = {
         "steps": "num_inference_steps", "guidance": "guidance_scale", "sampler": "scheduler",
         "n": "samples", "loras": "lora_model", "clip_skip": "clip_skip",
+        "init_image": "init_image", "init_image.strength": "strength",
+        "init_image.mask": "mask_image",
     }
 
     def route_handlers(self) -> list[Any]:
-        """Submit routes (four paths) and fetch routes (id in the path or in the body)."""
+        """Submit routes (four paths per operation) and fetch routes (id in path or body)."""
         opt = {"dialect": self.name}
 
-        @post(list(SUBMIT_PATHS), status_code=200, opt={
+        def paths(op: str) -> list[str]:
+            return [path for path in SUBMIT_PATHS if path.endswith(f"/{op}")]
+
+        @post(paths("text2img"), status_code=200, opt={
             **opt, "kind": "generate", "schema_in": Text2ImgRequest,
             "schema_out": SuccessResponse,
             "summary": "Text to image: success with output URLs, or processing with "
@@ -289,16 +357,32 @@ class ModelsLabDialect(AsyncTaskDialect):
         async def text2img(request: Request) -> Response:
             return await self.text2img(request)
 
+        @post(paths("img2img"), status_code=200, opt={
+            **opt, "kind": "generate", "schema_in": Img2ImgRequest,
+            "schema_out": SuccessResponse,
+            "summary": "Image to image (init_image, strength): success with output URLs, or "
+                       "processing with fetch_result"})
+        async def img2img(request: Request) -> Response:
+            return await self.from_image(request, Img2ImgRequest)
+
+        @post(paths("inpaint"), status_code=200, opt={
+            **opt, "kind": "generate", "schema_in": InpaintRequest,
+            "schema_out": SuccessResponse,
+            "summary": "Inpainting (init_image, mask_image: white = repaint): success with "
+                       "output URLs, or processing with fetch_result"})
+        async def inpaint(request: Request) -> Response:
+            return await self.from_image(request, InpaintRequest)
+
         @post(list(FETCH_ID_PATHS), status_code=200, opt={
             **opt, "kind": "poll", "schema_in": FetchRequest, "schema_out": SuccessResponse,
-            "summary": "Fetch a queued text2img result by id"})
+            "summary": "Fetch a queued result by id"})
         async def fetch_by_path(request: Request, job_id: str) -> Response:
             body = decode_json(await request.body(), FetchRequest)
             return await self.fetch(request, body, job_id)
 
         @post(list(FETCH_BODY_PATHS), status_code=200, opt={
             **opt, "kind": "poll", "schema_in": FetchRequest, "schema_out": SuccessResponse,
-            "summary": "Fetch a queued text2img result by request_id"})
+            "summary": "Fetch a queued result by request_id"})
         async def fetch_by_body(request: Request) -> Response:
             body = decode_json(await request.body(), FetchRequest)
             job_id = body.request_id if body.request_id is not None else body.id
@@ -307,7 +391,7 @@ class ModelsLabDialect(AsyncTaskDialect):
                 raise invalid("request_id is required", field="request_id")
             return await self.fetch(request, body, str(job_id))
 
-        return [text2img, fetch_by_path, fetch_by_body]
+        return [text2img, img2img, inpaint, fetch_by_path, fetch_by_body]
 
     # -- submission ------------------------------------------------------------------------
 
@@ -319,11 +403,82 @@ class ModelsLabDialect(AsyncTaskDialect):
         body = convert(normalise(raw), Text2ImgRequest)
         canonical = self.to_canonical(body)
         self.tasks.check_request(canonical, self.field_names)
+        return await self.queue(request, principal, body, canonical)
+
+    async def from_image(self, request: Request, schema: type[Img2ImgRequest]) -> Response:
+        """img2img / inpaint: check everything that needs no image, admit, then load the images.
+
+        Admission (quota included) comes before any image is fetched or decoded, so a client
+        without quota cannot make this server fetch URLs; the request is checked again with its
+        images (strength against steps, the size taken from the init image).
+        """
+        raw = decode_json(await request.body(), dict[str, Any])
+        key = raw.get("key")
+        principal = self._principal(key if isinstance(key, str) else None)
+        body = convert(normalise(image_aliases(raw)), schema)
+        sources = image_sources(body)
+        any_side = self._any_size()
+        draft = self.to_canonical(body, size=(
+            any_side if body.width is None else body.width,
+            any_side if body.height is None else body.height))
+        self.tasks.check_request(draft, self.field_names)
+        if body.webhook:
+            await self.tasks.check_webhook(body.webhook)
+        await self.tasks.admit(principal, draft.n)
+        canonical = await self.with_images(body, sources)
+        self.tasks.check_request(canonical, self.field_names)
+        return await self.queue(request, principal, body, canonical, admitted=True)
+
+    async def with_images(self, body: Img2ImgRequest, sources: dict[str, str]
+                          ) -> GenerationRequest:
+        """The canonical request with its init image (and mask) loaded and sized."""
+        images = {field: await self.image(value, field, inline=body.base64)
+                  for field, value in sources.items()}
+        data, size = images["init_image"]
+        mask = images.get("mask_image")
+        if mask is not None and mask[1] != size:
+            raise invalid(f"mask_image is {mask[1][0]}x{mask[1][1]} but init_image is "
+                          f"{size[0]}x{size[1]}; they must be the same size",
+                          field="mask_image")
+        info = self.ctx.engine.info
+        s = self.ctx.settings
+        width, height = output_size(
+            body.width, body.height, size,
+            area=info.default_width * info.default_height if info else 1024 * 1024,
+            min_size=s.min_size, max_size=s.max_size)
+        canonical = self.to_canonical(body, size=(width, height))
+        init = InitImage(data=data, strength=body.strength,
+                         mask=mask[0] if mask is not None else None)
+        return msgspec.structs.replace(canonical, init_image=init)
+
+    async def image(self, value: str, field: str, *, inline: bool
+                    ) -> tuple[bytes, tuple[int, int]]:
+        """The image in ``field`` and its size; a refusal is a 400 naming ``field``.
+
+        An http(s) URL is fetched under the SSRF rules; with ``base64`` on, the value may also
+        be inline (base64 or a ``data:`` URI). Either way it must decode as an image.
+        """
+        policy = self.tasks.fetch_policy
+        if not inline and not value.startswith(("http://", "https://")):
+            raise invalid(f"{field} must be an http(s) URL; to send the image inline (base64 or "
+                          "a data: URI) set base64 to true", field=field)
+        data = await load_image(value, field, policy,
+                                lambda text: inline_image(text, policy.max_bytes))
+        return data, await asyncio.to_thread(_image_size, data)
+
+    def _any_size(self) -> int:
+        # A valid side for checking a request before its init image (and so its size) is known.
+        s = self.ctx.settings
+        return fit_side(-(-s.min_size // 8) * 8, s.min_size, s.max_size)
+
+    async def queue(self, request: Request, principal: Principal, body: Text2ImgRequest,
+                    canonical: GenerationRequest, *, admitted: bool = False) -> Response:
+        """Store the job and wait a little for it (``instant_response``: not at all)."""
         base = self.ctx.public_base_url(request)
         fetch_base = SUBMIT_PATHS.get(request.url.path.rstrip("/"), "/api/v6/images/fetch")
         job = await self.tasks.submit(
             principal, scope=principal.id, images=canonical.n, webhook=body.webhook or None,
-            job_id=_new_id(),
+            job_id=_new_id(), admitted=admitted,
             payload={"request": encode_request(canonical), "base_url": base,
                      "fetch": fetch_base, "meta": self.meta(body, canonical),
                      "track_id": body.track_id},
@@ -332,24 +487,31 @@ class ModelsLabDialect(AsyncTaskDialect):
         done = await self.tasks.wait(job.id, wait) if wait > 0 else job
         return json_response(await self.job_body(done or job, request))
 
-    def to_canonical(self, body: Text2ImgRequest) -> GenerationRequest:
-        """Translate; features this server lacks are refused by name, cosmetic ones ignored."""
+    def to_canonical(self, body: Text2ImgRequest,
+                     size: tuple[int, int] | None = None) -> GenerationRequest:
+        """Translate; features this server lacks are refused by name, cosmetic ones ignored.
+
+        ``size`` overrides ``width``/``height`` (img2img: taken from the init image). On
+        img2img and inpaint ``base64`` means the input images may be inline (output stays URLs).
+        """
         if not body.prompt.strip():
             raise invalid("prompt is required", field="prompt")
         refused = (("panorama", body.panorama), ("upscale", body.upscale),
-                   ("highres_fix", body.highres_fix), ("base64", body.base64),
+                   ("highres_fix", body.highres_fix),
+                   ("base64", body.base64 and not isinstance(body, Img2ImgRequest)),
                    ("embeddings_model", body.embeddings_model), ("vae", body.vae),
                    ("ip_adapter_id", body.ip_adapter_id))
         for name, value in refused:
             if value:
                 raise invalid(f"{name} is not supported by this server; leave it out (or 'no')",
                               field=name)
+        width, height = size or (body.width, body.height)
         return GenerationRequest(
             prompt=body.prompt,
             negative_prompt=body.negative_prompt or "",
             n=body.samples,
-            width=body.width,
-            height=body.height,
+            width=width,
+            height=height,
             steps=body.num_inference_steps,
             guidance=body.guidance_scale,
             sampler=sampler_for(body.scheduler, body.use_karras_sigmas, body.algorithm_type),
@@ -362,7 +524,7 @@ class ModelsLabDialect(AsyncTaskDialect):
     def meta(self, body: Text2ImgRequest, canonical: GenerationRequest) -> dict[str, Any]:
         """The effective parameters, in the vendor's ``meta`` names (seed filled in later)."""
         info = self.ctx.engine.info
-        return {
+        meta: dict[str, Any] = {
             "prompt": canonical.prompt, "negative_prompt": canonical.negative_prompt,
             "model_id": info.id if info else body.model_id, "W": canonical.width,
             "H": canonical.height, "n_samples": canonical.n, "steps": canonical.steps,
@@ -373,6 +535,13 @@ class ModelsLabDialect(AsyncTaskDialect):
             "lora_strength": body.lora_strength, "safety_checker": "no",
             "enhance_prompt": "no", "upscale": "no", "vae": None,
         }
+        if isinstance(body, Img2ImgRequest):
+            meta["strength"] = body.strength
+            for name in ("init_image", "mask_image"):
+                value = getattr(body, name, None)
+                if value:  # URLs echoed; inline images are not copied into every answer
+                    meta[name] = value if value.startswith(("http://", "https://")) else None
+        return meta
 
     # -- fetch -----------------------------------------------------------------------------
 
@@ -447,6 +616,26 @@ class ModelsLabDialect(AsyncTaskDialect):
         body = ErrorResponse(status="error", message=failure.message, messege=failure.message if legacy else None,
                              retry_after=retry)
         return json_response(body, failure.status, retry_headers(failure))
+
+
+def image_sources(body: Img2ImgRequest) -> dict[str, str]:
+    """The image fields an img2img / inpaint body must carry, present and non-empty (400s)."""
+    fields = ["init_image"] + (["mask_image"] if isinstance(body, InpaintRequest) else [])
+    out: dict[str, str] = {}
+    for name in fields:
+        value = (getattr(body, name) or "").strip()
+        if not value:
+            raise invalid(f"{name} is required: an image URL (or, with base64 true, base64 or "
+                          "a data: URI)", field=name)
+        out[name] = value
+    return out
+
+
+def _image_size(data: bytes) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return image.size
 
 
 def _generation_time(job: Job) -> float:

@@ -10,7 +10,6 @@ Wire facts: shared/reference/api-dialects.md §1.
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, ClassVar, Literal
@@ -28,7 +27,7 @@ from gateway.dialects.base import Dialect
 from gateway.disconnect import unless_disconnected
 from gateway.errors import ApiError, Failure, failure_from, invalid
 from gateway.fetch import FetchRefused, check_image, fetch_image
-from gateway.sizes import parse_size
+from gateway.sizes import fit_size, parse_size
 from gateway.wire import convert, decode_json, json_response, retry_headers
 from inference import GenerationRequest, GenerationResult, InitImage
 from inference.progress import Progress
@@ -602,13 +601,8 @@ class OpenAIDialect(Dialect):
         """
         info = self.ctx.engine.info
         area = info.default_width * info.default_height if info else 1024 * 1024
-        scale = min(1.0, math.sqrt(area / (width * height)))
         s = self.ctx.settings
-
-        def fit(v: int) -> int:
-            return min(max(int(v * scale) // 8 * 8, s.min_size), s.max_size // 8 * 8)
-
-        return fit(width), fit(height)
+        return fit_size(width, height, area=area, min_size=s.min_size, max_size=s.max_size)
 
     def _error_body(self, failure: Failure) -> ErrorEnvelope:
         err_type, code = _ERROR_TYPES[failure.cause]
