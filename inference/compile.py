@@ -161,6 +161,8 @@ def prepare_for_compile(pipe: Any, options: CompileOptions) -> None:
     if options.scope != "full":
         return
     if options.fuse_qkv:
+        # diffusers loads LoRA weights onto the unfused to_q/to_k/to_v, which fused attention
+        # never calls: with adapters possible, the engine turns fuse_qkv off (see LoraAdapters).
         try:
             pipe.fuse_qkv_projections()
         except Exception as exc:  # noqa: BLE001 - an optimisation; keep serving without it
@@ -193,12 +195,13 @@ def apply_compile(pipe: Any, options: CompileOptions) -> None:
     if options.scope == "blocks":
         pipe.unet.compile_repeated_blocks(**kwargs)
     else:
-        pipe.unet = torch.compile(pipe.unet, **kwargs)
+        # In place (nn.Module.compile), not a torch.compile wrapper: the pipeline's UNet must
+        # stay a diffusers model, or its LoRA loading finds no adapters on it.
+        pipe.unet.compile(**kwargs)
         decode = torch.compile(pipe.vae.decode, **kwargs)
         if options.shapes == "batch":
-            # Hooks on the compiled module run before dynamo sees the inputs, which is where
-            # marks must be made.
-            pipe.unet.register_forward_pre_hook(_mark_batch_hook, with_kwargs=True)
+            # Marks must be made before dynamo sees the inputs: around the compiled call.
+            pipe.unet._compiled_call_impl = _marking_batch(pipe.unet._compiled_call_impl)
             decode = _marking_batch(decode)
         pipe.vae.decode = decode
     logger.info("torch.compile armed (scope=%s, mode=%s, %s shapes)", options.scope,
@@ -221,11 +224,6 @@ def mark_batch_dynamic(value: Any) -> None:
     elif isinstance(value, (list, tuple)):
         for item in value:
             mark_batch_dynamic(item)
-
-
-def _mark_batch_hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    mark_batch_dynamic(args)
-    mark_batch_dynamic(kwargs)
 
 
 def _marking_batch(fn: Any) -> Any:

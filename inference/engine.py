@@ -155,8 +155,12 @@ def diffusers_runner_factory(config: EngineConfig) -> tuple[BatchRunner, ModelIn
     from inference.quantize import quantize_unet
 
     compile_on = config.compile if config.compile is not None else choice.device.startswith("cuda")
+    tiny_root = source.path.parent if source.kind == "tiny" else None
+    lora_dir = config.lora_dir or (tiny_root / "loras" if tiny_root is not None else None)
     options = CompileOptions(scope=config.compile_scope, mode=config.compile_mode,  # type: ignore[arg-type]
-                             shapes=config.compile_shapes)  # type: ignore[arg-type]
+                             shapes=config.compile_shapes,  # type: ignore[arg-type]
+                             # LoRA adapters would miss fused attention projections.
+                             fuse_qkv=lora_dir is None)
     if compile_on:
         prepare_for_compile(base, options)
     quantize_unet(base, config.quantize, choice.device)  # type: ignore[arg-type]
@@ -169,10 +173,8 @@ def diffusers_runner_factory(config: EngineConfig) -> tuple[BatchRunner, ModelIn
         logger.info("compile cache %s (%s)", cache_dir, "warm" if warm else "cold")
         apply_compile(base, options)
     samplers = SamplerRegistry.standard()
-    tiny_root = source.path.parent if source.kind == "tiny" else None
     controlnets = load_controlnets(config.controlnets, device=choice.device, dtype=choice.dtype,
                                    tiny_root=tiny_root)
-    lora_dir = config.lora_dir or (tiny_root / "loras" if tiny_root is not None else None)
     runner = DiffusersRunner(base, samplers, refiner=refiner, device=choice.device,
                              controlnets=controlnets, loras=LoraLibrary(lora_dir))
     sample = base.unet.config.sample_size * base.vae_scale_factor

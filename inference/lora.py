@@ -114,6 +114,12 @@ class LoraAdapters:
         # peft keys modules by adapter name, so file names with dots or dashes cannot be used.
         adapter = f"lora{self._counter}_{re.sub(r'[^A-Za-z0-9_]', '_', name)[:40]}"
         started = time.perf_counter()
+        if getattr(self.pipe, "fusing_unet", False):
+            # Fused Q/K/V projections (a compile option) would silently skip the adapter's
+            # attention weights; the engine does not fuse when LoRAs are possible, so this is a
+            # safety net.
+            logger.warning("unfusing QKV projections before loading LoRA %s", name)
+            self.pipe.unfuse_qkv_projections(unet=True, vae=False)
         try:
             self.pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter)
         except Exception as exc:

@@ -156,9 +156,12 @@ def test_batch_shapes_compile_one_graph_per_size_for_every_batch_from_two(monkey
     torch._dynamo.reset()
     # dynamo's eager backend: the same guards and recompiles as inductor, without its compile time.
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
-    pipe = types.SimpleNamespace(unet=_StandInUNet(), vae=_StandInVAE())
+    unet = _StandInUNet()
+    pipe = types.SimpleNamespace(unet=unet, vae=_StandInVAE())
     with dynamo_config.patch(automatic_dynamic_shapes=True):
         apply_compile(pipe, CompileOptions(scope="full", shapes="batch"))
+        # Compiled in place: still the diffusers model (its LoRA loading depends on that).
+        assert pipe.unet is unet
         watch = CompileWatch(enabled=True)
 
         def unet_graphs(batch: int, size: int) -> int:

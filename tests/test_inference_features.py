@@ -212,6 +212,34 @@ async def test_lora_changes_the_output_and_switches_off_again(tiny_engine):
     assert np.abs(again - plain).max() == 0, "the adapter stayed active after its batch"
 
 
+def test_a_lora_on_fused_qkv_projections_applies_in_full():
+    """``--compile-scope full`` fuses Q/K/V; diffusers puts LoRA weights on the unfused layers,
+    which fused attention never calls. Loading an adapter unfuses first (the engine also skips
+    fusing when LoRAs are possible), so the output equals the unfused pipeline's."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from inference.lora import LoraAdapters, LoraLibrary
+    from inference.tiny import ensure_tiny
+    from tests import serving
+
+    root = ensure_tiny(serving.CACHE_DIR)
+
+    def with_lora(fuse: bool) -> np.ndarray:
+        pipe = StableDiffusionXLPipeline.from_pretrained(root / "base")
+        pipe.set_progress_bar_config(disable=True)
+        if fuse:
+            pipe.fuse_qkv_projections()
+        LoraAdapters(pipe, LoraLibrary(root / "loras")).apply((Lora(name=TINY_LORA),))
+        out = pipe(prompt="a cat", num_inference_steps=3, width=64, height=64,
+                   generator=torch.Generator().manual_seed(1), output_type="np").images[0]
+        return out * 255
+
+    unfused = with_lora(fuse=False)
+    fused = with_lora(fuse=True)
+    assert np.abs(fused - unfused).mean() < 0.05, "the adapter missed the fused projections"
+
+
 @on_session_loop
 async def test_unknown_lora_is_refused_listing_what_is_there(tiny_engine):
     with pytest.raises(FeatureUnavailable) as err:
