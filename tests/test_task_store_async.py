@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -142,44 +143,9 @@ async def test_async_store_runs_calls_off_the_loop_thread(tmp_path: Any) -> None
         await store.close()
 
 
-def test_redis_images_expire_with_the_job_without_reading_it_back() -> None:
-    redis = pytest.importorskip("redis")
-    import time
-    import uuid
-
-    from inference.tasks_redis import GRACE_S, RedisTaskStore
-
-    store = RedisTaskStore("redis://127.0.0.1:6379/7", f"imagegate-test-{uuid.uuid4().hex[:12]}")
-    try:
-        store.open()
-    except redis.RedisError as exc:
-        pytest.skip(f"no Redis: {exc}")
-    try:
-        expires_at = time.time() + 600
-        # No job record exists: the expiry can only come from the argument.
-        stored = store.save_images("j", [(b"x", "image/png", 1, 8, 8)], expires_at=expires_at)
-        assert [s.file for s in stored] == ["0.png"]
-        ttl_s = store.r.pttl(store._k("img", "j", "0")) / 1000
-        assert 600 + GRACE_S - 60 < ttl_s <= 600 + GRACE_S
-        assert store.read_image("j", stored[0]) == b"x"
-    finally:
-        keys = list(store.r.scan_iter(match=f"{store.prefix}:*"))
-        if keys:
-            store.r.delete(*keys)
-        store.close()
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def any_store(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Any]:
-    """Each task store, empty: SQLite in ``tmp_path``, Redis under a prefix of its own."""
-    if request.param == "sqlite":
-        store = job_store(tmp_path / "data")
-        store.open()
-        try:
-            yield store
-        finally:
-            store.close()
-        return
+@contextmanager
+def redis_store() -> Iterator[Any]:
+    """A Redis task store under a key prefix of its own (database 7), deleted afterwards."""
     redis = pytest.importorskip("redis")
     import uuid
 
@@ -196,6 +162,36 @@ def any_store(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Any]:
         keys = list(store.r.scan_iter(match=f"{store.prefix}:*"))
         if keys:
             store.r.delete(*keys)
+        store.close()
+
+
+def test_redis_images_expire_with_the_job_without_reading_it_back() -> None:
+    import time
+
+    from inference.tasks_redis import GRACE_S
+
+    with redis_store() as store:
+        expires_at = time.time() + 600
+        # No job record exists: the expiry can only come from the argument.
+        stored = store.save_images("j", [(b"x", "image/png", 1, 8, 8)], expires_at=expires_at)
+        assert [s.file for s in stored] == ["0.png"]
+        ttl_s = store.r.pttl(store._k("img", "j", "0")) / 1000
+        assert 600 + GRACE_S - 60 < ttl_s <= 600 + GRACE_S
+        assert store.read_image("j", stored[0]) == b"x"
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Any]:
+    """Each task store, empty: SQLite in ``tmp_path``, Redis under a prefix of its own."""
+    if request.param == "redis":
+        with redis_store() as store:
+            yield store
+        return
+    store = job_store(tmp_path / "data")
+    store.open()
+    try:
+        yield store
+    finally:
         store.close()
 
 
