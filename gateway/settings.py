@@ -157,7 +157,7 @@ class Settings(msgspec.Struct, kw_only=True):
     # Replicas sharing Redis (docs/replicas.md).
     redis_url: Annotated[str | None, Meta(description="Redis URL (redis://host:6379/0): async jobs, their images, URL-mode images, quota counters and the usage ledger live there, shared by every replica given the same URL and prefix.")] = None
     redis_prefix: Annotated[str, Meta(description="Prefix of every Redis key this server writes (replicas of one deployment share it).")] = "imagegate"
-    replica_id: Annotated[str | None, Meta(description="Name of this replica in job records (RunPod workerId) and logs (default: random per start).")] = None
+    replica_id: Annotated[str | None, Meta(description="Name of this replica in job records (RunPod workerId) and logs (default: random per start). Must be unique among live replicas: a start re-queues the jobs left running under its id.")] = None
     # Async task dialects (Alibaba SCC, DashScope, ModelsLab).
     modelslab_wait_s: Annotated[float, Meta(ge=0, le=300, description="How long a ModelsLab text2img, img2img or inpaint call waits for its images before answering status processing with a fetch_result URL.")] = 20.0
 

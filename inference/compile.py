@@ -189,6 +189,7 @@ def apply_compile(pipe: Any, options: CompileOptions) -> None:
                 max(getattr(dynamo_config, limit_name), STATIC_RECOMPILE_LIMIT))
     if options.shapes == "batch":
         # Otherwise a second warm-up resolution would turn height and width symbolic too.
+        # Process-wide, like the recompile limit: the engine is the only thing compiling here.
         dynamo_config.automatic_dynamic_shapes = False
     dynamic = {"dynamic": True, "static": False, "batch": None}[options.shapes]
     kwargs: dict[str, Any] = {"mode": options.mode, "fullgraph": True, "dynamic": dynamic}

@@ -616,6 +616,10 @@ def test_image_aliases_and_output_size() -> None:
         "prompt_strength": "0.4", "steps": "21", "strength": "0.4", "num_inference_steps": "21"}
     # The current names win over the old ones.
     assert image_aliases({"strength": 0.6, "prompt_strength": 0.2})["strength"] == 0.6
+    # An empty or "null" current name is absent, as normalise reads it: the old name counts.
+    assert image_aliases({"strength": "", "prompt_strength": 0.2, "num_inference_steps": "null",
+                          "steps": 4}) == {
+        "strength": 0.2, "prompt_strength": 0.2, "num_inference_steps": 4, "steps": 4}
     body = msgspec.convert(normalise(image_aliases({
         "prompt": "x", "init_image": "http://h/i.png", "strength": "", "steps": "5"})),
         Img2ImgRequest, strict=False)

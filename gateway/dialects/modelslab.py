@@ -240,7 +240,7 @@ def normalise(raw: dict[str, Any]) -> dict[str, Any]:
             del out[name]
     for name in NUMBER_FIELDS:
         value = out.get(name)
-        if value is None or (isinstance(value, str) and value.strip().casefold() in ("", "null")):
+        if _absent(value):
             out.pop(name, None)
     strength = out.get("lora_strength")
     if isinstance(strength, bool):
@@ -252,12 +252,19 @@ def normalise(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def image_aliases(raw: dict[str, Any]) -> dict[str, Any]:
-    """``prompt_strength`` → ``strength`` and ``steps`` → ``num_inference_steps`` when absent."""
+    """``prompt_strength`` → ``strength`` and ``steps`` → ``num_inference_steps`` when absent.
+
+    Absent as :func:`normalise` reads it: missing, null, ``""`` or ``"null"``.
+    """
     out = dict(raw)
     for old, new in IMAGE_ALIASES.items():
-        if out.get(new) is None and out.get(old) is not None:
+        if _absent(out.get(new)) and not _absent(out.get(old)):
             out[new] = out[old]
     return out
+
+
+def _absent(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().casefold() in ("", "null"))
 
 
 def output_size(width: int | None, height: int | None, image: tuple[int, int], *, area: int,
