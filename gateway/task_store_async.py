@@ -37,15 +37,26 @@ class AsyncTaskStore:
         self.store = store
         self.workers = max(1, workers)
         self._pool: ThreadPoolExecutor | None = None
+        # The heartbeat has a thread of its own: a replica whose heartbeat waits behind slow
+        # calls (task lists of a busy key) would look dead to the others, which would re-run
+        # its jobs.
+        self._beat: ThreadPoolExecutor | None = None
+        # Task lists read many jobs; one at a time, so they never hold every worker thread.
+        self._lists: asyncio.Semaphore | None = None
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if self._pool is None:
             # Made on first use (and again after close), so a runner can be started twice.
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="imagegate-tasks")
+        return await self._run(self._pool, fn, *args, **kwargs)
+
+    @staticmethod
+    async def _run(pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any, **kwargs: Any
+                   ) -> T:
         # The caller's context (request id, client) travels along, as with asyncio.to_thread.
         ctx = contextvars.copy_context()
         call = functools.partial(ctx.run, fn, *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+        return await asyncio.get_running_loop().run_in_executor(pool, call)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -58,9 +69,10 @@ class AsyncTaskStore:
         try:
             await self._call(self.store.close)
         finally:
-            pool, self._pool = self._pool, None
-            if pool is not None:
-                pool.shutdown(wait=False)
+            for pool in (self._pool, self._beat):
+                if pool is not None:
+                    pool.shutdown(wait=False)
+            self._pool = self._beat = None
 
     # -- jobs ------------------------------------------------------------------------------
 
@@ -99,9 +111,12 @@ class AsyncTaskStore:
                         payload_match: Mapping[str, str] | None = None, offset: int = 0,
                         limit: int = 100) -> tuple[list[Job], int]:
         """One page of one dialect and scope's jobs, newest first, and the total that match."""
-        return await self._call(self.store.list_jobs, dialect, scope, statuses=statuses,
-                                since=since, until=until, payload_match=payload_match,
-                                offset=offset, limit=limit)
+        if self._lists is None:
+            self._lists = asyncio.Semaphore(1)
+        async with self._lists:
+            return await self._call(self.store.list_jobs, dialect, scope, statuses=statuses,
+                                    since=since, until=until, payload_match=payload_match,
+                                    offset=offset, limit=limit)
 
     async def expired(self, now: float | None = None) -> list[Job]:
         """Jobs whose ``expires_at`` has passed."""
@@ -114,8 +129,10 @@ class AsyncTaskStore:
     # -- replicas --------------------------------------------------------------------------
 
     async def heartbeat(self, worker_id: str, ttl_s: float) -> None:
-        """Say that ``worker_id`` is alive for the next ``ttl_s`` seconds."""
-        await self._call(self.store.heartbeat, worker_id, ttl_s)
+        """Say that ``worker_id`` is alive for the next ``ttl_s`` seconds (own thread)."""
+        if self._beat is None:
+            self._beat = ThreadPoolExecutor(1, thread_name_prefix="imagegate-heartbeat")
+        await self._run(self._beat, self.store.heartbeat, worker_id, ttl_s)
 
     async def reclaim(self, max_requeues: int = MAX_REQUEUES, reason: str = INTERRUPTED_REASON,
                       dead: Collection[str] = ()) -> tuple[int, int]:

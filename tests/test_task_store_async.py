@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +31,7 @@ class GatedStore:
         self.gate = threading.Event()
         self.entered = threading.Event()
         self.threads: list[str] = []
+        self.names: list[str] = []
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self.inner, name)
@@ -38,6 +40,7 @@ class GatedStore:
 
         def call(*args: Any, **kwargs: Any) -> Any:
             self.threads.append(threading.current_thread().name)
+            self.names.append(name)
             if name in self.gated:
                 self.entered.set()
                 assert self.gate.wait(DEADLINE_S * 2), "the test never opened the gate"
@@ -113,9 +116,35 @@ def test_health_and_other_jobs_answer_while_a_store_call_is_stuck(
     assert done["status"] == "COMPLETED", done.get("error")
     assert httpx.get(f"{url}/status/{job['id']}", timeout=DEADLINE_S).json()["status"] in (
         "IN_QUEUE", "IN_PROGRESS", "COMPLETED")
-    # Every store call of the running server ran on the store's own worker threads.
-    assert store.threads and all(t.startswith("imagegate-tasks") for t in store.threads), \
-        sorted(set(store.threads))
+    # Every store call of the running server ran on the store's own threads.
+    assert store.threads and all(t.startswith(("imagegate-tasks", "imagegate-heartbeat"))
+                                 for t in store.threads), sorted(set(store.threads))
+
+
+async def test_heartbeat_and_other_calls_go_on_while_task_lists_are_slow(tmp_path: Any) -> None:
+    """A replica's heartbeat never waits behind other store calls (it would look dead and its
+    jobs would be re-run elsewhere), and slow task lists take one worker thread at most."""
+    gated = GatedStore(job_store(tmp_path / "data"))
+    store = AsyncTaskStore(gated, workers=2)
+    await store.open()
+    lists = [asyncio.create_task(store.list_jobs("d", "s")) for _ in range(3)]
+    try:
+        gated.gated.add("list_jobs")
+        gated.gated.add("get")
+        stuck_get = asyncio.create_task(store.get("a"))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DEADLINE_S
+        while gated.names.count("list_jobs") < 1 or "get" not in gated.names:
+            assert loop.time() < deadline, f"calls never reached the store: {gated.names}"
+            await asyncio.sleep(0.01)
+        # Both worker threads are held (one list, one get): the heartbeat still lands.
+        await asyncio.wait_for(store.heartbeat("w", 10.0), DEADLINE_S)
+        assert gated.names.count("list_jobs") == 1, "a second list took another thread"
+    finally:
+        gated.gate.set()
+    assert [await t for t in lists] == [([], 0)] * 3
+    assert await stuck_get is None
+    await store.close()
 
 
 async def test_async_store_runs_calls_off_the_loop_thread(tmp_path: Any) -> None:
