@@ -176,7 +176,8 @@ def diffusers_runner_factory(config: EngineConfig) -> tuple[BatchRunner, ModelIn
     controlnets = load_controlnets(config.controlnets, device=choice.device, dtype=choice.dtype,
                                    tiny_root=tiny_root)
     runner = DiffusersRunner(base, samplers, refiner=refiner, device=choice.device,
-                             controlnets=controlnets, loras=LoraLibrary(lora_dir))
+                             controlnets=controlnets, loras=LoraLibrary(lora_dir),
+                             compiled=compile_on)
     sample = base.unet.config.sample_size * base.vae_scale_factor
     makes_noise = source.kind == "tiny"
     info = ModelInfo(

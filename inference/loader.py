@@ -119,6 +119,7 @@ def load_base(
         )
     pipe = pipe.to(choice.device)
     pipe.set_progress_bar_config(disable=True)
+    freeze(pipe)
     logger.info(
         "loaded %s (%s) on %s/%s in %.1fs",
         source.name, source.kind, choice.device, choice.dtype, time.perf_counter() - started,
@@ -143,7 +144,22 @@ def load_refiner(source: ModelSource, base: Any, choice: DeviceChoice) -> Any:
         )
     pipe = pipe.to(choice.device)
     pipe.set_progress_bar_config(disable=True)
+    freeze(pipe)
     return pipe
+
+
+def freeze(pipe: Any) -> None:
+    """No parameter of a served pipeline needs gradients.
+
+    Also what a compiled UNet needs: loading a LoRA freezes the base weights, and compiled
+    graphs guard on ``requires_grad``, so weights frozen only then would fail the guards of the
+    graphs warm-up traced once the adapters are unloaded again.
+    """
+    import torch
+
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.requires_grad_(False)
 
 
 def _quiet_diffusers() -> None:

@@ -78,10 +78,17 @@ class LoraAdapters:
     Executor thread only. Pipelines built from the same components share the adapters.
     """
 
-    def __init__(self, pipe: Any, library: LoraLibrary, *, max_loaded: int = MAX_LOADED) -> None:
+    def __init__(self, pipe: Any, library: LoraLibrary, *, max_loaded: int = MAX_LOADED,
+                 unload_when_off: bool = False) -> None:
         self.pipe = pipe
         self.library = library
         self.max_loaded = max_loaded
+        # Compiled pipelines: a batch without LoRAs unloads every adapter instead of switching
+        # them off. LoRA layers left in the UNet (even disabled) fail the guards of the graphs
+        # warm-up traced, so every later batch would run eagerly; unloaded, the UNet is the
+        # module those graphs were traced for again. The price: a LoRA batch after a plain one
+        # loads its files again.
+        self.unload_when_off = unload_when_off
         # name -> adapter id, most recently used last
         self._loaded: OrderedDict[str, str] = OrderedDict()
         self._counter = 0
@@ -90,7 +97,11 @@ class LoraAdapters:
     def apply(self, loras: tuple[Lora, ...]) -> None:
         """Make exactly ``loras`` active with their weights (none: LoRA layers off)."""
         if not loras:
-            if self._enabled:
+            if self.unload_when_off and self._loaded:
+                self.pipe.unload_lora_weights()
+                self._loaded.clear()
+                self._enabled = False
+            elif self._enabled:
                 self.pipe.disable_lora()
                 self._enabled = False
             return

@@ -132,8 +132,10 @@ class DiffusersRunner:
         device: str = "cpu",
         controlnets: dict[str, Any] | None = None,
         loras: LoraLibrary | None = None,
+        compiled: bool = False,
     ) -> None:
         self.base = base
+        self.compiled = compiled
         self.refiner = refiner
         self.samplers = samplers
         self.device = device
@@ -178,7 +180,7 @@ class DiffusersRunner:
         if self._adapters is None:
             if not batch.key.loras:
                 return
-            self._adapters = LoraAdapters(self.base, self.loras)
+            self._adapters = LoraAdapters(self.base, self.loras, unload_when_off=self.compiled)
         self._adapters.apply(batch.key.loras)
 
     def _check(self, batch: Batch) -> None:

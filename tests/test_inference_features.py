@@ -240,6 +240,50 @@ def test_a_lora_on_fused_qkv_projections_applies_in_full():
     assert np.abs(fused - unfused).mean() < 0.05, "the adapter missed the fused projections"
 
 
+def test_plain_batches_after_a_lora_use_the_compiled_graphs_again(monkeypatch):
+    """On a compiled pipeline, LoRA layers left in the UNet (even switched off) fail the warmed
+    graphs' guards, and the serving stance would run every later batch eagerly. A plain batch
+    unloads them instead: the next plain batch reuses the graph and gives the same pixels."""
+    import functools
+
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from inference.compile import CompileOptions, CompileWatch, apply_compile
+    from inference.loader import freeze
+    from inference.lora import LoraAdapters, LoraLibrary
+    from inference.tiny import ensure_tiny
+    from tests import serving
+
+    torch._dynamo.reset()
+    # dynamo's eager backend: the same guards as inductor, without its compile time.
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    root = ensure_tiny(serving.CACHE_DIR)
+    pipe = StableDiffusionXLPipeline.from_pretrained(root / "base")
+    pipe.set_progress_bar_config(disable=True)
+    freeze(pipe)  # as the loader does
+    apply_compile(pipe, CompileOptions(scope="full"))
+    adapters = LoraAdapters(pipe, LoraLibrary(root / "loras"), unload_when_off=True)
+    watch = CompileWatch(enabled=True)
+
+    def run() -> np.ndarray:
+        return pipe(prompt="a cat", num_inference_steps=2, width=64, height=64,
+                    generator=torch.Generator().manual_seed(1), output_type="np").images[0] * 255
+
+    try:
+        plain = run()
+        adapters.apply((Lora(name=TINY_LORA),))
+        with_lora = run()
+        adapters.apply(())
+        graphs = watch.count()
+        again = run()
+        assert watch.count() == graphs, "a plain batch after a LoRA missed the warmed graphs"
+    finally:
+        torch._dynamo.reset()
+    assert np.abs(with_lora - plain).mean() > 0.5, "the LoRA had no effect"
+    assert np.abs(again - plain).max() < 1e-3
+
+
 @on_session_loop
 async def test_unknown_lora_is_refused_listing_what_is_there(tiny_engine):
     with pytest.raises(FeatureUnavailable) as err:
