@@ -4,8 +4,9 @@ Starts an :class:`inference.Engine` on the built-in tiny-sdxl with ``--compile``
 and shapes), then runs, one request at a time and twice each: plain, with the tiny LoRA, plain
 again, with the tiny canny ControlNet, plain again. Each line of ``$OUT/compile_features.jsonl``
 has the request's wall time, its mean absolute pixel difference from the first plain image, and
-the warm-up and request-path compile counts. Expected: LoRA and ControlNet images differ from
-plain ones, plain images after them equal the first, and request-path compiles stay 0.
+the warm-up and request-path compile counts, and the running count of batches that ran eagerly.
+Expected: LoRA and ControlNet images differ from plain ones, plain images after them equal the
+first, request-path compiles stay 0, and only LoRA and ControlNet batches run eagerly.
 
     python -m bench.compile_features --scope full --shapes batch    # CPU: a few minutes cold
 
@@ -73,6 +74,8 @@ async def run(scope: str, shapes: str, cache: Path) -> None:
                             diff_from_plain=round(float(np.abs(px - first).mean()), 3),
                             ready_s=round(ready_s, 1), warmup_compiles=compiles("warmup"),
                             request_compiles=compiles("request"),
+                            eager_batches=metrics.registry.get_sample_value(
+                                "imagegate_eager_batches_total"),
                             device=engine.info.device if engine.info else "?",
                             date=time.strftime("%Y-%m-%d"))
                 print(json.dumps(line), flush=True)

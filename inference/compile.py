@@ -237,10 +237,23 @@ def _marking_batch(fn: Any) -> Any:
 
 
 class CompileWatch:
-    """Counts dynamo graph compilations, so a compile outside warm-up is seen and reported."""
+    """Counts dynamo graph compilations, so a compile outside warm-up is seen and reported, and
+    calls of compiled code that ran eagerly instead (no warmed graph's guards held)."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
+        self._misses = 0
+
+    def misses(self) -> int:
+        """Calls of compiled functions, while serving, that no compiled graph matched."""
+        return self._misses
+
+    def _guards_checked(self, cache_hit: bool) -> bool:
+        # Dynamo's guard-complete hook: called on the calling thread after the guards of a
+        # compiled function's graphs were checked; the return value is the decision itself.
+        if not cache_hit:
+            self._misses += 1
+        return cache_hit
 
     def count(self) -> int:
         """Graphs compiled by this process so far (0 when compile is off)."""
@@ -252,11 +265,20 @@ class CompileWatch:
 
     @contextmanager
     def serving(self) -> Iterator[None]:
-        """Around a request batch: recompiles run eagerly instead (torch's stance)."""
+        """Around a request batch: recompiles run eagerly instead (torch's stance), counted.
+
+        Under the stance a guard miss is silent, so dynamo's guard-complete hook counts them
+        (:meth:`misses`); it is installed for the batch only, on the executor thread that runs it.
+        """
         if not self.enabled:
             yield
             return
         import torch
+        from torch._C._dynamo.eval_frame import set_guard_complete_hook
 
-        with torch.compiler.set_stance("eager_on_recompile"):
-            yield
+        previous = set_guard_complete_hook(self._guards_checked)
+        try:
+            with torch.compiler.set_stance("eager_on_recompile"):
+                yield
+        finally:
+            set_guard_complete_hook(previous)

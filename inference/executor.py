@@ -46,6 +46,9 @@ class BatchOutcome:
     oom_splits: int = 0
     # torch.compile graphs compiled while this batch ran (should be 0 after warm-up).
     compiles: int = 0
+    # Calls of compiled code in this batch that no warmed graph matched, so ran eagerly
+    # (LoRA, ControlNet, an unwarmed size...): correct, but at eager speed.
+    eager_calls: int = 0
 
 
 class Executor:
@@ -69,18 +72,24 @@ class Executor:
         return await loop.run_in_executor(self._thread, self._run_watched, batch, warmup)
 
     def _run_watched(self, batch: Batch, warmup: bool) -> BatchOutcome:
-        before = self.watch.count()
+        before, missed = self.watch.count(), self.watch.misses()
         if warmup:
             outcome = self._run_sync(batch)
         else:
             with self.watch.serving():
                 outcome = self._run_sync(batch)
         outcome.compiles = self.watch.count() - before
+        outcome.eager_calls = self.watch.misses() - missed
         if outcome.compiles:
             log = logger.info if warmup else logger.warning
             log("torch.compile: %d graph(s) compiled %s for %dx%d batch %d", outcome.compiles,
                 "in warm-up" if warmup else "ON THE REQUEST PATH", batch.key.width,
                 batch.key.height, len(batch.slots))
+        if outcome.eager_calls:
+            logger.info("torch.compile: %d call(s) matched no warmed graph and ran eagerly for "
+                        "%dx%d batch %d%s", outcome.eager_calls, batch.key.width,
+                        batch.key.height, len(batch.slots),
+                        " (LoRA)" if batch.key.loras else "")
         return outcome
 
     def shutdown(self) -> None:

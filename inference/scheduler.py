@@ -340,6 +340,8 @@ class Scheduler:
             self.metrics.decode_seconds.observe(times.decode)
         if outcome.oom_splits:
             self.metrics.oom_splits.inc(outcome.oom_splits)
+        if outcome.eager_calls:
+            self.metrics.eager_batches.inc()
         if outcome.compiles:
             self.metrics.compiles.labels("request").inc(outcome.compiles)
         else:

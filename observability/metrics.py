@@ -122,6 +122,12 @@ class Metrics:
             "'request' must stay 0: a compile on the request path stalls every queued request.",
             ["reason"], registry=r,
         )
+        self.eager_batches = Counter(
+            "imagegate_eager_batches",
+            "Batches in which compiled code ran eagerly because no warmed torch.compile graph "
+            "matched (LoRA, ControlNet, an unwarmed size): right images at eager speed.",
+            registry=r,
+        )
         self.jobs = Gauge(
             "imagegate_jobs", "Async jobs in the task store by dialect and status.",
             ["dialect", "status"], registry=r,

@@ -59,19 +59,28 @@ def test_serving_stance_runs_an_unwarmed_shape_eagerly_instead_of_compiling():
     with watch.serving():
         out = compiled(new_shape)  # would recompile (dynamic=False); runs eagerly instead
     assert watch.count() == before + 1, "a compile happened on the request path"
+    assert watch.misses() == 1, "the eager call was not counted"
     torch.testing.assert_close(out, block(new_shape))
     with watch.serving():
         compiled(warm)  # the warmed shape still uses its compiled graph
     assert watch.count() == before + 1
+    assert watch.misses() == 1, "a call that matched its graph was counted as eager"
+    compiled(warm)
+    compiled(new_shape)  # outside serving (warm-up): compiles, and is not the watch's business
+    assert watch.misses() == 1
 
 
 class FakeWatch(CompileWatch):
     def __init__(self) -> None:
         super().__init__(enabled=False)
         self.compiled = 0
+        self.missed = 0
 
     def count(self) -> int:
         return self.compiled
+
+    def misses(self) -> int:
+        return self.missed
 
 
 class CompilingRunner(FakeRunner):
@@ -104,6 +113,36 @@ async def test_compiles_are_counted_by_reason_and_logged_with_their_shape(caplog
     assert metrics.get_sample_value("imagegate_compiles_total", {"reason": "request"}) == 1
     assert any("ON THE REQUEST PATH" in r.message and "64x64 batch 3" in r.message
                for r in caplog.records), [r.message for r in caplog.records]
+    await engine.drain(5)
+
+
+class EagerOnSizeRunner(FakeRunner):
+    """A fake runner whose compiled code matches no warmed graph at one image size."""
+
+    def __init__(self, eager_width: int):
+        super().__init__()
+        self.eager_width = eager_width
+        self.compile_watch = FakeWatch()
+
+    def run(self, batch: Batch):
+        if batch.key.width == self.eager_width:
+            self.compile_watch.missed += 3
+        return super().run(batch)
+
+
+async def test_batches_that_run_eagerly_are_counted_and_logged(caplog):
+    runner = EagerOnSizeRunner(eager_width=128)
+    engine = fake_engine(runner)
+    await engine.start()
+    metrics = engine.metrics.registry
+    await engine.generate(req(n=2))
+    assert metrics.get_sample_value("imagegate_eager_batches_total") == 0
+    with caplog.at_level(logging.INFO, logger="inference.executor"):
+        await engine.generate(req(n=2, width=128))
+    assert metrics.get_sample_value("imagegate_eager_batches_total") == 1
+    assert any("ran eagerly" in r.message and "128x64 batch 2" in r.message
+               for r in caplog.records), [r.message for r in caplog.records]
+    assert metrics.get_sample_value("imagegate_compiles_total", {"reason": "request"}) == 0
     await engine.drain(5)
 
 
