@@ -237,8 +237,12 @@ def _marking_batch(fn: Any) -> Any:
 
 
 class CompileWatch:
-    """Counts dynamo graph compilations, so a compile outside warm-up is seen and reported, and
-    calls of compiled code that ran eagerly instead (no warmed graph's guards held)."""
+    """Counts compiles and eager fallbacks, so that both are seen and reported.
+
+    Compiles: dynamo's graph counter (a compile outside warm-up is a bug). Eager fallbacks: calls
+    of compiled code that no warmed graph's guards held for, which the serving stance runs
+    eagerly.
+    """
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
