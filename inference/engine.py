@@ -293,11 +293,13 @@ class Engine:
     def warmup_shapes(self) -> list[tuple[int, int, int]]:
         """(width, height, batch) shapes run before ready.
 
-        Every configured size × batch size. With shape-generic compiled graphs, batch 1 and the
-        largest batch are always included: batch 1 is its own specialisation, the largest checks
-        memory, and the graph traced between them serves every batch size in between. With
-        static-shape graphs every bucket is compiled, and only buckets (any other batch size
-        is padded to one).
+        Every configured size × batch size. With shape-generic (or batch-dynamic) compiled
+        graphs, batches 1, 2, 4, … and the largest are always included: batch 1 is its own
+        specialisation, the largest checks memory, and the graph traced between them serves every
+        batch size in between; the powers of two in between are cheap insurance, since a guard
+        that splits the batch range (one was seen on the CPU at a UNet batch of 16) then compiles
+        before ready rather than sending a range to eager. With static-shape graphs every bucket
+        is compiled, and only buckets (any other batch size is padded to one).
         """
         assert self.info is not None
         sizes = self.config.warmup_sizes or ((self.info.default_width, self.info.default_height),)
@@ -306,7 +308,8 @@ class Engine:
         if buckets is not None:
             batches = set(buckets.sizes)
         elif self.info.compiled:
-            batches |= {1, min(2, self.config.max_batch_images), self.config.max_batch_images}
+            top = self.config.max_batch_images
+            batches |= set(BatchBuckets.powers_of_two(top).sizes)
         return [(w, h, b) for (w, h) in sizes for b in sorted(batches)]
 
     async def _warm_up(self) -> None:

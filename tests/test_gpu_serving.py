@@ -9,6 +9,7 @@ import asyncio
 import io
 import logging
 
+import msgspec
 import numpy as np
 import openai
 import pytest
@@ -163,6 +164,10 @@ async def test_compiled_warmup_covers_batch_1_2_and_max_at_every_size_before_rea
     assert engine.metrics.registry.get_sample_value(
         "imagegate_compiles_total", {"reason": "request"}) == 0
     await engine.drain(5)
+    for top, warmed in ((8, [1, 2, 4, 8]), (6, [1, 2, 4, 6]), (1, [1])):
+        wide = fake_engine(FakeRunner(), max_batch_images=top, warmup_batch_sizes=(1,))
+        wide.info = msgspec.structs.replace(wide._runner_factory(wide.config)[1], compiled=True)
+        assert [b for (_w, _h, b) in wide.warmup_shapes()] == warmed, top
 
 
 class _StandInUNet(torch.nn.Module):
