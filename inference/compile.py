@@ -278,11 +278,13 @@ class CompileWatch:
             yield
             return
         import torch
-        from torch._C._dynamo.eval_frame import set_guard_complete_hook
 
-        previous = set_guard_complete_hook(self._guards_checked)
+        # Private API (torch's guard collectives use it); without it nothing is counted.
+        hook = getattr(torch._C._dynamo.eval_frame, "set_guard_complete_hook", None)
+        previous = hook(self._guards_checked) if hook is not None else None
         try:
             with torch.compiler.set_stance("eager_on_recompile"):
                 yield
         finally:
-            set_guard_complete_hook(previous)
+            if hook is not None:
+                hook(previous)

@@ -1,0 +1,37 @@
+#!/usr/bin/env sh
+# The GPU measurements on a machine without a package index (the device tool's machines).
+#
+# Here, with an index:      sh bench/gpu_device.sh wheels
+#   downloads into .gpu/whl (git-ignored) the wheels such a machine lacks: ../shared/gpu/wheels.txt
+#   (or $WHEELS_TXT) plus fpng, torchao and redis, for CPython 3.12 on x86-64.
+# There, with .gpu carried: sh bench/gpu_device.sh run python -m bench.gpu_e2e ...
+#   installs them into /tmp/site (no index, no dependencies) and runs the command with this
+#   checkout and /tmp/site on PYTHONPATH; results go where the command writes them ($OUT).
+# docs/benchmarks.md §4.4 lists the measurements still to make, each sized to one call.
+set -eu
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+case "${1:-}" in
+  wheels)
+    list=${WHEELS_TXT:-$here/../shared/gpu/wheels.txt}
+    [ -f "$list" ] || { echo "no wheel list at $list (set WHEELS_TXT)" >&2; exit 2; }
+    mkdir -p "$here/.gpu/whl"
+    # shellcheck disable=SC2046
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+      --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+      --platform manylinux2014_x86_64 -d "$here/.gpu/whl" \
+      $(grep -v '^#' "$list") fpng torchao==0.18.0 lazy_loader redis
+    ls "$here/.gpu/whl" | wc -l | xargs echo "wheels in .gpu/whl:"
+    ;;
+  run)
+    shift
+    [ -d "$here/.gpu/whl" ] || { echo "no .gpu/whl: run 'sh bench/gpu_device.sh wheels' here and carry .gpu" >&2; exit 2; }
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+      "$here"/.gpu/whl/*.whl
+    PYTHONPATH="/tmp/site:$here${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 exec "$@"
+    ;;
+  *)
+    echo "usage: sh bench/gpu_device.sh wheels | run COMMAND..." >&2
+    exit 2
+    ;;
+esac
