@@ -239,15 +239,15 @@ class JobRunner:
 
     async def retry(self, job_id: str, max_retries: int | None = None) -> Job | None:
         """Queue a FAILED or TIMED_OUT job again under the same id; ``None`` if not allowed."""
-        # Read here, not taken from the caller: the retry count must be as fresh as possible,
-        # since the compare-and-set below checks only the status.
         current = await self.db.get(job_id)
         if current is None or (max_retries is not None and current.retries >= max_retries):
             return None
+        # The count read above must still hold: a concurrent retry that ran and failed again
+        # meanwhile would otherwise have its increment overwritten (one retry too many).
         job = await self.db.update(
-            job_id, (FAILED, TIMED_OUT), status=QUEUED, error=None, result=None,
-            started_at=None, finished_at=None, worker_id=None, created_at=time.time(),
-            retries=current.retries + 1,
+            job_id, (FAILED, TIMED_OUT), where={"retries": current.retries}, status=QUEUED,
+            error=None, result=None, started_at=None, finished_at=None, worker_id=None,
+            created_at=time.time(), retries=current.retries + 1,
         )
         if job is not None:
             self._done[job_id] = asyncio.Event()

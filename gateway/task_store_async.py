@@ -85,9 +85,11 @@ class AsyncTaskStore:
         return await self._call(self.store.get, job_id, now)
 
     async def update(self, job_id: str, expect: Sequence[str] | None = None, *,
-                     owner: str | None = None, **changes: Any) -> Job | None:
+                     owner: str | None = None, where: Mapping[str, Any] | None = None,
+                     **changes: Any) -> Job | None:
         """Compare-and-set (:meth:`inference.tasks.TaskStore.update`): the new job or ``None``."""
-        return await self._call(self.store.update, job_id, expect, owner=owner, **changes)
+        return await self._call(self.store.update, job_id, expect, owner=owner, where=where,
+                                **changes)
 
     async def queued(self, limit: int) -> list[Job]:
         """The oldest queued jobs, oldest first."""

@@ -113,11 +113,13 @@ class TaskStore(Protocol):
         ...
 
     def update(self, job_id: str, expect: Sequence[str] | None = None, *,
-               owner: str | None = None, **changes: Any) -> Job | None:
+               owner: str | None = None, where: Mapping[str, Any] | None = None,
+               **changes: Any) -> Job | None:
         """Apply ``changes`` if the job's status is in ``expect`` (any when ``None``).
 
-        When ``owner`` is given the job's ``worker_id`` must also be ``owner``. Returns the
-        updated job, or ``None`` when nothing matched.
+        When ``owner`` is given the job's ``worker_id`` must also be ``owner``, and each field
+        named in ``where`` must hold the value given. Returns the updated job, or ``None`` when
+        nothing matched.
         """
         ...
 
@@ -272,8 +274,9 @@ class SqliteTaskStore:
         return job
 
     def update(self, job_id: str, expect: Sequence[str] | None = None, *,
-               owner: str | None = None, **changes: Any) -> Job | None:
-        """Apply ``changes`` if the status is in ``expect`` and the worker is ``owner``."""
+               owner: str | None = None, where: Mapping[str, Any] | None = None,
+               **changes: Any) -> Job | None:
+        """Apply ``changes`` if status, worker and ``where``'s fields match."""
         with self._lock:
             conn = self.conn
             conn.execute("BEGIN IMMEDIATE")
@@ -283,8 +286,7 @@ class SqliteTaskStore:
                     conn.execute("ROLLBACK")
                     return None
                 job = msgspec.json.decode(row[0], type=Job)
-                if (expect is not None and job.status not in expect) or \
-                        (owner is not None and job.worker_id != owner):
+                if not matches(job, expect, owner, where):
                     conn.execute("ROLLBACK")
                     return None
                 job = msgspec.structs.replace(job, **changes)
@@ -433,6 +435,14 @@ class SqliteTaskStore:
         with self._lock:
             self.conn.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
         shutil.rmtree(self.results_dir / _safe_id(job_id), ignore_errors=True)
+
+
+def matches(job: Job, expect: Sequence[str] | None, owner: str | None,
+            where: Mapping[str, Any] | None) -> bool:
+    """The compare half of :meth:`TaskStore.update`'s compare-and-set."""
+    return ((expect is None or job.status in expect)
+            and (owner is None or job.worker_id == owner)
+            and all(getattr(job, name) == value for name, value in (where or {}).items()))
 
 
 def check_list_args(payload_match: Mapping[str, str] | None, offset: int, limit: int) -> None:

@@ -34,6 +34,7 @@ from inference.tasks import (
     Job,
     StoredImage,
     check_list_args,
+    matches,
     newest_first,
     reclaim_jobs,
 )
@@ -114,16 +115,16 @@ class RedisTaskStore:
         return job
 
     def update(self, job_id: str, expect: Sequence[str] | None = None, *,
-               owner: str | None = None, **changes: Any) -> Job | None:
-        """Compare-and-set: apply ``changes`` if status (and worker) match."""
+               owner: str | None = None, where: Mapping[str, Any] | None = None,
+               **changes: Any) -> Job | None:
+        """Compare-and-set: apply ``changes`` if status, worker and ``where``'s fields match."""
         key = self._k("job", job_id)
         with self.r.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     pipe.watch(key)
                     job = self._load(pipe.get(key))
-                    if job is None or (expect is not None and job.status not in expect) or \
-                            (owner is not None and job.worker_id != owner):
+                    if job is None or not matches(job, expect, owner, where):
                         pipe.unwatch()
                         return None
                     new = msgspec.structs.replace(job, **changes)

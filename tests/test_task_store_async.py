@@ -284,3 +284,14 @@ async def test_async_store_lists_jobs(tmp_path: Any) -> None:
         assert ([j.id for j in jobs], total) == (["a1"], 3)
     finally:
         await store.close()
+
+
+def test_update_compares_the_fields_it_is_given(any_store: Any) -> None:
+    """``where``: the compare-and-set a retry uses, so a concurrent retry's count is not lost."""
+    any_store.create(Job(id="r", dialect="d", scope="s", payload={}, status="failed",
+                         created_at=1.0, expires_at=4e9, retries=1))
+    assert any_store.update("r", ("failed",), where={"retries": 0}, status="queued") is None
+    assert any_store.get("r").status == "failed"
+    done = any_store.update("r", ("failed",), where={"retries": 1}, status="queued", retries=2)
+    assert done is not None and (done.status, done.retries) == ("queued", 2)
+    assert any_store.get("r").retries == 2
