@@ -91,16 +91,11 @@ async def clients(url: str, total: int, concurrency: int) -> dict[str, Any]:
                 p50_s=round(latencies[len(latencies) // 2], 2) if latencies else None)
 
 
-def metric(text: str, name: str) -> float:
-    """Sum of one metric's samples in a Prometheus text scrape."""
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + " ") or line.startswith(name + "{"))
-
-
 def run_one(fill: str, args: argparse.Namespace) -> dict[str, Any]:
     """One server with this fill setting, one client process; the result line."""
     import httpx
 
+    from bench.gpu_e2e import metric_sum
     from tests import serving
     from tests.fakes import engine_factory
 
@@ -118,8 +113,8 @@ def run_one(fill: str, args: argparse.Namespace) -> dict[str, Any]:
                 capture_output=True, text=True, check=True)
             load = json.loads(out.stdout.strip().splitlines()[-1])
             text = httpx.get(f"{srv.url}/metrics", timeout=60).text
-    images = metric(text, "imagegate_batch_images_sum")
-    batches = metric(text, "imagegate_batch_images_count")
+    images = metric_sum(text, "imagegate_batch_images_sum")
+    batches = metric_sum(text, "imagegate_batch_images_count")
     return dict(fill_ms=fill, concurrency=args.concurrency, per_call_s=round(per_call, 3),
                 per_image_s=round(per_image, 3), mean_batch=round(images / max(batches, 1), 2),
                 batches=int(batches), **load, cores=os.cpu_count(), date=time.strftime("%Y-%m-%d"))

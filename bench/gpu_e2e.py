@@ -189,6 +189,7 @@ def served_phase(srv, size, steps, kind, seq_n=5):
                - metric_sum(before, "imagegate_batch_images_count"))
     emit(phase=kind, kind="saturation", mean_batch=round(images / max(batches, 1), 2),
          request_compiles=metric_sum(after, "imagegate_compiles_total", {"reason": "request"}),
+         eager_batches=metric_sum(after, "imagegate_eager_batches_total"),
          **sat)
     return after
 
@@ -284,7 +285,8 @@ def main():
             text = metrics_text(srv.base)
             emit(phase="served", kind="burst", **b,
                  request_compiles=metric_sum(text, "imagegate_compiles_total",
-                                             {"reason": "request"}))
+                                             {"reason": "request"}),
+                 eager_batches=metric_sum(text, "imagegate_eager_batches_total"))
             bf16_images = asyncio.run(fixed_seed_images(srv.base, size, steps, (11, 12, 13, 14)))
             (OUT / "metrics-compiled.txt").write_text(metrics_text(srv.base))
         srv.stop()

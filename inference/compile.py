@@ -32,8 +32,9 @@ The design (issue 9), and why:
   on the request path visible (it should stay 0).
 - **Cached across restarts**: inductor's on-disk caches live under ``cache_dir/compile/<key>``,
   and torch's portable cache artifacts are saved there after warm-up and loaded before it. The key
-  hashes the model, dtype, torch/diffusers/CUDA versions, GPU name and compile options, so a
-  different model, torch or shape set never reuses stale artifacts.
+  hashes the model, dtype, torch/diffusers/CUDA versions, GPU name, compile options and (from the
+  engine) the warm-up shape set, so a different model, torch or shape set never reuses stale
+  artifacts.
 """
 
 from __future__ import annotations

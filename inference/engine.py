@@ -13,6 +13,7 @@ import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -167,7 +168,8 @@ def diffusers_runner_factory(config: EngineConfig) -> tuple[BatchRunner, ModelIn
     cache_dir: Path | None = None
     if compile_on:
         key = cache_key(str(source.path), choice.dtype, options,
-                        {"quantize": config.quantize, "refiner": str(refiner_name)})
+                        {"quantize": config.quantize, "refiner": str(refiner_name),
+                         "shapes": warmup_shape_set(config)})
         cache_dir = config.cache_dir / "compile" / key
         warm = CompileCache(cache_dir).activate()
         logger.info("compile cache %s (%s)", cache_dir, "warm" if warm else "cold")
@@ -197,6 +199,13 @@ def diffusers_runner_factory(config: EngineConfig) -> tuple[BatchRunner, ModelIn
         lora_dir=str(lora_dir) if lora_dir is not None else None,
     )
     return runner, info
+
+
+def warmup_shape_set(config: EngineConfig) -> dict[str, Any]:
+    """What decides the shapes warm-up compiles (part of the compile cache key)."""
+    return {"sizes": [list(s) for s in config.warmup_sizes],
+            "batches": list(config.warmup_batch_sizes), "max_batch": config.max_batch_images,
+            "buckets": list(config.batch_buckets)}
 
 
 class Engine:
