@@ -85,6 +85,9 @@ class Ticket:
     encode_started: float | None = None
     abandoned: bool = False
     failed: bool = False
+    # Asked to stop early (Engine.interrupt): a batch whose every request asked stops denoising
+    # at its next step and decodes what it has, as AUTOMATIC1111's interrupt does.
+    stop_early: bool = False
     started_at: float | None = None
     inference_seconds: float = 0.0
     batch_images: int = 0
@@ -155,3 +158,8 @@ class Batch:
     def all_abandoned(self) -> bool:
         """True when nobody is waiting for any image of this batch any more."""
         return all(slot.ticket.abandoned or slot.ticket.failed for slot in self.slots)
+
+    def all_stopping(self) -> bool:
+        """True when every request still waiting on this batch asked to stop early."""
+        return all(slot.ticket.stop_early or slot.ticket.abandoned or slot.ticket.failed
+                   for slot in self.slots)

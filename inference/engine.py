@@ -229,6 +229,8 @@ class Engine:
         self.info: ModelInfo | None = None
         self.error: str | None = None
         self._scheduler: Scheduler | None = None
+        # Requests generated with a tag (Engine.interrupt), by tag.
+        self._tagged: dict[str, set[Ticket]] = {}
         self._executor: Executor | None = None
         self._encoder: EncoderPool | None = None
         self._runner: BatchRunner | None = None
@@ -528,6 +530,8 @@ class Engine:
         self,
         request: GenerationRequest,
         on_progress: Callable[[Progress], None] | None = None,
+        *,
+        tag: str | None = None,
     ) -> GenerationResult:
         """Validate, queue and run ``request``; cancelling the caller drops it from the queue.
 
@@ -535,7 +539,8 @@ class Engine:
         gets a ``started`` report at step 0 when the first batch starts, rate-limited step
         reports, and the ``partial_images`` previews; every preview is delivered before this
         returns the result. A cancelled caller's running images are discarded; the batch stops
-        early only when every request in it is gone.
+        early only when every request in it is gone. ``tag`` names the request for
+        :meth:`interrupt`.
         """
         if self.state is EngineState.DRAINING or self.state is EngineState.STOPPED:
             raise ShuttingDown("the server is shutting down and accepts no new requests")
@@ -545,6 +550,8 @@ class Engine:
         loop = asyncio.get_running_loop()
         ticket = self._ticket(prepared, loop.create_future())
         ticket.on_progress = on_progress
+        if tag is not None:
+            self._tagged.setdefault(tag, set()).add(ticket)
         self._scheduler.submit(ticket)
         timeout = self.config.request_timeout_s
         # A timer rather than wait_for(shield(...)): this is the per-request hot path.
@@ -560,6 +567,27 @@ class Engine:
         finally:
             ticket.progress_closed = True
             timer.cancel()
+            if tag is not None:
+                tagged = self._tagged.get(tag)
+                if tagged is not None:
+                    tagged.discard(ticket)
+                    if not tagged:
+                        del self._tagged[tag]
+
+    def interrupt(self, tag: str) -> int:
+        """Cut short the running requests generated under ``tag``; how many were asked.
+
+        A request whose images are being denoised stops at the next step (when every request in
+        its batch asked; otherwise it finishes with its batch mates) and gets what was decoded
+        then. Requests still waiting for their first batch are left alone, as AUTOMATIC1111's
+        interrupt only stops the job in progress.
+        """
+        asked = 0
+        for ticket in self._tagged.get(tag, ()):
+            if ticket.started_at is not None and not ticket.future.done():
+                ticket.stop_early = True
+                asked += 1
+        return asked
 
     def _expire(self, ticket: Ticket, timeout: float) -> None:
         if ticket.future.done():

@@ -221,6 +221,9 @@ class DiffusersRunner:
         def on_step(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             if batch.all_abandoned():
                 raise Cancelled("every request in the batch was cancelled")
+            if batch.all_stopping():
+                # diffusers skips the remaining steps and decodes the latents it has.
+                pipe._interrupt = True
             times.steps += 1
             last_step[0] = time.perf_counter()
             if observer is not None:

@@ -254,3 +254,43 @@ def test_img2img_mask_reaches_the_request_inverted_on_request(fake_live):
                                      **FAST})
     assert resp.status_code == 200, resp.text
     assert json.loads(resp.json()["info"])["is_using_inpainting_conditioning"] is True
+
+
+def test_interrupt_and_skip_cut_the_callers_running_generation_short(tmp_path):
+    """``/interrupt`` ends the caller's running txt2img early: it answers 200 with the image
+    decoded at that step. Another key's interrupt does not touch it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.test_inference_features import StepRecorder
+
+    a = {"authorization": "Bearer key-a"}
+    b = {"authorization": "Bearer key-b"}
+    with live_server(tmp_path, api_keys="key-a,key-b") as live:
+        runner = live.engine._runner
+        recorder = StepRecorder(runner.observer, at_step=2)
+        runner.observer = recorder
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                running = pool.submit(sd, live, "txt2img", {
+                    "prompt": "x", "steps": 30, "width": 64, "height": 64}, headers=a)
+                assert recorder.reached.wait(120), "the generation never reached step 2"
+                tickets = [t for tagged in live.engine._tagged.values() for t in tagged]
+                assert len(tickets) == 1
+                other = sd(live, "interrupt", {}, headers=b)
+                assert (other.status_code, other.json()) == (200, {})
+                assert not tickets[0].stop_early, "another key's interrupt stopped it"
+                assert sd(live, "interrupt", {}).status_code == 401
+                mine = sd(live, "interrupt", {}, headers=a)
+                assert (mine.status_code, mine.json()) == (200, {})
+                skip = sd(live, "skip", {}, headers=a)
+                assert (skip.status_code, skip.json()) == (200, None)
+                assert tickets[0].stop_early
+                recorder.released.set()
+                done = running.result(120)
+        finally:
+            recorder.released.set()
+            runner.observer = recorder.inner
+    assert done.status_code == 200, done.text
+    assert len(done.json()["images"]) == 1
+    (steps,) = recorder.steps.values()
+    assert max(steps) < 30, f"ran every step: {steps}"

@@ -82,6 +82,53 @@ class gated:
         assert reached, "the gated batch never reached its gate step"
 
 
+# -- interrupt -------------------------------------------------------------------------------
+
+
+class StepRecorder(Gate):
+    """A gate that also records which steps each batch ran."""
+
+    def __init__(self, inner: Any, at_step: int) -> None:
+        super().__init__(inner, at_step)
+        self.steps: dict[int, list[int]] = {}
+
+    def step(self, batch, step, total, latents, phase) -> None:
+        self.steps.setdefault(id(batch), []).append(step)
+        super().step(batch, step, total, latents, phase)
+
+
+@on_session_loop
+async def test_interrupt_cuts_the_running_request_short_and_leaves_waiting_ones(tiny_engine):
+    full = await generate(tiny_engine, steps=12)
+    runner = tiny_engine._runner
+    recorder = StepRecorder(runner.observer, at_step=2)
+    runner.observer = recorder
+    try:
+        running = asyncio.create_task(tiny_engine.generate(
+            GenerationRequest(**{**BASE, "steps": 12}), tag="me"))
+        reached = await asyncio.to_thread(recorder.reached.wait, 120)
+        assert reached, "the batch never reached step 2"
+        waiting = asyncio.create_task(tiny_engine.generate(
+            GenerationRequest(**{**BASE, "steps": 12, "seed": 8}), tag="me"))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while len(tiny_engine._tagged.get("me", ())) < 2:
+            assert loop.time() < deadline, "the second request was never queued"
+            await asyncio.sleep(0.01)
+        assert tiny_engine.interrupt("someone-else") == 0
+        assert tiny_engine.interrupt("me") == 1, "only the started request is cut short"
+        recorder.released.set()
+        cut = await running
+        after = await waiting
+    finally:
+        recorder.released.set()
+        runner.observer = recorder.inner
+    first, second = recorder.steps.values()
+    assert max(first) < 12 and max(second) == 12, recorder.steps
+    assert np.abs(pixels(cut.images[0]) - full).mean() > 0.5, "the cut image is the full one"
+    assert len(after.images) == 1 and "me" not in tiny_engine._tagged
+
+
 # -- inpainting --------------------------------------------------------------------------------
 
 

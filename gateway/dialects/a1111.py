@@ -341,7 +341,7 @@ class A1111Dialect(Dialect):
         self.fetch_policy = ctx.fetch_policy
 
     def route_handlers(self) -> list[Any]:
-        """txt2img, img2img, samplers, sd-models, options (GET/POST) and progress."""
+        """txt2img, img2img, samplers, sd-models, options (GET/POST), progress, interrupt, skip."""
         opt = {"dialect": self.name}
         gen = {**opt, "kind": "generate", "schema_out": GenerationResponse}
 
@@ -391,7 +391,21 @@ class A1111Dialect(Dialect):
             skip = request.query_params.get("skip_current_image", "false").lower() == "true"
             return json_response(await self.progress(skip))
 
-        return [txt2img, img2img, samplers, sd_models, get_options, set_options, progress]
+        @post(f"{PREFIX}/interrupt", status_code=200,
+              opt={**opt, "summary": "AUTOMATIC1111 interrupt: the caller's running generation "
+                                      "stops early and answers with what it has"})
+        async def interrupt(request: Request) -> Response:
+            self.stop_early(self.authenticate(request))
+            return json_response({})
+
+        @post(f"{PREFIX}/skip", status_code=200,
+              opt={**opt, "summary": "AUTOMATIC1111 skip: as interrupt (one job at a time here)"})
+        async def skip(request: Request) -> Response:
+            self.stop_early(self.authenticate(request))
+            return json_response(None)
+
+        return [txt2img, img2img, samplers, sd_models, get_options, set_options, progress,
+                interrupt, skip]
 
     # -- handlers --------------------------------------------------------------------------
 
@@ -422,9 +436,24 @@ class A1111Dialect(Dialect):
         self.ctx.admit(principal)
         if img is not None:
             canonical = msgspec.structs.replace(canonical, init_image=await self.init_image(img))
-        result = await unless_disconnected(request, self.ctx.engine.generate(canonical))
+        result = await unless_disconnected(
+            request, self.ctx.engine.generate(canonical, tag=self.interrupt_tag(principal)))
         self.ctx.record_usage(principal, result, len(result.images))
         return json_response(self.to_response(body, img, canonical, sampler, result))
+
+    def interrupt_tag(self, principal: Any) -> str:
+        """What ``/interrupt`` stops: this key's A1111 generations (never another key's)."""
+        return f"{self.name}:{principal.id}"
+
+    def stop_early(self, principal: Any) -> None:
+        """``/interrupt`` and ``/skip``: cut the caller's running generations short.
+
+        A1111 has one job at a time, so interrupt and skip both end it; here each key's running
+        generations end (a batch shared with another key's request runs on to the end), and
+        its requests still waiting for their first batch are left alone, as A1111 leaves the
+        jobs queued behind the current one.
+        """
+        self.ctx.engine.interrupt(self.interrupt_tag(principal))
 
     def to_canonical(self, body: Txt2ImgRequest, client_id: str) -> tuple[GenerationRequest, str]:
         """The canonical request and the A1111 sampler name that was used."""
