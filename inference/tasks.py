@@ -454,11 +454,6 @@ def check_list_args(payload_match: Mapping[str, str] | None, offset: int, limit:
             raise ValueError(f"payload_match needs plain names and string values: {key!r}")
 
 
-def newest_first(job: Job) -> tuple[float, str]:
-    """Sort key of ``list_jobs`` (use with ``reverse=True``): creation time, then id."""
-    return job.created_at, job.id
-
-
 def requeue_changes(job: Job, max_requeues: int = MAX_REQUEUES,
                     reason: str = INTERRUPTED_REASON) -> dict[str, Any]:
     """The update that puts an interrupted job back in the queue, or fails it past the cap."""

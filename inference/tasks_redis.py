@@ -6,8 +6,8 @@ Same protocol as :class:`inference.tasks.SqliteTaskStore`. Keys, all under one p
 - ``P:img:<id>:<i>``: result image bytes, same expiry as the job (images shared in Redis, so
   any replica serves any job's result; no shared volume needed).
 - ``P:queued`` (sorted set by creation time), ``P:running`` (set), ``P:expiry`` (sorted set by
-  ``expires_at``), ``P:scope:<dialect>:<scope>`` (set): indexes; stale members are dropped
-  when read.
+  ``expires_at``), ``P:scope:<dialect>:<scope>`` (set) and ``P:scopet:<dialect>:<scope>``
+  (sorted set by creation time, for task lists): indexes; stale members are dropped when read.
 - ``P:worker:<id>``: a replica's heartbeat, with a TTL. A running job whose worker's heartbeat
   is gone is reclaimed by another replica (:func:`inference.tasks.reclaim_jobs`).
 
@@ -35,13 +35,14 @@ from inference.tasks import (
     StoredImage,
     check_list_args,
     matches,
-    newest_first,
     reclaim_jobs,
 )
 
 _EXT = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 # Job keys outlive expires_at a little so the sweeper still sees what to clean up.
 GRACE_S = 3600
+# Jobs read per round trip when a filtered task list walks its window.
+LIST_CHUNK = 500
 
 
 class RedisTaskStore:
@@ -80,6 +81,10 @@ class RedisTaskStore:
     def _scope_key(self, dialect: str, scope: str) -> str:
         return self._k("scope", dialect, scope)
 
+    def _time_key(self, dialect: str, scope: str) -> str:
+        # The same jobs as the scope set, scored by creation time: task lists read one page.
+        return self._k("scopet", dialect, scope)
+
     # -- jobs ------------------------------------------------------------------------------
 
     def create(self, job: Job) -> None:
@@ -89,6 +94,7 @@ class RedisTaskStore:
         pipe.set(self._k("job", job.id), msgspec.json.encode(job), pxat=expire_ms)
         self._index(pipe, job, None)
         pipe.sadd(self._scope_key(job.dialect, job.scope), job.id)
+        pipe.zadd(self._time_key(job.dialect, job.scope), {job.id: job.created_at})
         pipe.zadd(self._k("expiry"), {job.id: job.expires_at})
         pipe.execute()
 
@@ -131,6 +137,9 @@ class RedisTaskStore:
                     pipe.multi()
                     pipe.set(key, msgspec.json.encode(new), keepttl=True)
                     self._index(pipe, new, job.status)
+                    if new.created_at != job.created_at:  # a retry is listed as new
+                        pipe.zadd(self._time_key(new.dialect, new.scope),
+                                  {new.id: new.created_at})
                     pipe.execute()
                     return new
                 except redis.WatchError:
@@ -199,29 +208,65 @@ class RedisTaskStore:
                   limit: int = 100) -> tuple[list[Job], int]:
         """One page of one dialect and scope's unexpired jobs, newest first, and the total.
 
-        Reads every job of the scope set (as ``stats`` does) and filters here: a scope holds
-        only its jobs of the last ``--job-ttl-s``.
+        The scope's time index gives the ids in the window, newest first (equal times: id
+        descending, as the SQLite store orders them), and the expiry index the expired ones; without status or payload filters only the page's jobs are read. With them, the
+        window's jobs are read in chunks (a scope holds only its jobs of the last
+        ``--job-ttl-s``).
         """
         check_list_args(payload_match, offset, limit)
+        tkey = self._time_key(dialect, scope)
+        self._index_times(dialect, scope)
+        low = "-inf" if since is None else repr(float(since))
+        high = "+inf" if until is None else f"({float(until)!r}"
         now = time.time()
-        key = self._scope_key(dialect, scope)
+        expired = {i.decode() for i in self.r.zrangebyscore(self._k("expiry"), "-inf", now)}
+        ids = [i for i in (b.decode() for b in self.r.zrevrangebyscore(tkey, high, low))
+               if i not in expired]
         match = dict(payload_match or {})
-        found = []
-        for job_id, job in self._jobs(list(self.r.smembers(key))):
+        if statuses is None and not match:
+            page = []
+            for job_id, job in self._jobs(ids[offset:offset + limit]):
+                if job is None:
+                    self._drop_stale(dialect, scope, job_id)
+                elif job.expires_at > now:
+                    page.append(job)
+            return page, len(ids)
+        found: list[Job] = []
+        total = 0
+        for start in range(0, len(ids), LIST_CHUNK):
+            for job_id, job in self._jobs(ids[start:start + LIST_CHUNK]):
+                if job is None:
+                    self._drop_stale(dialect, scope, job_id)
+                    continue
+                if job.expires_at <= now or (statuses is not None and
+                                             job.status not in statuses):
+                    continue
+                payload = job.payload if isinstance(job.payload, dict) else {}
+                if any(payload.get(k) != v for k, v in match.items()):
+                    continue
+                if offset <= total < offset + limit:
+                    found.append(job)
+                total += 1
+        return found, total
+
+    def _index_times(self, dialect: str, scope: str) -> None:
+        """Add to the time index the scope's jobs it lacks (jobs stored before it existed)."""
+        skey, tkey = self._scope_key(dialect, scope), self._time_key(dialect, scope)
+        if self.r.scard(skey) <= self.r.zcard(tkey):
+            return
+        timed = {i.decode() for i in self.r.zrange(tkey, 0, -1)}
+        missing = [i.decode() for i in self.r.smembers(skey) if i.decode() not in timed]
+        for job_id, job in self._jobs(missing):
             if job is None:
-                self.r.srem(key, job_id)  # stale index entry
-                continue
-            if job.expires_at <= now or (statuses is not None and job.status not in statuses):
-                continue
-            if (since is not None and job.created_at < since) or \
-                    (until is not None and job.created_at >= until):
-                continue
-            payload = job.payload if isinstance(job.payload, dict) else {}
-            if any(payload.get(k) != v for k, v in match.items()):
-                continue
-            found.append(job)
-        found.sort(key=newest_first, reverse=True)
-        return found[offset:offset + limit], len(found)
+                self.r.srem(skey, job_id)
+            else:
+                self.r.zadd(tkey, {job_id: job.created_at})
+
+    def _drop_stale(self, dialect: str, scope: str, job_id: str) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.srem(self._scope_key(dialect, scope), job_id)
+        pipe.zrem(self._time_key(dialect, scope), job_id)
+        pipe.execute()
 
     def _delete_if_queued(self, job_id: str) -> bool:
         key = self._k("job", job_id)
@@ -248,6 +293,7 @@ class RedisTaskStore:
         pipe.srem(self._k("running"), job.id)
         pipe.zrem(self._k("expiry"), job.id)
         pipe.srem(self._scope_key(job.dialect, job.scope), job.id)
+        pipe.zrem(self._time_key(job.dialect, job.scope), job.id)
 
     # -- replicas --------------------------------------------------------------------------
 

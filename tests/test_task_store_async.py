@@ -295,3 +295,33 @@ def test_update_compares_the_fields_it_is_given(any_store: Any) -> None:
     done = any_store.update("r", ("failed",), where={"retries": 1}, status="queued", retries=2)
     assert done is not None and (done.status, done.retries) == ("queued", 2)
     assert any_store.get("r").retries == 2
+
+
+def test_redis_lists_read_one_page_and_index_older_jobs() -> None:
+    """Unfiltered Redis task lists read only their page's jobs; jobs stored before the time index
+    existed are indexed on the first list; a retried job (new creation time) moves up."""
+    import time
+
+    with redis_store() as store:
+        now = time.time()
+        for i in range(30):
+            store.create(Job(id=f"j{i:02d}", dialect="d", scope="s", payload={},
+                             created_at=now - 100 + i, expires_at=now + 3600))
+        # As a job stored by an older version leaves it: in the scope set only.
+        store.r.zrem(store._time_key("d", "s"), "j05")
+        fetched: list[int] = []
+        real_mget = store.r.mget
+
+        def counting_mget(keys: Any, *args: Any) -> Any:
+            fetched.append(len(keys))
+            return real_mget(keys, *args)
+
+        store.r.mget = counting_mget
+        jobs, total = store.list_jobs("d", "s", offset=2, limit=3)
+        assert [j.id for j in jobs] == ["j27", "j26", "j25"] and total == 30
+        assert fetched[-1] == 3, f"read {fetched} jobs for a page of 3"
+        jobs, total = store.list_jobs("d", "s", offset=24, limit=10)
+        assert [j.id for j in jobs][-1] == "j00" and "j05" in [j.id for j in jobs]
+        assert total == 30
+        assert store.update("j05", where={"retries": 0}, created_at=now + 10, retries=1)
+        assert [j.id for j in store.list_jobs("d", "s", limit=1)[0]] == ["j05"]
