@@ -18,8 +18,8 @@ start one queued job, and a late write from a dead replica cannot overwrite a re
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any, TypeVar
 
 import msgspec
 import redis
@@ -37,6 +37,8 @@ from inference.tasks import (
     matches,
     reclaim_jobs,
 )
+
+T = TypeVar("T")
 
 _EXT = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 # Job keys outlive expires_at a little so the sweeper still sees what to clean up.
@@ -124,24 +126,38 @@ class RedisTaskStore:
                owner: str | None = None, where: Mapping[str, Any] | None = None,
                **changes: Any) -> Job | None:
         """Compare-and-set: apply ``changes`` if status, worker and ``where``'s fields match."""
+
+        def write(pipe: Any, job: Job) -> Job:
+            new = msgspec.structs.replace(job, **changes)
+            pipe.set(self._k("job", job_id), msgspec.json.encode(new), keepttl=True)
+            self._index(pipe, new, job.status)
+            if new.created_at != job.created_at:  # a retry is listed as new
+                pipe.zadd(self._time_key(new.dialect, new.scope), {new.id: new.created_at})
+            return new
+
+        return self._compare_and_set(job_id, lambda job: matches(job, expect, owner, where),
+                                     write)
+
+    def _compare_and_set(self, job_id: str, check: Callable[[Job], bool],
+                         write: Callable[[Any, Job], T]) -> T | None:
+        """Apply ``write(pipe, job)``'s queued writes if ``check(job)`` holds, atomically.
+
+        ``WATCH``/``MULTI``, retried when the job changed meanwhile. Returns ``write``'s result,
+        or ``None`` when the job is gone or fails ``check``.
+        """
         key = self._k("job", job_id)
         with self.r.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     pipe.watch(key)
                     job = self._load(pipe.get(key))
-                    if job is None or not matches(job, expect, owner, where):
+                    if job is None or not check(job):
                         pipe.unwatch()
                         return None
-                    new = msgspec.structs.replace(job, **changes)
                     pipe.multi()
-                    pipe.set(key, msgspec.json.encode(new), keepttl=True)
-                    self._index(pipe, new, job.status)
-                    if new.created_at != job.created_at:  # a retry is listed as new
-                        pipe.zadd(self._time_key(new.dialect, new.scope),
-                                  {new.id: new.created_at})
+                    result = write(pipe, job)
                     pipe.execute()
-                    return new
+                    return result
                 except redis.WatchError:
                     continue
 
@@ -269,21 +285,11 @@ class RedisTaskStore:
         pipe.execute()
 
     def _delete_if_queued(self, job_id: str) -> bool:
-        key = self._k("job", job_id)
-        with self.r.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    job = self._load(pipe.get(key))
-                    if job is None or job.status != QUEUED:
-                        pipe.unwatch()
-                        return False
-                    pipe.multi()
-                    self._unlink(pipe, job)
-                    pipe.execute()
-                    return True
-                except redis.WatchError:
-                    continue
+        def unlink(pipe: Any, job: Job) -> bool:
+            self._unlink(pipe, job)
+            return True
+
+        return bool(self._compare_and_set(job_id, lambda job: job.status == QUEUED, unlink))
 
     def _unlink(self, pipe: Any, job: Job) -> None:
         pipe.delete(self._k("job", job.id))
