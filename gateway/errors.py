@@ -8,9 +8,12 @@ envelope. No framework default body and no traceback can reach a client.
 from __future__ import annotations
 
 import logging
+import sqlite3
 from typing import Literal
 
 import msgspec
+import redis
+from limits.errors import StorageError
 from litestar.exceptions import HTTPException
 
 from inference import errors as ie
@@ -19,14 +22,22 @@ logger = logging.getLogger(__name__)
 
 Cause = Literal[
     "validation", "auth", "forbidden", "not_found", "method", "too_large", "overload", "quota",
-    "timeout", "cancelled", "oom", "not_ready", "shutdown", "internal",
+    "timeout", "cancelled", "oom", "not_ready", "shutdown", "unavailable", "internal",
 ]
 
 STATUS_BY_CAUSE: dict[str, int] = {
     "validation": 400, "auth": 401, "forbidden": 403, "not_found": 404, "method": 405,
     "too_large": 413, "overload": 429, "quota": 429, "timeout": 504, "cancelled": 499,
-    "oom": 503, "not_ready": 503, "shutdown": 503, "internal": 500,
+    "oom": 503, "not_ready": 503, "shutdown": 503, "unavailable": 503, "internal": 500,
 }
+
+# The task store, quota counters or usage ledger cannot be reached (Redis down or paused,
+# SQLite locked or its disk full): a 503 to retry, not a 500; the job runner waits it out.
+STORE_OUTAGES: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, StorageError,
+    sqlite3.OperationalError,
+)
+STORE_RETRY_AFTER_S = 5.0
 
 
 class Failure(msgspec.Struct, kw_only=True):
@@ -99,6 +110,10 @@ def failure_from(exc: BaseException, field_names: dict[str, str] | None = None) 
         return Failure(cause="internal", message=exc.message, status=500)
     if isinstance(exc, HTTPException):
         return _from_http(exc)
+    if isinstance(exc, STORE_OUTAGES):
+        logger.warning("storage unavailable: %s: %s", type(exc).__name__, exc)
+        return Failure(cause="unavailable", status=503, retry_after=STORE_RETRY_AFTER_S,
+                       message="the server's storage is unavailable; retry shortly")
     logger.error("unhandled error", exc_info=exc)
     return Failure(cause="internal", message="internal server error", status=500)
 

@@ -17,13 +17,14 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 
 from gateway import datadir
+from gateway.errors import STORE_OUTAGES
 from gateway.task_store_async import AsyncTaskStore
 from inference import Engine, EngineState, GenerationRequest, GenerationResult
 from inference import errors as ie
@@ -45,6 +46,11 @@ from inference.tasks import (
 )
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# A finished job's writes are retried this often while the store is unreachable (doubling).
+STORE_RETRY_S = 0.5
+STORE_RETRY_MAX_S = 10.0
 
 
 class JobHandler(Protocol):
@@ -355,7 +361,9 @@ class JobRunner:
             else:
                 images = [(img.data, img.media_type, img.seed, img.width, img.height)
                           for img in result.images]
-                stored = await self.db.save_images(job.id, images, job.expires_at)
+                stored = await self._persist(
+                    job, "save the images of", lambda: self.db.save_images(
+                        job.id, images, job.expires_at))
                 changes = {"status": COMPLETED, "result": StoredResult(
                     images=stored, seed=result.seed, model=result.model,
                     prompt_tokens=result.prompt_tokens)}
@@ -384,13 +392,34 @@ class JobRunner:
             self._release(job.id)
             self._kick()
             return
-        final = await self.db.update(job.id, (RUNNING,), owner=self.worker_id,
-                                     **{"finished_at": time.time(), **changes})
+        changes = {"finished_at": time.time(), **changes}
+        final = await self._persist(job, "record the outcome of", lambda: self.db.update(
+            job.id, (RUNNING,), owner=self.worker_id, **changes))
         if final is not None:
             self._finish(final)
         else:
             self._release(job.id)  # cancelled meanwhile: already final, already announced
         self._kick()
+
+    async def _persist(self, job: Job, what: str, write: Callable[[], Awaitable[T]]) -> T:
+        """``write()``, retried while the store is unreachable (a Redis outage).
+
+        A finished job's images and outcome are kept in memory and written once the store is
+        back, rather than lost with the job stuck as running under this live server. Given up
+        (the error raised) when this server stops or the job expires: a job left running is then
+        re-queued by the next server, as after a crash.
+        """
+        delay = STORE_RETRY_S
+        while True:
+            try:
+                return await write()
+            except STORE_OUTAGES as exc:
+                if self._closing or time.time() >= job.expires_at:
+                    raise
+                logger.warning("could not %s job %s (%s: %s); retrying in %.1fs", what, job.id,
+                               type(exc).__name__, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, STORE_RETRY_MAX_S)
 
     def _release(self, job_id: str) -> None:
         """Wake whoever waits for ``job_id`` (runsync) and forget the event."""

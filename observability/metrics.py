@@ -20,7 +20,7 @@ ENCODE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 
 ERROR_CAUSES = ("validation", "auth", "overload", "quota", "timeout", "cancelled", "oom", "not_ready",
-                "shutdown", "internal")
+                "shutdown", "unavailable", "internal")
 
 
 class Metrics:

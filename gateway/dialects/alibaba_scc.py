@@ -59,7 +59,8 @@ CODES = {
     "not_found": "NotFound", "method": "MethodNotAllowed", "too_large": "RequestTooLarge",
     "overload": "Throttling", "quota": "QuotaExceeded", "timeout": "Timeout",
     "cancelled": "Cancelled", "oom": "ServiceUnavailable", "not_ready": "ServiceUnavailable",
-    "shutdown": "ServiceUnavailable", "internal": "InternalError",
+    "shutdown": "ServiceUnavailable", "unavailable": "ServiceUnavailable",
+    "internal": "InternalError",
 }
 
 # ControlNet kinds a preprocessor ``module`` or a ``model`` file name can name.

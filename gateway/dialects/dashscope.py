@@ -85,7 +85,8 @@ CODES = {
     "not_found": "NotFound", "method": "MethodNotAllowed", "too_large": "InvalidParameter",
     "overload": "Throttling", "quota": "Throttling.RateQuota", "timeout": "RequestTimeOut",
     "cancelled": "RequestCancelled", "oom": "ServiceUnavailable", "not_ready": "ServiceUnavailable",
-    "shutdown": "ServiceUnavailable", "internal": "InternalError",
+    "shutdown": "ServiceUnavailable", "unavailable": "ServiceUnavailable",
+    "internal": "InternalError",
 }
 
 # -- wire schemas ----------------------------------------------------------------------------

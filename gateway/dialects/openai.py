@@ -231,6 +231,7 @@ _ERROR_TYPES: dict[str, tuple[str, str | None]] = {
     "oom": ("server_error", "out_of_memory"),
     "not_ready": ("server_error", "model_loading"),
     "shutdown": ("server_error", "shutting_down"),
+    "unavailable": ("server_error", "storage_unavailable"),
     "internal": ("server_error", None),
 }
 
