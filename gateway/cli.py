@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import socket
 import sys
 import time
@@ -13,6 +14,8 @@ from pathlib import Path
 from gateway.settings import Settings, add_settings_arguments
 
 logger = logging.getLogger("imagegate")
+# How long `serve` waits for --redis-url to answer before giving up (it may start beside us).
+REDIS_WAIT_S = 10.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,7 +222,7 @@ def serve(args: argparse.Namespace) -> int:
     sock = _listen(settings)
     if sock is None:
         return 2
-    if not _lock_data_dir(settings):
+    if not _lock_data_dir(settings) or not _reach_redis(settings):
         sock.close()
         return 2
     logger.info("model %s found in %.1fs; starting on http://%s:%d", settings.model,
@@ -242,6 +245,34 @@ def _listen(settings: Settings) -> socket.socket | None:
               f"{exc.strerror or exc}. Is another server running there? Pick another --port.",
               file=sys.stderr)
         return None
+
+
+def _reach_redis(settings: Settings) -> bool:
+    """With ``--redis-url``: True once Redis answers, else False after printing one line.
+
+    Waits up to ``REDIS_WAIT_S``: Redis may be starting beside this server.
+    """
+    if not settings.redis_url:
+        return True
+    import redis
+
+    shown = re.sub(r"//[^@/]*@", "//***@", settings.redis_url)  # no password in logs
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
+    deadline = time.monotonic() + REDIS_WAIT_S
+    try:
+        while True:
+            try:
+                client.ping()
+                return True
+            except redis.RedisError as exc:
+                if time.monotonic() >= deadline:
+                    print(f"imagegate: cannot reach Redis at {shown}: {str(exc).rstrip('.')}. "
+                          "Start it, or fix --redis-url.", file=sys.stderr)
+                    return False
+                logger.warning("waiting for Redis at %s: %s", shown, exc)
+                time.sleep(1.0)
+    finally:
+        client.close()
 
 
 def _lock_data_dir(settings: Settings) -> bool:

@@ -162,3 +162,16 @@ def test_start_up_warnings():
     assert "--compile-shapes" in " ".join(buckets.startup_warnings())
     quiet = Settings.from_sources({"public_url": "https://img.example"}, environ={})
     assert quiet.startup_warnings() == []
+
+
+def test_unreachable_redis_stops_the_start_with_one_line(tmp_path):
+    """--redis-url that does not answer (within the start's wait): one line, no traceback, and
+    no password from the URL."""
+    from tests.serving import free_port
+
+    res = run_cli("serve", "--redis-url", "redis://user:s3cret@127.0.0.1:1/0", "--port",
+                  str(free_port()), "--data-dir", str(tmp_path / "data"))
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr and "s3cret" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("imagegate: cannot reach Redis at redis://***@127.0.0.1:1/0"), last
