@@ -31,13 +31,24 @@ STATUS_BY_CAUSE: dict[str, int] = {
     "oom": 503, "not_ready": 503, "shutdown": 503, "unavailable": 503, "internal": 500,
 }
 
-# The task store, quota counters or usage ledger cannot be reached (Redis down or paused,
-# SQLite locked or its disk full): a 503 to retry, not a 500; the job runner waits it out.
-STORE_OUTAGES: tuple[type[BaseException], ...] = (
-    redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, StorageError,
-    sqlite3.OperationalError,
-)
 STORE_RETRY_AFTER_S = 5.0
+# SQLite's words for a store that is there but cannot be used right now; any other
+# OperationalError (a missing table or column) is a bug and stays a logged 500.
+_SQLITE_OUTAGES = ("database is locked", "database or disk is full", "disk i/o error",
+                   "unable to open database file")
+
+
+def is_store_outage(exc: BaseException) -> bool:
+    """The task store, quota counters or usage ledger cannot be reached right now.
+
+    Redis down or paused, SQLite locked or its disk full: a 503 to retry rather than a 500, and
+    what the job runner waits out.
+    """
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError
+                  | StorageError):
+        return True
+    return isinstance(exc, sqlite3.OperationalError) and any(
+        words in str(exc).lower() for words in _SQLITE_OUTAGES)
 
 
 class Failure(msgspec.Struct, kw_only=True):
@@ -110,7 +121,7 @@ def failure_from(exc: BaseException, field_names: dict[str, str] | None = None) 
         return Failure(cause="internal", message=exc.message, status=500)
     if isinstance(exc, HTTPException):
         return _from_http(exc)
-    if isinstance(exc, STORE_OUTAGES):
+    if is_store_outage(exc):
         logger.warning("storage unavailable: %s: %s", type(exc).__name__, exc)
         return Failure(cause="unavailable", status=503, retry_after=STORE_RETRY_AFTER_S,
                        message="the server's storage is unavailable; retry shortly")

@@ -24,7 +24,7 @@ from typing import Any, Protocol, TypeVar
 import msgspec
 
 from gateway import datadir
-from gateway.errors import STORE_OUTAGES
+from gateway.errors import is_store_outage
 from gateway.task_store_async import AsyncTaskStore
 from inference import Engine, EngineState, GenerationRequest, GenerationResult
 from inference import errors as ie
@@ -413,8 +413,8 @@ class JobRunner:
         while True:
             try:
                 return await write()
-            except STORE_OUTAGES as exc:
-                if self._closing or time.time() >= job.expires_at:
+            except Exception as exc:
+                if not is_store_outage(exc) or self._closing or time.time() >= job.expires_at:
                     raise
                 logger.warning("could not %s job %s (%s: %s); retrying in %.1fs", what, job.id,
                                type(exc).__name__, exc, delay)

@@ -127,3 +127,17 @@ def test_a_job_finishing_during_an_outage_completes_once_the_store_is_back(
         time.sleep(0.05)
     assert body["status"] == "COMPLETED", body
     assert body["output"], body
+
+
+def test_only_real_outages_are_503s() -> None:
+    """A locked or full SQLite database is an outage; a schema mistake is a bug (a logged 500)."""
+    import sqlite3
+
+    from gateway.errors import failure_from, is_store_outage
+
+    assert is_store_outage(redis.exceptions.ConnectionError("refused"))
+    assert is_store_outage(sqlite3.OperationalError("database is locked"))
+    assert is_store_outage(sqlite3.OperationalError("database or disk is full"))
+    assert not is_store_outage(sqlite3.OperationalError("no such column: nope"))
+    assert failure_from(sqlite3.OperationalError("database is locked")).status == 503
+    assert failure_from(sqlite3.OperationalError("no such table: jobs")).status == 500
