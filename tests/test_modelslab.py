@@ -184,6 +184,17 @@ def poll(url: str, deadline_s: float = 90) -> dict[str, Any]:
     return got
 
 
+def wait_for_hook(hooks: Any, track_id: str, timeout: float = 90) -> dict[str, Any]:
+    """The webhook post carrying ``track_id``, once it arrives."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [p for p in hooks.posts if p.get("track_id") == track_id]
+        if found:
+            return found[0]
+        assert time.monotonic() < deadline, f"no webhook for {track_id} arrived: {hooks.posts}"
+        time.sleep(0.05)
+
+
 def post(live: serving.LiveServer, path: str, body: dict[str, Any]) -> httpx.Response:
     return httpx.post(f"{live.url}{path}", json=body, timeout=120)
 
@@ -245,11 +256,7 @@ def test_webhook_with_track_id(ml: serving.LiveServer, hooks: Hooks) -> None:
         "key": KEY, "prompt": "a lamp", "webhook": hooks.url, "track_id": "t-42",
         "instant_response": True, **SMALL}).json()
     assert out["status"] == "processing", out
-    deadline = time.monotonic() + 90
-    while not any(p.get("track_id") == "t-42" for p in hooks.posts):
-        assert time.monotonic() < deadline, f"no webhook arrived: {hooks.posts}"
-        time.sleep(0.05)
-    hook = next(p for p in hooks.posts if p.get("track_id") == "t-42")
+    hook = wait_for_hook(hooks, "t-42")
     assert hook["status"] == "success" and hook["id"] == out["id"]
     assert image_size(hook["output"][0]) == (64, 64)
 
@@ -452,11 +459,7 @@ def test_image_webhook_with_track_id(ml: serving.LiveServer, hooks: Hooks,
         "key": KEY, "prompt": "a lamp", "init_image": images.url("/red.png"),
         "webhook": hooks.url, "track_id": "i2i-7", "instant_response": True, **SMALL}).json()
     assert out["status"] == "processing", out
-    deadline = time.monotonic() + 90
-    while not any(p.get("track_id") == "i2i-7" for p in hooks.posts):
-        assert time.monotonic() < deadline, f"no webhook arrived: {hooks.posts}"
-        time.sleep(0.05)
-    hook = next(p for p in hooks.posts if p.get("track_id") == "i2i-7")
+    hook = wait_for_hook(hooks, "i2i-7")
     assert hook["status"] == "success" and hook["id"] == out["id"]
     assert hook["meta"]["init_image"] == images.url("/red.png")
 
