@@ -19,6 +19,8 @@ Variants (``--variants``, comma-separated; default: all but the slow max-autotun
 - ``full-batch-graphs``: the same with CUDA graphs (``--compile-mode reduce-overhead``; one
   graph recorded per batch size met);
 - ``full-static-graphs``: static shapes with CUDA graphs (``--compile-mode reduce-overhead``);
+- ``eager-cudnn``, ``full-batch-cudnn``: the same as ``eager`` / ``full-batch`` with
+  ``--attention-backend cudnn`` (cuDNN's attention kernels first; torch prefers FlashAttention);
 - ``full-static-autotune``: ``--compile-mode max-autotune-no-cudagraphs`` (compiles for many
   minutes per shape).
 
@@ -42,10 +44,12 @@ OUT = Path(os.environ.get("OUT") or "/tmp/gpuout")
 
 VARIANTS: dict[str, dict[str, str] | None] = {
     "eager": None,
+    "eager-cudnn": {"attention": "cudnn"},
     "blocks-dynamic": {"scope": "blocks", "shapes": "dynamic"},
     "full-dynamic": {"scope": "full", "shapes": "dynamic"},
     "full-static": {"scope": "full", "shapes": "static"},
     "full-batch": {"scope": "full", "shapes": "batch"},
+    "full-batch-cudnn": {"scope": "full", "shapes": "batch", "attention": "cudnn"},
     "full-batch-graphs": {"scope": "full", "shapes": "batch", "mode": "reduce-overhead"},
     "full-static-cdt": {"scope": "full", "shapes": "static", "tuning": "cdt"},
     "full-static-graphs": {"scope": "full", "shapes": "static", "mode": "reduce-overhead"},
@@ -99,7 +103,13 @@ def run_variant(name: str, batches: list[int], *, dry: bool) -> None:
         sync = torch.cuda.synchronize
         gpu = torch.cuda.get_device_name(0)
     pipe.set_progress_bar_config(disable=True)
-    if spec is not None:
+    if spec is not None and "attention" in spec and not dry:  # CUDA kernels: not on the CPU
+        from inference.attention import prefer_attention_backend
+
+        prefer_attention_backend(spec["attention"], "cuda")
+    compiled = spec is not None and "scope" in spec
+    if compiled:
+        assert spec is not None
         options = CompileOptions(scope=spec["scope"], shapes=spec["shapes"],  # type: ignore[arg-type]
                                  mode=spec.get("mode", "default"))
         prepare_for_compile(pipe, options)
@@ -122,7 +132,7 @@ def run_variant(name: str, batches: list[int], *, dry: bool) -> None:
         sync()
         return time.perf_counter() - t
 
-    watch = CompileWatch(enabled=spec is not None)
+    watch = CompileWatch(enabled=compiled)
     for batch in batches:
         graphs = watch.count()
         first = call(batch, 2)

@@ -70,6 +70,8 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     # Batch sizes static-shape graphs are compiled for (empty: 1, 2, 4, … up to the maximum).
     batch_buckets: tuple[int, ...] = ()
     quantize: str = "none"
+    # Preferred SDPA kernel (inference.attention); "auto" keeps torch's order.
+    attention_backend: str = "auto"
     allow_download: bool = False
     single_file_config: str | None = None
     max_batch_images: int = 8
@@ -130,11 +132,17 @@ RunnerFactory = Callable[["EngineConfig"], tuple[BatchRunner, "ModelInfo"]]
 def diffusers_runner_factory(config: EngineConfig) -> tuple[BatchRunner, ModelInfo]:
     """Load the configured model (and refiner) into a :class:`DiffusersRunner`."""
     from inference import loader
+    from inference.attention import prefer_attention_backend
+    from inference.quantize import check_fp8
     from inference.controlnet import load_controlnets
     from inference.runner import DiffusersRunner
 
     loader.hub_offline_by_default(config.allow_download)
     choice = loader.choose_device(config.device, config.dtype)
+    # First: a refusal costs no model load, and traced graphs bake in the kernel chosen.
+    prefer_attention_backend(config.attention_backend, choice.device)
+    if config.quantize != "none":
+        check_fp8(choice.device)
     source = loader.resolve(config.model, cache_dir=config.cache_dir,
                             allow_download=config.allow_download)
     base = loader.load_base(source, choice, single_file_config=config.single_file_config)
@@ -168,8 +176,7 @@ def diffusers_runner_factory(config: EngineConfig) -> tuple[BatchRunner, ModelIn
     cache_dir: Path | None = None
     if compile_on:
         key = cache_key(str(source.path), choice.dtype, options,
-                        {"quantize": config.quantize, "refiner": str(refiner_name),
-                         "shapes": warmup_shape_set(config)})
+                        compile_key_extras(config, refiner_name))
         cache_dir = config.cache_dir / "compile" / key
         warm = CompileCache(cache_dir).activate()
         logger.info("compile cache %s (%s)", cache_dir, "warm" if warm else "cold")
@@ -199,6 +206,12 @@ def diffusers_runner_factory(config: EngineConfig) -> tuple[BatchRunner, ModelIn
         lora_dir=str(lora_dir) if lora_dir is not None else None,
     )
     return runner, info
+
+
+def compile_key_extras(config: EngineConfig, refiner: str | None) -> dict[str, Any]:
+    """The engine settings, beyond the compile options, that compiled artifacts depend on."""
+    return {"quantize": config.quantize, "refiner": str(refiner),
+            "attention": config.attention_backend, "shapes": warmup_shape_set(config)}
 
 
 def warmup_shape_set(config: EngineConfig) -> dict[str, Any]:

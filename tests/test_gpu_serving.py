@@ -236,18 +236,20 @@ def test_batch_shapes_compile_one_graph_per_size_for_every_batch_from_two(monkey
 def test_compile_cache_key_changes_with_the_model_options_and_shape_set(tmp_path):
     from inference import EngineConfig
     from inference.compile import CompileOptions, cache_key
-    from inference.engine import warmup_shape_set
+    from inference.engine import compile_key_extras
 
     def key(config: EngineConfig, options: CompileOptions | None = None, model: str = "m"
             ) -> str:
         return cache_key(str(tmp_path / model), "bfloat16", options or CompileOptions(),
-                         {"shapes": warmup_shape_set(config)})
+                         compile_key_extras(config, None))
 
     base = EngineConfig(warmup_sizes=((1024, 1024),))
     assert key(base) == key(EngineConfig(warmup_sizes=((1024, 1024),)))
     others = [key(EngineConfig(warmup_sizes=((1024, 1024), (768, 768)))),
               key(EngineConfig(warmup_sizes=((1024, 1024),), max_batch_images=4)),
               key(EngineConfig(warmup_sizes=((1024, 1024),), batch_buckets=(1, 8))),
+              key(EngineConfig(warmup_sizes=((1024, 1024),), attention_backend="cudnn")),
+              key(EngineConfig(warmup_sizes=((1024, 1024),), quantize="fp8")),
               key(base, CompileOptions(scope="full")), key(base, model="other")]
     assert len({key(base), *others}) == 1 + len(others)
 
