@@ -133,8 +133,8 @@ def diffusers_runner_factory(config: EngineConfig) -> tuple[BatchRunner, ModelIn
     """Load the configured model (and refiner) into a :class:`DiffusersRunner`."""
     from inference import loader
     from inference.attention import prefer_attention_backend
-    from inference.quantize import check_fp8
     from inference.controlnet import load_controlnets
+    from inference.quantize import check_fp8
     from inference.runner import DiffusersRunner
 
     loader.hub_offline_by_default(config.allow_download)
