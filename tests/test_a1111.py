@@ -265,6 +265,12 @@ def test_interrupt_and_skip_cut_the_callers_running_generation_short(tmp_path):
 
     a = {"authorization": "Bearer key-a"}
     b = {"authorization": "Bearer key-b"}
+
+    def state(**kw) -> dict:
+        resp = sd(live, "progress", **kw)
+        assert resp.status_code == 200, resp.text
+        return resp.json()["state"]
+
     with live_server(tmp_path, api_keys="key-a,key-b") as live:
         runner = live.engine._runner
         recorder = StepRecorder(runner.observer, at_step=2)
@@ -276,20 +282,28 @@ def test_interrupt_and_skip_cut_the_callers_running_generation_short(tmp_path):
                 assert recorder.reached.wait(120), "the generation never reached step 2"
                 tickets = [t for tagged in live.engine._tagged.values() for t in tagged]
                 assert len(tickets) == 1
+                assert not state(headers=a)["interrupted"]
                 other = sd(live, "interrupt", {}, headers=b)
                 assert (other.status_code, other.json()) == (200, {})
                 assert not tickets[0].stop_early, "another key's interrupt stopped it"
                 assert sd(live, "interrupt", {}).status_code == 401
                 mine = sd(live, "interrupt", {}, headers=a)
                 assert (mine.status_code, mine.json()) == (200, {})
+                assert state(headers=a)["interrupted"]
                 skip = sd(live, "skip", {}, headers=a)
                 assert (skip.status_code, skip.json()) == (200, None)
+                assert state(headers=a)["skipped"]
                 assert tickets[0].stop_early
                 recorder.released.set()
                 done = running.result(120)
         finally:
             recorder.released.set()
             runner.observer = recorder.inner
+        after = state(headers=a)
+        assert after["skipped"], "the flag lasts until the key's next generation, as in A1111"
+        assert sd(live, "txt2img", {"prompt": "y", **FAST}, headers=a).status_code == 200
+        after = state(headers=a)
+        assert not after["skipped"] and not after["interrupted"], after
     assert done.status_code == 200, done.text
     assert len(done.json()["images"]) == 1
     (steps,) = recorder.steps.values()

@@ -339,6 +339,9 @@ class A1111Dialect(Dialect):
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
         self.fetch_policy = ctx.fetch_policy
+        # Key id -> "interrupted" or "skipped": what /progress's state reports, as A1111 keeps
+        # its flag from the interrupt until the next job begins. One entry per key at most.
+        self._stopped: dict[str, str] = {}
 
     def route_handlers(self) -> list[Any]:
         """txt2img, img2img, samplers, sd-models, options (GET/POST), progress, interrupt, skip."""
@@ -387,21 +390,21 @@ class A1111Dialect(Dialect):
         @get(f"{PREFIX}/progress", opt={**opt, "kind": "poll", "schema_out": ProgressResponse,
                                         "summary": "AUTOMATIC1111 progress of the running batch"})
         async def progress(request: Request) -> Response:
-            self.authenticate(request)
+            principal = self.authenticate(request)
             skip = request.query_params.get("skip_current_image", "false").lower() == "true"
-            return json_response(await self.progress(skip))
+            return json_response(await self.progress(skip, self._stopped.get(principal.id)))
 
         @post(f"{PREFIX}/interrupt", status_code=200,
               opt={**opt, "summary": "AUTOMATIC1111 interrupt: the caller's running generation "
                                       "stops early and answers with what it has"})
         async def interrupt(request: Request) -> Response:
-            self.stop_early(self.authenticate(request))
+            self.stop_early(self.authenticate(request), "interrupted")
             return json_response({})
 
         @post(f"{PREFIX}/skip", status_code=200,
               opt={**opt, "summary": "AUTOMATIC1111 skip: as interrupt (one job at a time here)"})
         async def skip(request: Request) -> Response:
-            self.stop_early(self.authenticate(request))
+            self.stop_early(self.authenticate(request), "skipped")
             return json_response(None)
 
         return [txt2img, img2img, samplers, sd_models, get_options, set_options, progress,
@@ -434,6 +437,7 @@ class A1111Dialect(Dialect):
         if img is not None:
             _init_source(img)
         self.ctx.admit(principal)
+        self._stopped.pop(principal.id, None)  # a new job begins: A1111 clears the flags
         if img is not None:
             canonical = msgspec.structs.replace(canonical, init_image=await self.init_image(img))
         result = await unless_disconnected(
@@ -445,14 +449,16 @@ class A1111Dialect(Dialect):
         """What ``/interrupt`` stops: this key's A1111 generations (never another key's)."""
         return f"{self.name}:{principal.id}"
 
-    def stop_early(self, principal: Any) -> None:
+    def stop_early(self, principal: Any, how: str) -> None:
         """``/interrupt`` and ``/skip``: cut the caller's running generations short.
 
         A1111 has one job at a time, so interrupt and skip both end it; here each key's running
         generations end (a batch shared with another key's request runs on to the end), and
         its requests still waiting for their first batch are left alone, as A1111 leaves the
-        jobs queued behind the current one.
+        jobs queued behind the current one. ``how`` ("interrupted" or "skipped") is what the
+        key's ``/progress`` state says until its next generation begins.
         """
+        self._stopped[principal.id] = how
         self.ctx.engine.interrupt(self.interrupt_tag(principal))
 
     def to_canonical(self, body: Txt2ImgRequest, client_id: str) -> tuple[GenerationRequest, str]:
@@ -616,16 +622,20 @@ class A1111Dialect(Dialect):
                        sd_vae="Automatic", samples_format="png", CLIP_stop_at_last_layers=1,
                        sdxl_refiner_available=bool(info and info.has_refiner))
 
-    async def progress(self, skip_current_image: bool) -> ProgressResponse:
+    async def progress(self, skip_current_image: bool, stopped: str | None = None
+                       ) -> ProgressResponse:
         """The engine's progress snapshot, where the engine offers one.
 
         Written against ``Engine.progress()`` (active, step, total_steps, fraction,
         eta_seconds, queued_requests, preview PNG bytes or None); an engine without it reports
-        idle with a note in ``textinfo``.
+        idle with a note in ``textinfo``. ``stopped``: the caller's last interrupt or skip
+        since its last generation began, if any.
         """
         probe = getattr(self.ctx.engine, "progress", None)
         if probe is None:
-            return ProgressResponse(progress=0.0, eta_relative=0.0, state=ProgressState(),
+            return ProgressResponse(progress=0.0, eta_relative=0.0,
+                                    state=ProgressState(interrupted=stopped == "interrupted",
+                                                        skipped=stopped == "skipped"),
                                     current_image=None,
                                     textinfo="progress reporting is not available")
         snap = probe()
@@ -638,6 +648,7 @@ class A1111Dialect(Dialect):
         if preview and not skip_current_image:
             current = base64.b64encode(preview).decode("ascii")
         state = ProgressState(
+            interrupted=stopped == "interrupted", skipped=stopped == "skipped",
             job="generate" if active else "", job_count=queued + (1 if active else 0),
             sampling_step=int(getattr(snap, "step", 0) or 0),
             sampling_steps=int(getattr(snap, "total_steps", 0) or 0),
