@@ -73,12 +73,14 @@ class CompileOptions(msgspec.Struct, frozen=True, kw_only=True):
     channels_last: bool = True
 
 
-def cache_key(model_path: str, dtype: str, options: CompileOptions, extra: dict[str, Any]) -> str:
+def cache_key(model_path: str, dtype: str, options: CompileOptions, extra: dict[str, Any], *,
+              device: str = "cpu") -> str:
     """A short hash of everything that makes compiled artifacts reusable or not."""
     import diffusers
     import torch
 
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    gpu = (torch.cuda.get_device_name(torch.device(device))
+           if device.startswith("cuda") and torch.cuda.is_available() else "cpu")
     stamp = _weights_stamp(Path(model_path))
     doc = {
         "model": str(model_path), "weights": stamp, "dtype": dtype,
@@ -205,9 +207,31 @@ def apply_compile(pipe: Any, options: CompileOptions) -> None:
             # Marks must be made before dynamo sees the inputs: around the compiled call.
             pipe.unet._compiled_call_impl = _marking_batch(pipe.unet._compiled_call_impl)
             decode = _marking_batch(decode)
+        if uses_cuda_graphs(options.mode):
+            # A CUDA graph's outputs live in its memory pool and the next replay overwrites
+            # them; a sampler that keeps the UNet's raw output across steps (PNDM/PLMS without
+            # CFG keeps its history in ``ets``) would then read garbage or fail. A latent-sized
+            # copy per call is cheap.
+            pipe.unet._compiled_call_impl = _cloning_outputs(pipe.unet._compiled_call_impl)
+            decode = _cloning_outputs(decode)
         pipe.vae.decode = decode
     logger.info("torch.compile armed (scope=%s, mode=%s, %s shapes)", options.scope,
                 options.mode, options.shapes)
+
+
+def uses_cuda_graphs(mode: str) -> bool:
+    """True for the torch.compile modes that record CUDA graphs."""
+    return mode in ("reduce-overhead", "max-autotune")
+
+
+def _cloning_outputs(fn: Any) -> Any:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        import torch
+        from torch.utils._pytree import tree_map_only
+
+        return tree_map_only(torch.Tensor, torch.clone, fn(*args, **kwargs))
+
+    return call
 
 
 def mark_batch_dynamic(value: Any) -> None:

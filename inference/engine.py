@@ -176,7 +176,7 @@ def diffusers_runner_factory(config: EngineConfig) -> tuple[BatchRunner, ModelIn
     cache_dir: Path | None = None
     if compile_on:
         key = cache_key(str(source.path), choice.dtype, options,
-                        compile_key_extras(config, refiner_name))
+                        compile_key_extras(config, refiner_name), device=choice.device)
         cache_dir = config.cache_dir / "compile" / key
         warm = CompileCache(cache_dir).activate()
         logger.info("compile cache %s (%s)", cache_dir, "warm" if warm else "cold")
@@ -210,8 +210,21 @@ def diffusers_runner_factory(config: EngineConfig) -> tuple[BatchRunner, ModelIn
 
 def compile_key_extras(config: EngineConfig, refiner: str | None) -> dict[str, Any]:
     """The engine settings, beyond the compile options, that compiled artifacts depend on."""
-    return {"quantize": config.quantize, "refiner": str(refiner),
+    return {"quantize": config.quantize, "torchao": _torchao_version(config.quantize),
+            "refiner": str(refiner),
             "attention": config.attention_backend, "shapes": warmup_shape_set(config)}
+
+
+def _torchao_version(quantize: str) -> str | None:
+    """The torchao version when it quantizes (its kernels are part of the compiled graphs)."""
+    if quantize == "none":
+        return None
+    try:
+        from importlib.metadata import version
+
+        return version("torchao")
+    except Exception:  # noqa: BLE001 - absent: the load fails with its own clear message
+        return None
 
 
 def warmup_shape_set(config: EngineConfig) -> dict[str, Any]:
@@ -283,7 +296,8 @@ class Engine:
         buckets = self.batch_buckets()
         if buckets is not None:
             logger.info("static-shape graphs: batches padded to buckets %s", buckets.sizes)
-        self._executor = Executor(ObservedRunner(runner, self._hub), watch=watch, buckets=buckets)
+        self._executor = Executor(ObservedRunner(runner, self._hub), watch=watch, buckets=buckets,
+                                  device=info.device)
         self._scheduler = Scheduler(
             self._executor, self._encoder, self.metrics, model=info.id,
             max_batch_images=self.config.max_batch_images,
@@ -389,9 +403,10 @@ class Engine:
         """Refresh the GPU memory gauges (no-op without CUDA)."""
         import torch
 
-        if torch.cuda.is_available():
-            self.metrics.gpu_memory.set(torch.cuda.memory_allocated())
-            self.metrics.gpu_memory_peak.set(torch.cuda.max_memory_allocated())
+        device = self.info.device if self.info is not None else "cpu"
+        if device.startswith("cuda") and torch.cuda.is_available():
+            self.metrics.gpu_memory.set(torch.cuda.memory_allocated(device))
+            self.metrics.gpu_memory_peak.set(torch.cuda.max_memory_allocated(device))
 
     @property
     def ready(self) -> bool:

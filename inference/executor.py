@@ -29,6 +29,18 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
+def _bind_device(device: str) -> None:
+    """Make ``device`` the executor thread's current CUDA device (torch keeps one per thread).
+
+    Without it, device-less calls on that thread (empty_cache, CUDA-graph pools, inductor's
+    kernels' launch device) would use GPU 0 when the model lives on ``cuda:1``.
+    """
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(torch.device(device))
+
+
 def _free_accelerator_memory() -> None:
     import torch
 
@@ -55,12 +67,14 @@ class Executor:
     """Runs batches on a single dedicated thread."""
 
     def __init__(self, runner: BatchRunner, *, name: str = "imagegate-executor",
-                 watch: CompileWatch | None = None, buckets: BatchBuckets | None = None) -> None:
+                 watch: CompileWatch | None = None, buckets: BatchBuckets | None = None,
+                 device: str = "cpu") -> None:
         self.runner = runner
         self.watch = watch or CompileWatch(enabled=False)
         # Static-shape graphs: every call is padded up to one of these batch sizes.
         self.buckets = buckets
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name,
+                                          initializer=_bind_device, initargs=(device,))
 
     async def run(self, batch: Batch, *, warmup: bool = False) -> BatchOutcome:
         """Run ``batch`` on the executor thread and return what each slot got.

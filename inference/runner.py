@@ -59,12 +59,14 @@ def to_uint8(images: Any) -> list[np.ndarray]:
     """Pipeline output as 8-bit (H, W, 3) arrays, with diffusers' own rounding.
 
     A torch batch (B, 3, H, W) in [0, 1] is converted where it lives, so on a GPU only a quarter
-    of the bytes cross to the host; numpy input (H, W, 3 floats) is converted on the CPU.
+    of the bytes cross to the host; numpy input (H, W, 3 floats) is converted on the CPU. The
+    scaling is done in float32 whatever the pipeline's dtype: in bfloat16, ``x * 255`` itself
+    rounds, and about one pixel value in twelve would come out one off.
     """
     import torch
 
     if isinstance(images, torch.Tensor):
-        as_bytes = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        as_bytes = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
         return list(as_bytes.cpu().numpy())
     return [(np.clip(np.asarray(img), 0.0, 1.0) * 255).round().astype(np.uint8) for img in images]
 
@@ -217,6 +219,12 @@ class DiffusersRunner:
         last_step = [started]
         phase = [0]
         observer = self.observer
+        # On a GPU nothing in a step waits for the device, so without this the CPU would queue
+        # steps ahead (all of them, with CUDA graphs): step times, progress and ETA would count
+        # launches, and a cancel or interrupt could not stop work already queued. The wait costs
+        # the launch of the next step's first kernel, microseconds against a step's tens of ms.
+        wait_for_step = (torch.cuda.current_stream(self.device).synchronize
+                         if self.device.startswith("cuda") else None)
 
         def on_step(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             if batch.all_abandoned():
@@ -224,6 +232,8 @@ class DiffusersRunner:
             if batch.all_stopping():
                 # diffusers skips the remaining steps and decodes the latents it has.
                 pipe._interrupt = True
+            if wait_for_step is not None:
+                wait_for_step()
             times.steps += 1
             last_step[0] = time.perf_counter()
             if observer is not None:
@@ -298,7 +308,7 @@ class DiffusersRunner:
         if masks:
             arrays = [composite(a, i, m) for a, i, m in zip(arrays, inits[:real], masks[:real], strict=True)]
         if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
         ended = time.perf_counter()
         times.total = ended - started
         times.decode = ended - last_step[0]

@@ -507,3 +507,42 @@ async def test_refiner_steps_and_prompt_length_are_bounded_centrally():
     with pytest.raises(InvalidRequest) as err:
         engine.prepare(req("ok", negative_prompt="y" * 101))
     assert err.value.field == "negative_prompt"
+
+
+# -- CUDA-only paths, checked where the CPU can ---------------------------------------------
+
+
+def test_bfloat16_pipeline_output_rounds_as_diffusers_does_in_float32():
+    from inference.runner import to_uint8
+
+    values = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    as_bf16 = values.to(torch.bfloat16)
+    expected = (as_bf16.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    (got,) = to_uint8(as_bf16)
+    assert np.array_equal(got, expected[0].numpy())
+
+
+def test_cuda_graph_modes_hand_back_copies_of_the_compiled_outputs():
+    from inference.compile import _cloning_outputs, uses_cuda_graphs
+
+    assert uses_cuda_graphs("reduce-overhead") and uses_cuda_graphs("max-autotune")
+    assert not uses_cuda_graphs("default") and not uses_cuda_graphs("max-autotune-no-cudagraphs")
+    pool = torch.arange(6.0)  # stands in for a CUDA graph's output buffer, reused each replay
+
+    def replay(x):
+        pool.copy_(x)
+        return (pool, {"sample": pool})
+
+    first = _cloning_outputs(replay)(torch.ones(6))
+    _cloning_outputs(replay)(torch.zeros(6))
+    assert torch.equal(first[0], torch.ones(6)) and torch.equal(first[1]["sample"], torch.ones(6))
+
+
+def test_the_executor_thread_binds_no_device_on_the_cpu():
+    from inference.executor import Executor
+
+    ex = Executor(FakeRunner(), device="cpu")
+    try:
+        assert ex._thread.submit(lambda: torch.cuda.is_initialized()).result(30) is False
+    finally:
+        ex._thread.shutdown()
