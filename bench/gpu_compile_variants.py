@@ -24,7 +24,9 @@ Variants (``--variants``, comma-separated; default: all but the slow max-autotun
 - ``full-static-autotune``: ``--compile-mode max-autotune-no-cudagraphs`` (compiles for many
   minutes per shape).
 
-Example (one call of the device tool fits about three full variants at two batch sizes)::
+Each child builds the pipeline and compiles once per batch size asked for, so a whole-UNet
+variant at batches 1 and 8 costs two ~96 s compiles (§4.2) plus the build: count on about two
+such variants per 600 s call of the device tool. Example::
 
     OUT=/tmp/gpuout python -m bench.gpu_compile_variants --variants full-dynamic,full-static \\
         --batches 1,8
@@ -133,6 +135,12 @@ def run_variant(name: str, batches: list[int], *, dry: bool) -> None:
         return time.perf_counter() - t
 
     watch = CompileWatch(enabled=compiled)
+
+    def skipped_cudagraphs() -> int:
+        # Inductor only warns when it cannot use CUDA graphs ("skipping cudagraphs due to ...").
+        from torch._dynamo.utils import counters
+
+        return int(counters["inductor"]["cudagraph_skips"])
     for batch in batches:
         graphs = watch.count()
         first = call(batch, 2)
@@ -140,7 +148,8 @@ def run_variant(name: str, batches: list[int], *, dry: bool) -> None:
         call(batch, 2)  # CUDA graphs record on the second call
         seconds = min(call(batch, steps) for _ in range(2))
         emit(variant=name, batch=batch, size=size, steps=steps, first_call_s=round(first, 1),
-             graphs=graphs, seconds=round(seconds, 3), images_per_s=round(batch / seconds, 3), gpu=gpu,
+             graphs=graphs, seconds=round(seconds, 3), images_per_s=round(batch / seconds, 3),
+             cudagraph_skips=skipped_cudagraphs(), gpu=gpu,
              torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
 
 

@@ -4,7 +4,7 @@
 # Here, with an index:      sh bench/gpu_device.sh wheels
 #   downloads into .gpu/whl (git-ignored) the wheels such a machine lacks: ../shared/gpu/wheels.txt
 #   (or $WHEELS_TXT) plus fpng, torchao and redis, for CPython 3.12 on x86-64.
-# There, with .gpu carried: sh bench/gpu_device.sh run python -m bench.gpu_e2e ...
+# There, with .gpu carried: sh bench/gpu_device.sh run python3 -m bench.gpu_e2e ...
 #   installs them into /tmp/site (no index, no dependencies) and runs the command with this
 #   checkout and /tmp/site on PYTHONPATH; results go where the command writes them ($OUT).
 # docs/benchmarks.md §4.4 lists the measurements still to make, each sized to one call.
@@ -15,6 +15,8 @@ case "${1:-}" in
   wheels)
     list=${WHEELS_TXT:-$here/../shared/gpu/wheels.txt}
     [ -f "$list" ] || { echo "no wheel list at $list (set WHEELS_TXT)" >&2; exit 2; }
+    # A fresh folder: two versions of one package would make the install there refuse both.
+    rm -rf "$here/.gpu/whl"
     mkdir -p "$here/.gpu/whl"
     # shellcheck disable=SC2046
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \

@@ -1,8 +1,9 @@
 """Full-size SDXL on a GPU: the public SDXL base architecture with random weights.
 
 Same FLOPs as the real model, no download. Measures eager vs torch.compile at batch 1/2/4/8,
-1024², 20 steps, and prints a markdown table. Needs CUDA; not run in CI.
-NOTE: written without access to a GPU in the session that added it; treat it as untested there.
+1024², 20 steps, and prints a markdown table (``main`` compiles four static shapes, ~96 s each
+on the H200 of §4.2). Needs CUDA; not run in CI. ``build`` is what the GPU benches use (it ran on
+the H200 of docs/benchmarks.md §4).
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ VAE = dict(
 )
 
 
-def build(dtype: torch.dtype):
+def build(dtype: torch.dtype, seed: int = 0):
+    """The pipeline on CUDA in ``dtype``; the same ``seed`` gives the same random weights.
+
+    The networks are created on the GPU where there is one (random initialisation of 3.5
+    billion parameters is far quicker there); tokenizer and scheduler are built as usual.
+    """
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import (
         CLIPTextConfig,
@@ -43,16 +49,19 @@ def build(dtype: torch.dtype):
     common = dict(vocab_size=len(vocab), max_position_embeddings=77, hidden_act="gelu",
                   bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
                   pad_token_id=vocab["<|endoftext|>"])
-    te1 = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072,
-                                       num_attention_heads=12, num_hidden_layers=12,
-                                       projection_dim=768, **common))
-    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120,
-                                                     num_attention_heads=20, num_hidden_layers=32,
-                                                     projection_dim=1280, **common))
+    torch.manual_seed(seed)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        te1 = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072,
+                                           num_attention_heads=12, num_hidden_layers=12,
+                                           projection_dim=768, **common))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=1280, intermediate_size=5120,
+                                                         num_attention_heads=20,
+                                                         num_hidden_layers=32,
+                                                         projection_dim=1280, **common))
+        vae, unet = AutoencoderKL(**VAE), UNet2DConditionModel(**UNET)
     pipe = StableDiffusionXLPipeline(
-        vae=AutoencoderKL(**VAE), text_encoder=te1, text_encoder_2=te2, tokenizer=tok,
-        tokenizer_2=tok, unet=UNet2DConditionModel(**UNET), scheduler=_scheduler(),
-        add_watermarker=False,
+        vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok,
+        unet=unet, scheduler=_scheduler(), add_watermarker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to("cuda", dtype)
