@@ -62,7 +62,8 @@ class QuotaLimiter:
             if not self._moving.hit(item, "rps", principal.id):
                 reset = self._moving.get_window_stats(item, "rps", principal.id).reset_time
                 raise QuotaExceeded(
-                    "rps", f"Open api qps request limit reached ({principal.rps:g} per second)",
+                    "rps", f"rate limit reached: this key may send {principal.rps:g} requests "
+                    "per second",
                     max(0.0, reset - time.time()) or 1.0,
                 )
         if principal.daily is not None:
@@ -73,6 +74,7 @@ class QuotaLimiter:
                 midnight = dt.datetime.combine(now.date() + dt.timedelta(days=1), dt.time(),
                                                dt.UTC)
                 raise QuotaExceeded(
-                    "daily", f"Open api daily request limit reached ({principal.daily} per day)",
+                    "daily", f"daily limit reached: this key may send {principal.daily} "
+                    "requests per day (the count resets at midnight UTC)",
                     (midnight - now).total_seconds(),
                 )

@@ -254,7 +254,6 @@ def create_app(
     app = Litestar(
         route_handlers=handlers,
         exception_handlers={Exception: on_error},
-        middleware=[_request_middleware(metrics, router)],
         lifespan=[lifespan, ctx.jobs.lifespan],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=None,
@@ -262,6 +261,10 @@ def create_app(
         logging_config=None,
         debug=False,
     )
+    # Around Litestar's whole ASGI handler, not as route middleware (which only wraps matched
+    # handlers): requests the router answers itself (404, 405) get a request id, nosniff, a
+    # metric sample and an access line too.
+    app.asgi_handler = _request_middleware(metrics, router)(app.asgi_handler)
     app.state.ctx = ctx
     return app
 

@@ -98,7 +98,11 @@ class GatewayContext:
 
     def record_usage(self, principal: Principal, result: GenerationResult, images: int,
                      prompt_tokens: int | None = None) -> None:
-        """Add a finished generation to the usage ledger (never fails the request)."""
+        """Add a finished generation to the usage ledger (never fails the request).
+
+        Also what the request's access-log line reports as its image count.
+        """
+        access_log.note_images(images)
         try:
             self.ledger.record(
                 principal.id, images=images,

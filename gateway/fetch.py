@@ -30,6 +30,7 @@ from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 import httpx
 
 from gateway.errors import invalid
+from inference.images import convertible_to_rgb
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -256,10 +257,14 @@ def check_image(data: bytes, max_pixels: int) -> tuple[int, int]:
                         "(possible decompression bomb)"
                     )
                 image.load()
+                mode = image.mode
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise FetchRefused(f"refusing a possible decompression bomb: {exc}") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise FetchRefused("the content is not a readable image") from exc
+    if not convertible_to_rgb(mode):
+        raise FetchRefused(f"the image's mode {mode} cannot be converted to RGB; send an RGB, "
+                           "RGBA or grayscale image")
     return width, height
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from inference.images import decode_rgb
+from inference.images import decode_rgb, to_luma
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def canny(image: Any, low: int = CANNY_LOW, high: int = CANNY_HIGH) -> Any:
     import cv2
     from PIL import Image
 
-    gray = np.asarray(image.convert("L"))
+    gray = np.asarray(to_luma(image))
     edges = cv2.Canny(gray, low, high)
     return Image.fromarray(np.stack([edges] * 3, axis=-1), mode="RGB")
 

@@ -26,7 +26,10 @@ class InitImage(msgspec.Struct, frozen=True, kw_only=True):
       OpenAI's edit endpoint sends it: **transparent = repaint**, opaque = keep (repaint weight
       is ``1 - alpha/255``, so soft edges blend);
     - any other mask (grayscale, RGB, or RGBA that is fully opaque): **white = repaint**, black
-      = keep (weight = luminance/255).
+      = keep (weight = luminance/255);
+    - with ``mask_rule="alpha"`` (APIs whose masks mean transparency, such as OpenAI's), any mask
+      with an alpha channel follows the alpha rule, so a fully opaque one repaints nothing; a
+      mask without one still falls back to white = repaint.
 
     Kept pixels are copied from the init image into the result, so they come back unchanged.
     ``strength`` is how far the repainted area moves from the init image (1.0: from scratch).
@@ -35,6 +38,7 @@ class InitImage(msgspec.Struct, frozen=True, kw_only=True):
     data: bytes
     strength: float = 0.3
     mask: bytes | None = None
+    mask_rule: Literal["auto", "alpha"] = "auto"
 
 
 class ControlUnit(msgspec.Struct, frozen=True, kw_only=True):

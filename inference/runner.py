@@ -17,7 +17,7 @@ import numpy as np
 from inference.batch import Batch, Slot
 from inference.controlnet import control_map
 from inference.errors import Cancelled, FeatureUnavailable, InvalidRequest
-from inference.images import decode_rgb
+from inference.images import decode_rgb, to_luma
 from inference.lora import LoraAdapters, LoraLibrary
 from inference.samplers import SamplerRegistry
 
@@ -76,10 +76,11 @@ def decode_init_image(data: bytes, width: int, height: int) -> Any:
     return decode_rgb(data, width, height, field="init_image", what="init image")
 
 
-def decode_mask(data: bytes, width: int, height: int) -> np.ndarray:
-    """A mask as (H, W) repaint weights in [0, 1] at the batch size (rule: :class:`InitImage`).
+def decode_mask(data: bytes, width: int, height: int, rule: str = "auto") -> np.ndarray:
+    """A mask as (H, W) repaint weights in [0, 1] at the batch size (rules: :class:`InitImage`).
 
-    Real transparency (some alpha below 255): transparent = repaint. Otherwise white = repaint.
+    Real transparency (some alpha below 255), or any alpha channel under ``rule="alpha"``:
+    transparent = repaint. Otherwise white = repaint.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -88,12 +89,13 @@ def decode_mask(data: bytes, width: int, height: int) -> np.ndarray:
         image.load()
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise InvalidRequest(f"mask could not be decoded: {exc}", field="init_image.mask") from exc
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA") and image.getchannel("A").getextrema()[0] < 255:
+    if image.mode == "P":  # a palette has an alpha channel only with transparency info
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA") and (
+            rule == "alpha" or image.getchannel("A").getextrema()[0] < 255):
         weights = Image.eval(image.getchannel("A"), lambda a: 255 - a)
     else:
-        weights = image.convert("L")
+        weights = to_luma(image)
     if weights.size != (width, height):
         weights = weights.resize((width, height), Image.Resampling.BILINEAR)
     return np.asarray(weights, dtype=np.float32) / 255.0
@@ -259,7 +261,8 @@ class DiffusersRunner:
                 ]
             if key.inpaint:
                 masks = [
-                    decode_mask(s.ticket.init_image.mask, key.width, key.height)  # type: ignore[union-attr]
+                    decode_mask(s.ticket.init_image.mask, key.width, key.height,  # type: ignore[union-attr]
+                                s.ticket.init_image.mask_rule)  # type: ignore[union-attr]
                     for s in slots
                 ]
             if key.control or key.inpaint:

@@ -60,15 +60,17 @@ class FakeRunner:
         return len(prompt.split()) + len(negative_prompt.split())
 
 
-def fake_engine(runner: FakeRunner, metrics: Metrics | None = None, **config: Any) -> Engine:
-    """An engine whose runner is ``runner`` (no torch model is loaded)."""
-    info = ModelInfo(id="fake", source="fake", description="fake", makes_noise=True,
+def fake_engine(runner: FakeRunner, metrics: Metrics | None = None, *, model_id: str = "fake",
+                **config: Any) -> Engine:
+    """An engine whose runner is ``runner`` (no torch model is loaded), serving ``model_id``."""
+    info = ModelInfo(id=model_id, source="fake", description="fake", makes_noise=True,
                      default_width=64, default_height=64, has_refiner=False, created=0)
     cfg = EngineConfig(**{"warmup_batch_sizes": (1,), **config})
     return Engine(cfg, metrics or Metrics(), runner_factory=lambda _cfg: (runner, info))
 
 
-def engine_factory(runner: FakeRunner, **config: Any) -> Callable[[Any, Metrics], Engine]:
+def engine_factory(runner: FakeRunner, *, model_id: str = "fake", **config: Any
+                   ) -> Callable[[Any, Metrics], Engine]:
     """For ``live_server(engine_factory=...)``: the server's settings, the fake runner."""
 
     def build(settings: Any, metrics: Metrics) -> Engine:
@@ -76,6 +78,6 @@ def engine_factory(runner: FakeRunner, **config: Any) -> Callable[[Any, Metrics]
         overrides = {f: getattr(cfg, f) for f in ("max_batch_images", "max_wait_ms",
                                                  "max_queue_images", "request_timeout_s")}
         overrides.update(config)
-        return fake_engine(runner, metrics, **overrides)
+        return fake_engine(runner, metrics, model_id=model_id, **overrides)
 
     return build

@@ -199,8 +199,24 @@ def test_auth_bearer_and_basic(keyed_server):
     assert wrong.status_code == 401
     garbled = sd(keyed_server, "sd-models", headers={"authorization": "Basic \u00e9t\u00e9".encode("latin-1")})
     assert garbled.status_code == 401  # not a 500: non-ASCII Basic credentials
+    for header in ("Basic bm9jb2xvbg==", "Basic ###"):  # no colon; not base64
+        bad = sd(keyed_server, "sd-models", headers={"authorization": header})
+        assert bad.status_code == 401
+        assert bad.json()["detail"].startswith("Incorrect username or password"), bad.text
     gen = sd(keyed_server, "txt2img", {"prompt": "x", **FAST}, auth=("u", "test-key"))
     assert gen.status_code == 200 and len(gen.json()["images"]) == 1
+    weak = sd(keyed_server, "img2img", {"prompt": "x", "init_images": [png_b64()], "steps": 3,
+                                        "denoising_strength": 0.3, "width": 64, "height": 64},
+              auth=("u", "test-key"))
+    assert weak.status_code == 422
+    assert weak.json()["detail"][0]["loc"] == ["body", "denoising_strength"], weak.text
+    lab = io.BytesIO()
+    Image.new("LAB", (64, 64)).save(lab, format="TIFF")
+    for invert in (0, 1):
+        masked = sd(keyed_server, "img2img", {
+            "prompt": "x", "init_images": [png_b64()], "inpainting_mask_invert": invert,
+            "mask": base64.b64encode(lab.getvalue()).decode(), **FAST}, auth=("u", "test-key"))
+        assert masked.status_code == 200, masked.text
 
 
 @pytest.fixture(scope="module")

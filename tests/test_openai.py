@@ -10,6 +10,9 @@ import openai
 import pytest
 from PIL import Image
 
+from tests.fakes import FakeRunner, engine_factory
+from tests.serving import live_server
+
 FAST = {"num_inference_steps": 2}
 
 
@@ -173,6 +176,19 @@ def test_every_image_reports_its_seed(server):
 def test_every_accepted_model_name_can_be_retrieved(server, name):
     model = client(server.url).models.retrieve(name)
     assert model.id == name
+
+
+def test_a_hub_id_model_can_be_retrieved_as_listed(tmp_path):
+    """Served from a hub id (org/name): the SDK sends /models/org%2Fname, decoded to a slash."""
+    with live_server(tmp_path, engine_factory=engine_factory(FakeRunner(),
+                                                             model_id="acme/tiny")) as live:
+        c = client(live.url)
+        (listed,) = [m.id for m in c.models.list() if "/" in m.id]
+        assert listed == "acme/tiny"
+        assert c.models.retrieve(listed).id == "acme/tiny"
+        with pytest.raises(openai.NotFoundError) as err:
+            c.models.retrieve("acme/other")
+        assert err.value.code == "model_not_found"
 
 
 def test_unknown_model_retrieve_is_404(server):

@@ -58,6 +58,24 @@ def test_edit_with_mask_repaints_only_the_transparent_area(server):
     assert resp.size == "64x64" and resp.usage is not None and resp.usage.output_tokens == 16
 
 
+def test_an_opaque_mask_keeps_every_pixel_and_an_exotic_mode_mask_is_read(server):
+    """OpenAI's rule: only transparent pixels are edited, so an opaque white mask keeps all.
+    A mask in a mode Pillow cannot map to grayscale directly (LAB) is still a mask, not a 500."""
+    source = png_bytes()
+    opaque = client(server.url).images.edit(
+        image=("in.png", source, "image/png"),
+        mask=("mask.png", png_bytes(color=(255, 255, 255, 255), mode="RGBA"), "image/png"),
+        prompt="a blue sky", response_format="b64_json", extra_body={**FAST, "seed": 3})
+    out = np.asarray(decode(opaque.data[0].b64_json).convert("RGB")).astype(int)
+    assert np.abs(out - np.array([200, 40, 40])).max() <= 3, "an opaque mask repainted pixels"
+    lab = io.BytesIO()
+    Image.new("LAB", (64, 64)).save(lab, format="TIFF")
+    resp = client(server.url).images.edit(
+        image=("in.png", source, "image/png"), mask=("mask.tiff", lab.getvalue(), "image/tiff"),
+        prompt="x", response_format="b64_json", extra_body=FAST)
+    assert decode(resp.data[0].b64_json).size == (64, 64)
+
+
 def test_edit_without_mask_and_list_form_and_url_mode(server):
     # A one-element list goes out as the multipart part "image[]".
     resp = client(server.url).images.edit(
@@ -144,6 +162,14 @@ def test_missing_image_and_non_multipart_are_400s(server):
     r = httpx.post(server.url + "/v1/images/edits",
                    files={"image": ("a.png", png_bytes(), "image/png")})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+
+
+def test_a_form_with_too_many_parts_says_so(server):
+    parts = {f"f{i}": (None, "x") for i in range(1500)}
+    r = httpx.post(server.url + "/v1/images/edits",
+                   files={"image": ("a.png", png_bytes(), "image/png"), **parts})
+    assert r.status_code == 400
+    assert "too many parts" in r.json()["error"]["message"], r.text
 
 
 def test_large_input_is_shrunk_to_the_default_area(server):

@@ -51,10 +51,21 @@ def test_limits_trip_in_each_dialects_envelope(tmp_path, capsys):
         token = baidu_token(live.url, "daily", daily["client_secret"])
         assert openai_call(live.url, daily["api_key"]).status_code == 200
         assert openai_call(live.url, daily["api_key"]).status_code == 200
-        assert baidu_call(live.url, token) == {
-            "error_code": 17, "error_msg": "Open api daily request limit reached (2 per day)"}
+        refused = baidu_call(live.url, token)
+        assert refused["error_code"] == 17
+        assert refused["error_msg"].startswith("Open api daily request limit reached (")
+        assert "2 requests per day" in refused["error_msg"]
         resp = openai_call(live.url, daily["api_key"])
         assert resp.status_code == 429
+        assert "Open api" not in resp.json()["error"]["message"]  # Baidu's words stay Baidu's
+        assert "2 requests per day" in resp.json()["error"]["message"]
+        # Over quota, uploads are refused before they are decoded: 429, not a 400 about them.
+        for route in ("edits", "variations"):
+            upload = httpx.post(f"{live.url}/v1/images/{route}", timeout=60,
+                                headers={"authorization": f"Bearer {daily['api_key']}"},
+                                files={"image": ("x.png", b"not an image", "image/png")},
+                                data={"prompt": "x"})
+            assert upload.status_code == 429, (route, upload.text)
         assert resp.json()["error"]["code"] == "insufficient_quota"
         assert resp.json()["error"]["type"] == "insufficient_quota"
         assert resp.headers["x-should-retry"] == "false"

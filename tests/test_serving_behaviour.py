@@ -272,6 +272,20 @@ def test_json_logs_cover_every_line_with_one_access_line_per_request(tmp_path, s
         bad = httpx.post(url + "/v1/images/generations", json={"prompt": marker, "n": 0},
                          headers={"x-request-id": "req-bad"}, timeout=DEADLINE)
         assert bad.status_code == 400
+        for rid, path, body in (
+                ("req-a1111", "/sdapi/v1/txt2img", {"prompt": "x", "steps": 2, "width": 64,
+                                                    "height": 64}),
+                ("req-hf", "/", {"inputs": "x", "parameters": {"num_inference_steps": 2,
+                                                               "width": 64, "height": 64}})):
+            made = httpx.post(url + path, json=body, headers={"x-request-id": rid},
+                              timeout=DEADLINE)
+            assert made.status_code == 200, made.text
+        # Answered by the router itself, before any handler: still logged and labelled.
+        missing = httpx.get(url + "/v1/nothing", headers={"x-request-id": "req-404"})
+        assert missing.status_code == 404
+        assert missing.headers["x-request-id"] == "req-404"
+        assert missing.headers["x-content-type-options"] == "nosniff"
+        assert missing.json()["error"]["request_id"] == "req-404"
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=DEADLINE)
     finally:
@@ -291,6 +305,8 @@ def test_json_logs_cover_every_line_with_one_access_line_per_request(tmp_path, s
     assert access["req-ok"]["route"] == "/v1/images/generations"
     assert access["req-ok"]["dialect"] == "openai" and access["req-ok"]["seconds"] > 0
     assert access["req-bad"]["status"] == 400 and access["req-bad"]["images"] == 0
+    assert access["req-a1111"]["images"] == 1 and access["req-hf"]["images"] == 1
+    assert access["req-404"]["status"] == 404 and access["req-404"]["route"] == "unmatched"
 
 
 @pytest.mark.timeout(600)

@@ -34,6 +34,7 @@ from gateway.fetch import load_image
 from gateway.wire import decode_json, json_response, retry_headers
 from inference import GenerationRequest, GenerationResult, InitImage, Refine
 from inference.errors import UnknownSampler
+from inference.images import to_luma
 
 PREFIX = "/sdapi/v1"
 MAX_SEED = 2**32 - 1
@@ -310,7 +311,7 @@ def invert_mask(data: bytes) -> bytes:
 
     with Image.open(io.BytesIO(data)) as image:
         out = io.BytesIO()
-        ImageOps.invert(image.convert("L")).save(out, format="PNG")
+        ImageOps.invert(to_luma(image)).save(out, format="PNG")
     return out.getvalue()
 
 
@@ -334,6 +335,7 @@ class A1111Dialect(Dialect):
     field_names: ClassVar[dict[str, str]] = {
         "guidance": "cfg_scale", "sampler": "sampler_name", "init_image": "init_images",
         "n": "batch_size", "refine": "refiner_checkpoint",
+        "init_image.strength": "denoising_strength", "init_image.mask": "mask",
     }
 
     def __init__(self, ctx: Any) -> None:
@@ -419,9 +421,14 @@ class A1111Dialect(Dialect):
         key = bearer_token(request)
         if scheme.lower() == "basic":
             try:
-                key = base64.b64decode(value.strip()).decode("utf-8").partition(":")[2] or None
+                _user, colon, key = base64.b64decode(value.strip(), validate=True
+                                                    ).decode("utf-8").partition(":")
             except ValueError:  # binascii.Error, UnicodeDecodeError, non-ASCII header text
-                key = None
+                colon = ""
+            if (not colon or not key) and self.ctx.keys.enabled:
+                # A1111's own answer to Basic credentials it cannot use.
+                raise ApiError("auth", "Incorrect username or password (HTTP Basic: send the "
+                               "API key as the password)")
         return self.ctx.authenticate_key(key, self.name)
 
     async def generate(self, request: Request, schema: type[Txt2ImgRequest]) -> Response:

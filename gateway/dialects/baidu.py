@@ -20,7 +20,6 @@ from litestar import Request, Response, route
 from msgspec import Meta
 
 from auth.oauth import TokenServer
-from gateway import access_log
 from gateway.dialects.base import Dialect
 from gateway.disconnect import unless_disconnected
 from gateway.errors import Failure, invalid
@@ -232,7 +231,6 @@ class BaiduDialect(Dialect):
         canonical = self.to_canonical(body, principal.id)
         self.ctx.admit(principal)
         result = await unless_disconnected(request, self.ctx.engine.generate(canonical))
-        access_log.note_images(len(result.images))
         tokens = baidu_prompt_tokens(body.prompt, body.negative_prompt or "")
         self.ctx.record_usage(principal, result, len(result.images), prompt_tokens=tokens)
         return json_response(self.to_response(result, tokens))
@@ -277,6 +275,9 @@ class BaiduDialect(Dialect):
         message = failure.message
         if failure.field and failure.cause == "validation" and failure.field not in message:
             message = f"{failure.field}: {message}"
+        if failure.cause == "quota":  # Baidu's own words, which its SDKs and users match on
+            message = (f"Open api {'daily' if failure.code == 'daily' else 'qps'} request "
+                       f"limit reached ({message})")
         return json_response(ErrorBody(error_code=_codes(failure), error_msg=message))
 
 

@@ -17,6 +17,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import msgspec
 from litestar import Request, Response, get, post
 from litestar.datastructures import UploadFile
+from litestar.exceptions import ClientException
 from litestar.response import Stream
 from msgspec import Meta
 
@@ -290,9 +291,13 @@ class OpenAIDialect(Dialect):
             self.ctx.authenticate_key(bearer_token(request), self.name)
             return json_response(ModelList(data=self._model_objects()))
 
-        @get(["/v1/models/{model_id:str}", "/models/{model_id:str}"],
+        # Hub ids (org/name) arrive with their slash decoded, so they need a two-segment path.
+        @get(["/v1/models/{model_id:str}", "/models/{model_id:str}",
+              "/v1/models/{org:str}/{name:str}", "/models/{org:str}/{name:str}"],
              opt={**opt, "schema_out": ModelObject, "summary": "OpenAI model by id"})
-        async def model(request: Request, model_id: str) -> Response:
+        async def model(request: Request) -> Response:
+            params = request.path_params
+            model_id = params.get("model_id") or f"{params['org']}/{params['name']}"
             self.ctx.authenticate_key(bearer_token(request), self.name)
             served = self._model_objects()[0]
             if model_id == served.id:
@@ -341,6 +346,9 @@ class OpenAIDialect(Dialect):
             if len(masks) > 1:
                 raise invalid("send at most one mask", field="mask")
             mask = masks[0] if masks else None
+            # Quota before decoding the uploads: that costs CPU and memory per pixel.
+            self.ctx.admit(principal)
+            admitted = True
         width, height = await self._check_image(image, "image")
         if mask is not None:
             mask_size = await self._check_image(mask, "mask")
@@ -348,7 +356,8 @@ class OpenAIDialect(Dialect):
                 raise invalid(f"mask is {mask_size[0]}x{mask_size[1]} but image is "
                               f"{width}x{height}; they must be the same size", field="mask")
         strength = body.strength or EDIT_STRENGTH["mask" if mask is not None else "no_mask"]
-        init = InitImage(data=image, strength=strength, mask=mask)
+        # OpenAI: transparent pixels mark the edit, so an opaque mask keeps everything.
+        init = InitImage(data=image, strength=strength, mask=mask, mask_rule="alpha")
         canonical, response_format = self.to_canonical(
             body, principal.id, prompt=body.prompt, init_image=init,
             auto_size=self._auto_size(width, height))
@@ -361,6 +370,7 @@ class OpenAIDialect(Dialect):
         fields, files = await self._form(request)
         body = convert(fields, ImageVariationRequest)
         image = _one_image(files)
+        self.ctx.admit(principal)  # quota before decoding the upload
         width, height = await self._check_image(image, "image")
         init = InitImage(data=image, strength=body.strength or VARIATION_STRENGTH)
         options = _ImageOptions(
@@ -371,7 +381,8 @@ class OpenAIDialect(Dialect):
         canonical, response_format = self.to_canonical(
             options, principal.id, prompt=body.prompt or "", init_image=init,
             auto_size=self._auto_size(width, height))
-        return await self._answer(request, principal, options, canonical, response_format, None)
+        return await self._answer(request, principal, options, canonical, response_format, None,
+                                  admitted=True)
 
     async def _answer(
         self,
@@ -390,7 +401,6 @@ class OpenAIDialect(Dialect):
         if body.stream and stream_kind is not None:
             return await self._stream(request, principal, body, canonical, stream_kind)
         result = await unless_disconnected(request, self.ctx.engine.generate(canonical))
-        access_log.note_images(len(result.images))
         self.ctx.record_usage(principal, result, len(result.images))
         return json_response(self.to_response(body, canonical, result, response_format, request))
 
@@ -527,7 +537,6 @@ class OpenAIDialect(Dialect):
                     self.ctx.metrics.errors.labels(self.name, failure.cause).inc()
                     yield _sse(self._error_body(failure), event="error")
                     return
-                access_log.note_images(len(result.images))
                 self.ctx.record_usage(principal, result, len(result.images))
                 per_image = image_tokens(canonical.width, canonical.height)
                 for i, image in enumerate(result.images):
@@ -556,7 +565,15 @@ class OpenAIDialect(Dialect):
         if not content_type.startswith("multipart/form-data"):
             raise invalid("send the image as multipart/form-data (field 'image')",
                           field="image")
-        form = await request.form()
+        try:
+            form = await request.form()
+        except ClientException as exc:
+            if "Too Large" not in str(exc.detail):
+                raise
+            # Litestar's part limit, reported in its words as a 400 "Request Entity Too Large".
+            raise invalid(f"the form has too many parts (at most "
+                          f"{request.app.multipart_form_part_limit}); an edit needs image, mask "
+                          "and a few fields") from None
         fields: dict[str, Any] = {}
         files: dict[str, list[bytes]] = {}
         for raw_name, value in form.multi_items():
