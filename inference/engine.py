@@ -20,7 +20,7 @@ import msgspec
 from inference import __version__
 from inference.batch import Batch, BatchKey, Slot, Ticket
 from inference.buckets import BatchBuckets
-from inference.compile import CompileCache, CompileWatch
+from inference.compile import CompileCache, CompileWatch, uses_cuda_graphs
 from inference.controlnet import PREPROCESSORS
 from inference.cost import image_megapixels, image_units
 from inference.encoder import EncoderPool
@@ -337,7 +337,10 @@ class Engine:
         batch size in between; the powers of two in between are cheap insurance, since a guard
         that splits the batch range (one was seen on the CPU at a UNet batch of 16) then compiles
         before ready rather than sending a range to eager. With static-shape graphs every bucket
-        is compiled, and only buckets (any other batch size is padded to one).
+        is compiled, and only buckets (any other batch size is padded to one). With CUDA graphs
+        (``reduce-overhead``) and graphs that are not static, every batch size up to the largest:
+        a CUDA graph is recorded per input shape, and recording one on a request would be a
+        request-path cost the compile counter does not see.
         """
         assert self.info is not None
         sizes = self.config.warmup_sizes or ((self.info.default_width, self.info.default_height),)
@@ -348,6 +351,8 @@ class Engine:
         elif self.info.compiled:
             top = self.config.max_batch_images
             batches |= set(BatchBuckets.powers_of_two(top).sizes)
+            if uses_cuda_graphs(self.config.compile_mode):
+                batches |= set(range(1, top + 1))
         return [(w, h, b) for (w, h) in sizes for b in sorted(batches)]
 
     async def _warm_up(self) -> None:

@@ -168,6 +168,11 @@ async def test_compiled_warmup_covers_batch_1_2_and_max_at_every_size_before_rea
         wide = fake_engine(FakeRunner(), max_batch_images=top, warmup_batch_sizes=(1,))
         wide.info = msgspec.structs.replace(wide._runner_factory(wide.config)[1], compiled=True)
         assert [b for (_w, _h, b) in wide.warmup_shapes()] == warmed, top
+    # CUDA graphs are recorded per batch size: every one is warmed, not only the powers of two.
+    graphs = fake_engine(FakeRunner(), max_batch_images=6, warmup_batch_sizes=(1,),
+                         compile_mode="reduce-overhead")
+    graphs.info = msgspec.structs.replace(graphs._runner_factory(graphs.config)[1], compiled=True)
+    assert [b for (_w, _h, b) in graphs.warmup_shapes()] == [1, 2, 3, 4, 5, 6]
 
 
 class _StandInUNet(torch.nn.Module):
