@@ -38,7 +38,11 @@ def _bind_device(device: str) -> None:
     if device.startswith("cuda"):
         import torch
 
-        torch.cuda.set_device(torch.device(device))
+        index = torch.device(device).index
+        # Plain "cuda" means the current device (0), and set_device refuses a device with no
+        # index: only an explicit cuda:N needs binding.
+        if index is not None:
+            torch.cuda.set_device(index)
 
 
 def _free_accelerator_memory() -> None:

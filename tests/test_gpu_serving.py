@@ -543,11 +543,16 @@ def test_cuda_graph_modes_hand_back_copies_of_the_compiled_outputs():
     assert torch.equal(first[0], torch.ones(6)) and torch.equal(first[1]["sample"], torch.ones(6))
 
 
-def test_the_executor_thread_binds_no_device_on_the_cpu():
+def test_the_executor_thread_binds_only_an_explicit_cuda_index(monkeypatch):
     from inference.executor import Executor
 
-    ex = Executor(FakeRunner(), device="cpu")
-    try:
-        assert ex._thread.submit(lambda: torch.cuda.is_initialized()).result(30) is False
-    finally:
-        ex._thread.shutdown()
+    bound: list[object] = []
+    monkeypatch.setattr(torch.cuda, "set_device", bound.append)
+    for device, expected in (("cpu", []), ("cuda", []), ("cuda:1", [1])):
+        bound.clear()
+        ex = Executor(FakeRunner(), device=device)
+        try:
+            assert ex._thread.submit(lambda: "ran").result(30) == "ran", device
+        finally:
+            ex._thread.shutdown()
+        assert bound == expected, device
