@@ -127,6 +127,8 @@ class Server:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                # Its GPU memory must be free before the next phase's server loads.
+                self.proc.wait(30)
         self.log.close()
 
 

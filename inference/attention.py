@@ -9,7 +9,10 @@ step at 1024², so the choice matters for issue 9's throughput goals.
 
 The option sets a *preference*, not a restriction: the chosen backend moves to the front of
 torch's priority order and every other backend stays enabled, so a shape the preferred kernel
-cannot serve falls back exactly as before. It is process-wide (torch keeps one order) and must
+declines (torch's eligibility checks) falls back exactly as before. A shape it accepts but then
+fails to plan for raises instead (cuDNN's "no valid execution plans", reported upstream for some
+shapes): warm-up runs every warmed shape before ``/ready``, so such a failure stops the start
+rather than a request, and only an unwarmed shape served eagerly could meet it. It is process-wide (torch keeps one order) and must
 be set before compiling: the compiled graph bakes in the kernel chosen while tracing, which is
 why the compile cache key includes it. ``auto`` leaves torch's order alone.
 """

@@ -340,7 +340,9 @@ class Engine:
         is compiled, and only buckets (any other batch size is padded to one). With CUDA graphs
         (``reduce-overhead``) and graphs that are not static, every batch size up to the largest:
         a CUDA graph is recorded per input shape, and recording one on a request would be a
-        request-path cost the compile counter does not see.
+        request-path cost the compile counter does not see. Two cases still record on a request:
+        guidance ≤ 1 (no CFG, so the UNet sees odd batch sizes warm-up never ran) and, with
+        dynamic shapes, a size that is not a warm-up size.
         """
         assert self.info is not None
         sizes = self.config.warmup_sizes or ((self.info.default_width, self.info.default_height),)

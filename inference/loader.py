@@ -48,7 +48,10 @@ def choose_device(device: str = "auto", dtype: str = "auto") -> DeviceChoice:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
         if device.startswith("cuda"):
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+            # Of the chosen GPU (bf16 needs Ampere, 8.0+), not of the current one.
+            index = torch.device(device).index
+            major, _ = torch.cuda.get_device_capability(index)
+            dtype = "bfloat16" if major >= 8 else "float16"
         else:
             dtype = "float32"
     aliases = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16"}

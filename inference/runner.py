@@ -229,13 +229,13 @@ class DiffusersRunner:
                          if self.device.startswith("cuda") else None)
 
         def on_step(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            if wait_for_step is not None:  # first: a cancel arriving meanwhile is seen now
+                wait_for_step()
             if batch.all_abandoned():
                 raise Cancelled("every request in the batch was cancelled")
             if batch.all_stopping():
                 # diffusers skips the remaining steps and decodes the latents it has.
                 pipe._interrupt = True
-            if wait_for_step is not None:
-                wait_for_step()
             times.steps += 1
             last_step[0] = time.perf_counter()
             if observer is not None:
