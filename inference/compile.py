@@ -43,6 +43,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -146,9 +147,14 @@ class CompileCache:
         if saved is None:
             return
         data, _info = saved
-        tmp = self.root / (ARTIFACTS + ".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(self.root / ARTIFACTS)
+        # A name of its own: replicas sharing the cache claim may save at the same moment, and
+        # the last complete file wins instead of two writes interleaving in one.
+        tmp = self.root / f"{ARTIFACTS}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            tmp.write_bytes(data)
+            tmp.replace(self.root / ARTIFACTS)
+        finally:
+            tmp.unlink(missing_ok=True)
         logger.info("saved %d bytes of compile cache artifacts to %s", len(data), self.root)
 
 

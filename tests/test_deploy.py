@@ -251,7 +251,10 @@ def test_pdb_only_with_replicas_to_protect_and_never_a_no_op():
 
 def test_replicas_need_redis_and_autoscalers_are_exclusive():
     assert "redis.url" in render_error({"replicaCount": 2})
-    assert one(render({"replicaCount": 2, "replicasWithoutRedis": True}), "Deployment")["spec"]["replicas"] == 2
+    independent = {"replicaCount": 2, "replicasWithoutRedis": True}
+    assert "cannot share one persistence.data claim" in render_error(independent)
+    independent["persistence"] = {"data": {"enabled": False}}
+    assert one(render(independent), "Deployment")["spec"]["replicas"] == 2
     both = {"redis": {"url": "redis://r:6379/0"},
             "autoscaling": {"hpa": {"enabled": True, "targetCPUUtilizationPercentage": 80},
                             "keda": {"enabled": True}}}
@@ -259,6 +262,42 @@ def test_replicas_need_redis_and_autoscalers_are_exclusive():
     keda = one(render({"redis": {"url": "redis://r:6379/0"}, "autoscaling": {"keda": {"enabled": True}}}),
                "ScaledObject")
     assert "imagegate_queue_images" in keda["spec"]["triggers"][0]["metadata"]["query"]
+
+
+def _volumes(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    spec = one(docs, "Deployment")["spec"]["template"]["spec"]
+    return {v["name"]: v for v in spec["volumes"]}
+
+
+def test_a_data_dir_is_never_shared_and_every_rollout_can_finish():
+    """A server locks its data dir: with Redis each pod gets its own emptyDir (no data claim);
+    without Redis the one replica keeps the claim and the rollout replaces it (Recreate)."""
+    plain = render()
+    assert "persistentVolumeClaim" in _volumes(plain)["data"]
+    assert one(plain, "Deployment")["spec"]["strategy"] == {"type": "Recreate"}
+    redis = {"redis": {"url": "redis://r:6379/0"}, "replicaCount": 3}
+    for values in (redis, *(_load(p) for p in CI_FILES)):
+        docs = render(values)
+        assert _volumes(docs)["data"] == {"name": "data", "emptyDir": {}}
+        claims = [d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"]
+        assert not any(name.endswith("-data") for name in claims), claims
+        assert one(docs, "Deployment")["spec"]["strategy"]["type"] == "RollingUpdate"
+    surge = {"strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1}}}
+    assert "never finishes" in render_error(surge)
+    no_surge = {"strategy": {"type": "RollingUpdate",
+                             "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}}
+    assert one(render(no_surge), "Deployment")["spec"]["strategy"] == no_surge["strategy"]
+
+
+def test_replicas_on_redis_get_a_release_prefix_and_their_pod_name_as_id():
+    env = env_of(container(render({"redis": {"url": "redis://r:6379/0"}})))
+    assert env["IMAGEGATE_REDIS_PREFIX"] == one(render(), "Deployment")["metadata"]["name"]
+    assert env["IMAGEGATE_REPLICA_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    chosen = env_of(container(render({"redis": {"url": "redis://r:6379/0", "prefix": "team-a"}})))
+    assert chosen["IMAGEGATE_REDIS_PREFIX"] == "team-a"
+    alone = env_of(container(render()))
+    assert "IMAGEGATE_REDIS_PREFIX" not in alone and "IMAGEGATE_REPLICA_ID" not in alone
+    assert "replica_id is set by the chart" in render_error({"server": {"settings": {"replica_id": "x"}}})
 
 
 # ---- GPU, image, env, secrets -----------------------------------------------------------------

@@ -85,6 +85,31 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/*
+Whether /data is a claim. A server locks its data dir for its whole life, so a data dir is never
+shared between pods: with Redis every state that matters lives there and each pod gets an
+emptyDir (only the lock is left in it); without Redis the single replica keeps its SQLite stores
+and files on the claim.
+*/}}
+{{- define "imagegate.dataOnClaim" -}}
+{{- if and .Values.persistence.data.enabled (not (include "imagegate.redisConfigured" .)) }}true{{ end }}
+{{- end }}
+
+{{/* The rollout strategy: the user's, or one that can finish with the data dir lock. */}}
+{{- define "imagegate.strategy" -}}
+{{- if .Values.strategy }}
+{{- toYaml .Values.strategy }}
+{{- else if include "imagegate.dataOnClaim" . }}
+{{- /* The new pod needs the old one's claim (ReadWriteOnce) and data dir lock: replace. */}}
+type: Recreate
+{{- else }}
+type: RollingUpdate
+rollingUpdate:
+  maxSurge: 1
+  maxUnavailable: 0
+{{- end }}
+{{- end }}
+
+{{/*
 Checks that keep a release from being installed in a shape that cannot work. Included by the
 Deployment so every render runs them.
 */}}
@@ -109,8 +134,14 @@ Deployment so every render runs them.
 {{- if and $many (not (include "imagegate.redisConfigured" .)) (not .Values.replicasWithoutRedis) }}
 {{- fail "more than one replica needs redis.url (or redis.existingSecret) so replicas share jobs, quotas and usage; set replicasWithoutRedis=true to run independent replicas anyway" }}
 {{- end }}
+{{- if and $many (include "imagegate.dataOnClaim" .) }}
+{{- fail "independent replicas (replicasWithoutRedis) cannot share one persistence.data claim: each server locks its data dir. Set persistence.data.enabled=false (an emptyDir per pod: its jobs and ledger do not survive the pod) or configure redis" }}
+{{- end }}
+{{- if and (include "imagegate.dataOnClaim" .) (eq (dig "type" "" (.Values.strategy | default dict)) "RollingUpdate") (ne (toString (dig "rollingUpdate" "maxSurge" 1 (.Values.strategy | default dict))) "0") }}
+{{- fail "with persistence.data on a claim and no Redis, a surging RollingUpdate never finishes: the new pod waits for the old one's data dir (its lock, and a ReadWriteOnce claim). Leave strategy empty (Recreate), set rollingUpdate.maxSurge 0, or configure redis" }}
+{{- end }}
 {{- range $name, $_ := .Values.server.settings }}
-{{- if has (upper $name) (list "HOST" "PORT" "CACHE_DIR" "DATA_DIR" "DRAIN_TIMEOUT_S" "KEYS_FILE" "API_KEYS" "TOKEN_SECRET" "REDIS_URL" "INSECURE_NO_AUTH" "MODEL") }}
+{{- if has (upper $name) (list "HOST" "PORT" "CACHE_DIR" "DATA_DIR" "DRAIN_TIMEOUT_S" "KEYS_FILE" "API_KEYS" "TOKEN_SECRET" "REDIS_URL" "REDIS_PREFIX" "REPLICA_ID" "INSECURE_NO_AUTH" "MODEL") }}
 {{- fail (printf "server.settings.%s is set by the chart from its own values (server.port, server.drainTimeoutSeconds, persistence.*, auth.*, redis.*, model); set it there" $name) }}
 {{- end }}
 {{- end }}
