@@ -32,6 +32,7 @@ from gateway.replicas import build_stores
 from gateway.settings import Settings
 from gateway.wire import json_response
 from inference import Engine, EngineState
+from inference.tasks import ACTIVE
 from observability.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -215,6 +216,7 @@ def create_app(
     async def metrics_route() -> Response:
         """Prometheus text format."""
         engine.sample_accelerator_memory()
+        await _sample_jobs(ctx, metrics)
         return Response(content=metrics.render(), media_type=metrics.content_type)
 
     @route("/media/{name:str}", http_method=_GET_HEAD, opt={"dialect": "core", "media_out": "image/png",
@@ -294,6 +296,21 @@ def _add_missing(response: Response, headers: dict[str, str]) -> None:
     for name, value in headers.items():
         if name not in response.headers:
             response.headers[name] = value
+
+
+async def _sample_jobs(ctx: Any, metrics: Metrics) -> None:
+    """Refresh ``imagegate_jobs``: each async dialect's queued and running jobs, at scrape time.
+
+    Counted in the store, so with Redis every replica reports the same shared numbers (the
+    dashboard takes their max). A store outage leaves the last values: /metrics must answer.
+    """
+    try:
+        for dialect in sorted(ctx.jobs.handlers):
+            for status in ACTIVE:
+                count = await ctx.jobs.db.count([status], dialect=dialect)
+                metrics.jobs.labels(dialect, status).set(count)
+    except Exception as exc:  # noqa: BLE001 - a scrape must never fail on the store
+        logger.debug("imagegate_jobs not refreshed: %s: %s", type(exc).__name__, exc)
 
 
 async def _start_engine(engine: Engine) -> None:

@@ -119,6 +119,13 @@ def test_every_queried_metric_is_exported(scrape, queries):
     assert problems == {}, f"queries name metrics the server does not export: {problems}"
 
 
+def test_the_job_gauge_has_samples_for_every_async_dialect(scrape):
+    """A family with a HELP line but no samples leaves its panel empty for good."""
+    samples = dict(re.findall(r'^imagegate_jobs\{dialect="(\w+)",status="(\w+)"\} ', scrape,
+                              re.MULTILINE))
+    assert {"runpod", "dashscope", "alibaba", "modelslab"} <= set(samples), sorted(samples)
+
+
 def test_dashboard_covers_what_operators_look_at(queries):
     dash = [e for w, e in queries if not w.startswith("rule")]
     used = set().union(*(metric_names(e) for e in dash))
