@@ -128,7 +128,7 @@ class Settings(msgspec.Struct, kw_only=True):
     max_prompt_chars: Annotated[int, Meta(ge=1, description="Longest prompt or negative prompt any API accepts, in characters (the CLIP encoders read 77 tokens; longer text costs tokenizer time only).")] = 8000
     max_queue_images: Annotated[int, Meta(ge=1, description="Most images waiting in the queue; past it requests are refused with an overload error.")] = 64
     request_timeout_s: Annotated[float, Meta(gt=0, description="Deadline of one request, queue time included.")] = 300.0
-    drain_timeout_s: Annotated[float, Meta(ge=0, description="On SIGTERM, how long queued work may still run before it is failed.")] = 30.0
+    drain_timeout_s: Annotated[float, Meta(ge=0, description="On SIGTERM, how long queued and running work may still run before it is failed (a running batch stops at its next step).")] = 30.0
     png_compress_level: Annotated[int, Meta(ge=0, le=9, description="PNG effort: 0 writes uncompressed PNG with Pillow; 1-9 use the fast fpng writer when installed (the default), else Pillow's zlib at that level.")] = 1
     encode_workers: Annotated[int, Meta(ge=0, description="Threads that encode images (0: one per CPU core, at most 8).")] = 0
     warmup_sizes: Annotated[str, Meta(description="WxH sizes to warm up before ready (default: the model's native size).")] = ""

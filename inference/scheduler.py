@@ -115,7 +115,12 @@ class Scheduler:
         return self._running is not None
 
     async def drain(self, timeout: float) -> None:
-        """Stop admitting; finish running and queued work for up to ``timeout`` seconds; fail the rest."""
+        """Stop admitting; finish running and queued work for up to ``timeout`` seconds; fail the rest.
+
+        At the deadline the running batch is stopped too (at its next denoising step), its
+        requests failed as shutting down: an orchestrator's grace period is sized from this
+        timeout, and a long batch must not outlive it and be killed mid-write.
+        """
         self._accepting = False
         deadline = time.monotonic() + timeout
         while (self._queued_images or self._running) and time.monotonic() < deadline:
@@ -125,6 +130,13 @@ class Scheduler:
                 self._fail(ticket, ShuttingDown(
                     "the server is shutting down and this request was not started; retry it"
                 ))
+        running = self._running
+        if running is not None:
+            # Failed tickets make the runner stop at its next step (Batch.all_abandoned).
+            for ticket in running.tickets():
+                self._fail(ticket, ShuttingDown(
+                    "the server is shutting down and stopped this request before it finished; "
+                    "retry it"))
         while self._running is not None:
             await asyncio.sleep(0.05)
         while self._encoding:

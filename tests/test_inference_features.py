@@ -133,6 +133,42 @@ async def test_interrupt_cuts_the_running_request_short_and_leaves_waiting_ones(
 
 
 @on_session_loop
+async def test_drain_stops_the_running_batch_at_its_deadline():
+    """Past the drain timeout the running batch stops at its next step and its request fails
+    as shutting down (retryable), so a long batch cannot outlive the orchestrator's grace."""
+    from inference import Engine, EngineConfig
+    from inference.errors import ShuttingDown
+    from observability.metrics import Metrics
+    from tests import serving
+
+    engine = Engine(EngineConfig(cache_dir=serving.CACHE_DIR, warmup_sizes=((64, 64),)),
+                    Metrics())
+    await engine.start()
+    runner = engine._runner
+    recorder = StepRecorder(runner.observer, at_step=2)
+    runner.observer = recorder
+    try:
+        running = asyncio.create_task(engine.generate(GenerationRequest(**{**BASE, "steps": 30})))
+        assert await asyncio.to_thread(recorder.reached.wait, 120), "never reached step 2"
+        drain = asyncio.create_task(engine.drain(0.2))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while not running.done():
+            assert loop.time() < deadline, "the drain deadline never failed the running request"
+            await asyncio.sleep(0.01)
+        recorder.released.set()
+        await asyncio.wait_for(drain, 120)
+    finally:
+        recorder.released.set()
+        runner.observer = recorder.inner
+        await engine.drain(5)
+    with pytest.raises(ShuttingDown, match="stopped this request"):
+        running.result()
+    (steps,) = recorder.steps.values()
+    assert max(steps) < 30, f"ran every step after the deadline: {steps}"
+
+
+@on_session_loop
 async def test_inpaint_repaints_only_the_masked_area(tiny_engine):
     init = square()
     mask = np.zeros((64, 64), np.uint8)
