@@ -50,8 +50,12 @@ class DialectRouter:
 
     def for_path(self, path: str) -> Dialect:
         """The dialect with the longest prefix matching ``path``."""
+        return self.owner(path) or self.fallback
+
+    def owner(self, path: str) -> Dialect | None:
+        """The dialect whose prefix ``path`` has (longest wins), or None for nobody's path."""
         best = max(self.dialects, key=lambda d: d.owns(path))
-        return best if best.owns(path) else self.fallback
+        return best if best.owns(path) else None
 
     def for_scope(self, scope: Scope) -> Dialect:
         """The dialect of the route that matched, else the path's owner.
@@ -98,7 +102,9 @@ def _request_middleware(metrics: Metrics, router: DialectRouter) -> Any:
                 access_log.end(token)
                 handler = scope.get("route_handler")
                 opt = getattr(handler, "opt", None) or {}
-                dialect = opt.get("dialect") or router.for_path(scope["path"]).name
+                owner = router.owner(scope["path"])
+                # Nobody's path (a scanner's /wp-login.php) must not count against a dialect.
+                dialect = opt.get("dialect") or (owner.name if owner else "unmatched")
                 route = scope.get("path_template") or "unmatched"
                 seconds = time.perf_counter() - started
                 if route != "/metrics":
@@ -161,7 +167,9 @@ def create_app(
             metrics.errors.labels(dialect.name, "cancelled").inc()
             return Response(content=b"", status_code=499)
         failure = failure_from(exc, dialect.field_names)
-        metrics.errors.labels(dialect.name, _metric_cause(failure.cause)).inc()
+        handled = (getattr(request.scope.get("route_handler"), "opt", None) or {}).get("dialect")
+        label = handled or getattr(router.owner(request.scope["path"]), "name", "unmatched")
+        metrics.errors.labels(label, _metric_cause(failure.cause)).inc()
         if failure.cause == "internal":
             failure.message = f"{failure.message}; request id {access_log.request_id() or '-'}"
         try:

@@ -286,6 +286,11 @@ def test_json_logs_cover_every_line_with_one_access_line_per_request(tmp_path, s
         assert missing.headers["x-request-id"] == "req-404"
         assert missing.headers["x-content-type-options"] == "nosniff"
         assert missing.json()["error"]["request_id"] == "req-404"
+        scan = httpx.get(url + "/wp-login.php", headers={"x-request-id": "req-scan"})
+        assert scan.status_code == 404
+        scraped = httpx.get(url + "/metrics").text
+        assert 'imagegate_http_requests_total{dialect="unmatched",route="unmatched",status="404"}' \
+            in scraped, "a path nobody owns was counted against a dialect"
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=DEADLINE)
     finally:
@@ -307,6 +312,7 @@ def test_json_logs_cover_every_line_with_one_access_line_per_request(tmp_path, s
     assert access["req-bad"]["status"] == 400 and access["req-bad"]["images"] == 0
     assert access["req-a1111"]["images"] == 1 and access["req-hf"]["images"] == 1
     assert access["req-404"]["status"] == 404 and access["req-404"]["route"] == "unmatched"
+    assert access["req-404"]["dialect"] == "openai" and access["req-scan"]["dialect"] == "unmatched"
 
 
 @pytest.mark.timeout(600)
