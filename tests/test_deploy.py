@@ -364,6 +364,9 @@ def test_existing_secret_is_used_and_chart_secret_is_not_made():
     c = container(docs)
     env = env_of(c)
     assert env["IMAGEGATE_TOKEN_SECRET"]["secretKeyRef"]["name"] == "mine"
+    assert env["IMAGEGATE_TOKEN_SECRET"]["secretKeyRef"]["optional"] is False  # shared: required
+    alone = env_of(container(render({"auth": {"existingSecret": "mine"}})))
+    assert alone["IMAGEGATE_TOKEN_SECRET"]["secretKeyRef"]["optional"] is True
     assert env["IMAGEGATE_REDIS_URL"]["secretKeyRef"] == {"name": "r", "key": "u"}
     assert env["IMAGEGATE_KEYS_FILE"] == "/etc/imagegate/auth/keys.json"
     volumes = {v["name"]: v for v in one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]}
