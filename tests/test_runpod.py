@@ -469,6 +469,73 @@ def test_job_waiting_in_the_engine_queue_is_in_queue_and_purgeable(tmp_path: Any
         httpx.post(f"{url}/cancel/{running['id']}", timeout=120)
 
 
+class GateRunner(SlowRunner):
+    """Holds batches whose prompt is ``hold`` until ``gate`` is set (or all their requests
+    are cancelled); other batches finish at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def run(self, batch: Batch) -> tuple[list[np.ndarray], StepTimes]:
+        if any(s.ticket.prompt == "hold" for s in batch.slots):
+            while not self.gate.wait(0.01):
+                if batch.all_abandoned():
+                    raise Cancelled("cancelled")
+        return super().run(batch)
+
+
+def test_execution_timeout_and_times_count_from_the_engine_start(tmp_path: Any) -> None:
+    """A job waiting in the engine's queue is IN_QUEUE everywhere (status, health) and its
+    execution timeout has not started; delayTime / executionTime split at the real start."""
+    runner = GateRunner()
+    inp = {"width": 64, "height": 64, "refiner_inference_steps": 4}
+    # Server-wide execution timeout of 1 s (RunPod's policy cannot go under 5 s).
+    with serving.live_server(tmp_path, engine_factory=slow_factory(runner), job_concurrency=4,
+                             max_batch_images=1, job_execution_timeout_s=1.0) as live:
+        url = f"{live.url}/v2/ep"
+        slow = httpx.post(f"{url}/run", json={"input": {"prompt": "hold", **inp},
+                                              "policy": {"executionTimeout": 120_000}},
+                          timeout=120).json()
+        assert wait_status(live, slow["id"], ("IN_PROGRESS",))["status"] == "IN_PROGRESS"
+        submitted = time.monotonic()
+        waiting = [httpx.post(f"{url}/run", json={"input": {"prompt": "quick", **inp}},
+                              timeout=120).json()["id"] for _ in range(3)]
+        deadline = time.monotonic() + 60
+        while live.app.state.ctx.jobs.running < 4:
+            assert time.monotonic() < deadline, "the jobs never reached the engine"
+            time.sleep(0.02)
+        running = httpx.get(f"{url}/status/{slow['id']}", timeout=120).json()
+        assert running["workerId"] and running["delayTime"] >= 0
+        for job_id in waiting:
+            body = httpx.get(f"{url}/status/{job_id}", timeout=120).json()
+            assert body == {"id": job_id, "status": "IN_QUEUE"}  # no worker, no times yet
+        health = httpx.get(f"{url}/health", timeout=120).json()["jobs"]
+        assert (health["inQueue"], health["inProgress"]) == (3, 1), health
+        # Well past their 1 s execution timeout, they are still waiting, not TIMED_OUT.
+        while time.monotonic() - submitted < 2.0:
+            body = httpx.get(f"{url}/status/{waiting[0]}", timeout=120).json()
+            assert body["status"] == "IN_QUEUE", body
+            time.sleep(0.1)
+        runner.gate.set()
+        for job_id in waiting:
+            body = wait_status(live, job_id, ("COMPLETED", "FAILED", "TIMED_OUT"))
+            assert body["status"] == "COMPLETED", body
+            # The wait behind the slow job (past the 1 s timeout) is delay; the run alone is
+            # execution.
+            assert body["delayTime"] > 1000 and body["executionTime"] < 1500, body
+        # A job that runs past its timeout still times out, counted from its start.
+        runner.gate.clear()
+        late = httpx.post(f"{url}/run", json={"input": {"prompt": "hold", **inp}},
+                          timeout=120).json()
+        body = wait_status(live, late["id"], ("TIMED_OUT", "COMPLETED", "FAILED"))
+        assert body["status"] == "TIMED_OUT", body
+        assert "execution timeout of 1s" in body["error"]
+        assert 900 <= body["executionTime"] < 10_000, body
+        health = httpx.get(f"{url}/health", timeout=120).json()["jobs"]
+        assert (health["completed"], health["failed"]) == (4, 1), health  # the slow one too
+
+
 def test_restart_runs_queued_and_requeues_interrupted_jobs(tmp_path: Any) -> None:
     runner = SlowRunner()
     inp = {"prompt": "x", "width": 64, "height": 64, "refiner_inference_steps": 4}

@@ -343,10 +343,14 @@ class RunPodDialect(AsyncTaskDialect):
         body: dict[str, Any] = {"id": job.id, "status": STATUS[job.status]}
         if not full:
             return body
+        # Delay: submission to the engine's start (the whole life of a job that never started);
+        # execution: the start to the end. A job waiting in the engine's queue is not started.
         if job.started_at is not None:
             body["delayTime"] = _ms(job.started_at - job.created_at)
-        if job.finished_at is not None and job.started_at is not None:
-            body["executionTime"] = _ms(job.finished_at - job.started_at)
+            if job.finished_at is not None:
+                body["executionTime"] = _ms(job.finished_at - job.started_at)
+        elif job.finished_at is not None:
+            body["delayTime"] = _ms(job.finished_at - job.created_at)
         if job.worker_id:
             body["workerId"] = job.worker_id
         if job.status == COMPLETED and job.result is not None:
