@@ -50,10 +50,6 @@ from inference import EngineState, GenerationRequest
 from inference.errors import InvalidRequest
 from inference.tasks import COMPLETED, FINISHED, QUEUED, Job, StoredImage
 
-# Bounds on what a client may ask of a job's lifetime (vendors use ms or s; these are seconds).
-MIN_TTL_S = 1.0
-MAX_TTL_S = 7 * 24 * 3600.0
-MIN_EXECUTION_S = 1.0
 # How often one job may be retried by its client (each retry is admitted like a new request).
 MAX_RETRIES = 3
 # Retry-After for a draining server: long enough for a load balancer to pick another replica.
@@ -158,8 +154,8 @@ class TaskService:
     ) -> Job:
         """Check, admit and store a queued job; ``payload`` gains ``client_id``.
 
-        ``ttl_s``/``execution_timeout_s`` default to the server settings; the caller validates
-        client-given values against :data:`MIN_TTL_S` etc. in its own field names.
+        ``ttl_s``/``execution_timeout_s`` default to the server settings; the caller checks
+        client-given values against its vendor's bounds, in its own field names.
         ``admitted``: the caller already ran :meth:`admit` (before fetching the request's
         images, so that a client without quota cannot make the server fetch URLs).
         """

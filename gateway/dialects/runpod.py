@@ -18,7 +18,7 @@ import msgspec
 from litestar import Request, Response, get, post
 
 from auth.keys import Principal
-from gateway.async_tasks import MAX_TTL_S, MIN_EXECUTION_S, MIN_TTL_S, AsyncTaskDialect
+from gateway.async_tasks import AsyncTaskDialect
 from gateway.context import bearer_token
 from gateway.errors import ApiError, Failure, failure_from, invalid
 from gateway.fetch import FetchRefused, fetch_image
@@ -88,9 +88,10 @@ _TYPE_NAMES = {_INT: "int", _FLOAT: "float", _STR: "str"}
 # characters is ~400-500 tokens (6-7 chunks), far past what changes an SDXL image, and keeps a
 # megabyte "prompt" from costing seconds of executor time.
 MAX_PROMPT_CHARS = 2000
-MIN_TTL_MS = int(MIN_TTL_S * 1000)
-MAX_TTL_MS = int(MAX_TTL_S * 1000)
-MIN_EXEC_MS = int(MIN_EXECUTION_S * 1000)
+# RunPod's policy bounds (operation-reference): executionTimeout 5 s–7 days, ttl 10 s–7 days.
+_WEEK_MS = 7 * 24 * 3600 * 1000
+MIN_TTL_MS, MAX_TTL_MS = 10_000, _WEEK_MS
+MIN_EXEC_MS, MAX_EXEC_MS = 5_000, _WEEK_MS
 # Completed jobs whose output /stream has handed out, remembered (oldest forgotten first) so
 # the chunk goes out once; a forgotten job would stream its output again.
 _STREAMED_MAX = 10_000
@@ -277,9 +278,9 @@ class RunPodDialect(AsyncTaskDialect):
                               field="policy.ttl")
             ttl_s = policy.ttl / 1000
         if policy.executionTimeout is not None:
-            if not MIN_EXEC_MS <= policy.executionTimeout <= MAX_TTL_MS:
+            if not MIN_EXEC_MS <= policy.executionTimeout <= MAX_EXEC_MS:
                 raise invalid(f"policy.executionTimeout must be between {MIN_EXEC_MS} and "
-                              f"{MAX_TTL_MS} ms", field="policy.executionTimeout")
+                              f"{MAX_EXEC_MS} ms", field="policy.executionTimeout")
             exec_s = policy.executionTimeout / 1000
         n = body.input.get("num_images", 1)
         images = n if isinstance(n, int) and 0 < n < 3 else 1
