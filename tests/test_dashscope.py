@@ -155,7 +155,10 @@ def test_a_task_waiting_in_the_engine_is_pending_everywhere(tmp_path: Any,
                                                              monkeypatch: pytest.MonkeyPatch
                                                              ) -> None:
     """Taken by the runner but behind another batch: PENDING in the task, in the list's
-    status filter, cancellable, and never scheduled."""
+    status filter, cancellable, and never scheduled; results that vanish read as UNKNOWN."""
+    import asyncio
+    import shutil
+
     import dashscope
     from dashscope import ImageSynthesis
 
@@ -185,6 +188,30 @@ def test_a_task_waiting_in_the_engine_is_pending_everywhere(tmp_path: Any,
         while jobs.store.get(first_id).status != "completed":
             assert time.monotonic() < deadline, "the first task never finished"
             time.sleep(0.05)
+        # Two readers at once copy the images to /media once, and answer the same URLs.
+        tasks = jobs.handlers["dashscope"].tasks
+        job = jobs.store.get(first_id)
+
+        async def two_readers() -> list[list[str]]:
+            return await asyncio.gather(tasks.media_urls(job, live.url),
+                                        tasks.media_urls(job, live.url))
+
+        both = asyncio.run_coroutine_threadsafe(two_readers(),
+                                                jobs._loops[0].get_loop()).result(60)
+        assert both[0] == both[1] and len(both[0]) == 1
+        assert len(list((tmp_path / "data" / "media").iterdir())) == 1
+        # A finished task whose results are gone (never copied to /media): UNKNOWN, not a 500.
+        later = ImageSynthesis.call(model="stable-diffusion-xl", prompt="c", **SMALL)
+        assert later.output.task_status == "SUCCEEDED"
+        task = ImageSynthesis.async_call(model="stable-diffusion-xl", prompt="d", **SMALL)
+        task_id = task.output.task_id
+        while jobs.store.get(task_id).status != "completed":
+            assert time.monotonic() < deadline, "the last task never finished"
+            time.sleep(0.05)
+        shutil.rmtree(jobs.store.results_dir / task_id)
+        gone = ImageSynthesis.fetch(task_id)
+        assert gone.status_code == 200 and gone.output.task_status == "UNKNOWN", gone
+        assert ImageSynthesis.fetch("x" * 5000).output.task_id == "x" * 64 + "…"
 
 
 # -- the task list (GET /api/v1/tasks, the SDK's ImageSynthesis.list) --------------------------

@@ -544,6 +544,23 @@ def test_execution_timeout_and_times_count_from_the_engine_start(tmp_path: Any) 
         assert (health["completed"], health["failed"]) == (4, 1), health  # the slow one too
 
 
+def test_missing_results_and_long_unknown_ids_are_404s(rp: serving.LiveServer) -> None:
+    """A completed job whose files are gone answers like an expired one (404, never a 500);
+    an unknown id is quoted in the 404 only up to 64 characters."""
+    import shutil
+
+    done = runsync(rp, {"prompt": "x", **SMALL})
+    assert done["status"] == "COMPLETED"
+    shutil.rmtree(rp.app.state.ctx.jobs.store.results_dir / done["id"])
+    r = httpx.get(f"{rp.url}/v2/ep/status/{done['id']}", headers=AUTH, timeout=120)
+    assert r.status_code == 404, r.text
+    assert r.json()["status"] == "FAILED" and "results are gone" in r.json()["error"]
+    long_id = "a" * 5000
+    r = httpx.get(f"{rp.url}/v2/ep/status/{long_id}", headers=AUTH, timeout=120)
+    assert r.status_code == 404
+    assert f"job {'a' * 64}… not found" in r.json()["error"] and len(r.text) < 300
+
+
 def test_restart_runs_queued_and_requeues_interrupted_jobs(tmp_path: Any) -> None:
     runner = SlowRunner()
     inp = {"prompt": "x", "width": 64, "height": 64, "refiner_inference_steps": 4}

@@ -18,7 +18,7 @@ import msgspec
 from litestar import Request, Response, get, post
 
 from auth.keys import Principal
-from gateway.async_tasks import AsyncTaskDialect
+from gateway.async_tasks import AsyncTaskDialect, echo_id
 from gateway.context import bearer_token
 from gateway.errors import ApiError, Failure, failure_from, invalid
 from gateway.fetch import FetchRefused, fetch_image
@@ -229,7 +229,7 @@ class RunPodDialect(AsyncTaskDialect):
         async def cancel(request: Request, endpoint_id: str, job_id: str) -> Response:
             job = await self.tasks.cancel(await self._own_job(request, endpoint_id, job_id))
             if job is None:
-                raise ApiError("not_found", f"job {job_id} not found")
+                raise ApiError("not_found", f"job {echo_id(job_id)} not found")
             return json_response({"id": job.id, "status": STATUS[job.status]})
 
         @post(f"{base}/retry/{{job_id:str}}", status_code=200, opt=opt)
