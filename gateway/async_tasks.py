@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -50,14 +51,31 @@ from inference import EngineState, GenerationRequest
 from inference.errors import InvalidRequest
 from inference.tasks import COMPLETED, FINISHED, QUEUED, Job, StoredImage
 
-# Bounds on what a client may ask of a job's lifetime (vendors use ms or s; these are seconds).
-MIN_TTL_S = 1.0
-MAX_TTL_S = 7 * 24 * 3600.0
-MIN_EXECUTION_S = 1.0
+logger = logging.getLogger(__name__)
+
+# An id from a client (unknown, so possibly anything) is quoted in messages up to this length.
+ECHO_ID_CHARS = 64
 # How often one job may be retried by its client (each retry is admitted like a new request).
 MAX_RETRIES = 3
 # Retry-After for a draining server: long enough for a load balancer to pick another replica.
 DRAIN_RETRY_AFTER_S = 5.0
+
+
+def echo_id(job_id: str) -> str:
+    """``job_id`` as a message may quote it: at most :data:`ECHO_ID_CHARS` characters, then …."""
+    return job_id if len(job_id) <= ECHO_ID_CHARS else job_id[:ECHO_ID_CHARS] + "…"
+
+
+class ResultsGone(ApiError):
+    """A completed job whose result images are no longer stored: a 404, as for an expired job.
+
+    An operator removed the files, or the expiry sweep deleted them between the read of the
+    job and the read of its images. The job cannot be answered any more than an expired one.
+    """
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__("not_found", f"job {echo_id(job_id)} not found: its results are gone "
+                         "(expired or deleted)")
 
 
 def encode_request(request: GenerationRequest) -> str:
@@ -85,6 +103,8 @@ class TaskService:
                                       retry_delay_s=s.webhook_retry_delay_s)
         self.jobs = ctx.jobs
         self.jobs.register(dialect, handler)
+        # Jobs whose images are being copied to /media now: concurrent readers share one copy.
+        self._copying: dict[str, asyncio.Future[list[str]]] = {}
 
     @property
     def store(self) -> AsyncTaskStore:
@@ -158,8 +178,8 @@ class TaskService:
     ) -> Job:
         """Check, admit and store a queued job; ``payload`` gains ``client_id``.
 
-        ``ttl_s``/``execution_timeout_s`` default to the server settings; the caller validates
-        client-given values against :data:`MIN_TTL_S` etc. in its own field names.
+        ``ttl_s``/``execution_timeout_s`` default to the server settings; the caller checks
+        client-given values against its vendor's bounds, in its own field names.
         ``admitted``: the caller already ran :meth:`admit` (before fetching the request's
         images, so that a client without quota cannot make the server fetch URLs).
         """
@@ -189,7 +209,7 @@ class TaskService:
         """The job if it belongs to this dialect and ``scope``; else a 404 :class:`ApiError`."""
         job = await self.store.get(job_id)
         if job is None or job.dialect != self.dialect or job.scope != scope:
-            raise ApiError("not_found", f"job {job_id} not found (unknown or expired)")
+            raise ApiError("not_found", f"job {echo_id(job_id)} not found (unknown or expired)")
         return self.jobs.view(job)
 
     async def wait(self, job_id: str, timeout_s: float) -> Job | None:
@@ -243,11 +263,18 @@ class TaskService:
     # -- results ---------------------------------------------------------------------------
 
     async def images(self, job: Job) -> list[tuple[StoredImage, bytes]]:
-        """A completed job's images with their bytes (read off the event loop)."""
+        """A completed job's images with their bytes (read off the event loop).
+
+        :class:`ResultsGone` (a 404) when they are no longer stored.
+        """
         if job.status != COMPLETED or job.result is None:
             return []
         images = job.result.images
-        return list(zip(images, await self.store.read_images(job.id, images), strict=True))
+        try:
+            data = await self.store.read_images(job.id, images)
+        except FileNotFoundError:
+            raise ResultsGone(job.id) from None
+        return list(zip(images, data, strict=True))
 
     async def data_uris(self, job: Job) -> list[str]:
         """A completed job's images as ``data:`` URIs (empty for any other state)."""
@@ -265,15 +292,41 @@ class TaskService:
             return []
         base = (request.rstrip("/") if isinstance(request, str)
                 else self.ctx.public_base_url(request))
+        if self._media_fresh(job):
+            names = job.media
+        else:
+            copying = self._copying.get(job.id)
+            if copying is None:
+                copying = asyncio.ensure_future(self._copy_to_media(job))
+                self._copying[job.id] = copying
+                copying.add_done_callback(lambda _: self._copying.pop(job.id, None))
+            # Shielded: a reader that goes away does not cancel the copy the others wait for.
+            names = await asyncio.shield(copying)
+        return [f"{base}/media/{name}" for name in names]
+
+    def _media_fresh(self, job: Job) -> bool:
+        """Whether the job's remembered media names outlive the URLs handed out now."""
+        return bool(job.media) and time.time() < job.media_at + self.ctx.media.ttl_s * 0.9
+
+    async def _copy_to_media(self, job: Job) -> list[str]:
+        """Copy the job's images to /media once; the names every reader then answers with."""
+        # Read again: another reader (or replica) may have copied since ``job`` was read.
+        current = await self.store.get(job.id) or job
+        if self._media_fresh(current):
+            return current.media
+        pairs = await self.images(current)
         media = self.ctx.media
-        fresh_until = job.media_at + media.ttl_s * 0.9
-        if job.media and time.time() < fresh_until:
-            return [f"{base}/media/{name}" for name in job.media]
-        pairs = await self.images(job)
         names = await asyncio.to_thread(
             lambda: [media.put(data, img.media_type) for img, data in pairs])
-        await self.store.update(job.id, None, media=names, media_at=time.time())
-        return [f"{base}/media/{name}" for name in names]
+        # Compare-and-set on the copy being replaced: when two replicas copy at once, the names
+        # stored first win and both answer with them (the other copy expires unused).
+        stored = await self.store.update(job.id, None, where={"media_at": current.media_at},
+                                         media=names, media_at=time.time())
+        if stored is None:
+            latest = await self.store.get(job.id)
+            if latest is not None and self._media_fresh(latest):
+                return latest.media
+        return names
 
     # -- webhooks --------------------------------------------------------------------------
 
@@ -284,7 +337,11 @@ class TaskService:
         url = job.webhook
 
         async def render() -> bytes | None:
-            return await self.handler.webhook_body(job)
+            try:
+                return await self.handler.webhook_body(job)
+            except ResultsGone as exc:
+                logger.warning("webhook of job %s not sent: %s", job.id, exc)
+                return None
 
         self.webhooks.send_rendered(url, render)
 

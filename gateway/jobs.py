@@ -6,6 +6,13 @@ webhooks). Up to ``concurrency`` jobs are on the engine at once, each an asyncio
 ``engine.generate``; the engine's scheduler batches them. Jobs past that wait in the store as
 ``queued``. Cancelling a job cancels its task, which drops it from the engine's queue.
 
+A job taken by the runner is ``running`` in the store (so no other replica takes it) but starts
+only when the engine starts its first batch: that moment is its ``started_at`` and arms its
+execution timeout. Until then it waits, and every view shows it as queued
+(:func:`inference.tasks.client_status`). What bounds the wait instead: the engine's own request
+deadline (``--request-timeout-s``, queue time included: TIMED_OUT when it passes), and the job's
+ttl, when the expiry sweep cancels and deletes it.
+
 The store is synchronous (SQLite or Redis); every call goes through :class:`~gateway.
 task_store_async.AsyncTaskStore` (``self.db``), so a slow store never blocks the event loop.
 """
@@ -48,6 +55,8 @@ from inference.tasks import (
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# Jobs read per page when purge looks for taken-but-waiting jobs.
+PURGE_PAGE = 500
 # A finished job's writes are retried this often while the store is unreachable (doubling).
 STORE_RETRY_S = 0.5
 STORE_RETRY_MAX_S = 10.0
@@ -106,15 +115,15 @@ class JobRunner:
         # Every job task until it ends, recording included (``_active`` forgets a job before
         # its final write), so close() can wait for those writes before closing the store.
         self._tasks: set[asyncio.Task[None]] = set()
-        # The stored record of each active job as it started (its dialect and scope do not
-        # change), so purge need not read it back.
-        self._active_jobs: dict[str, Job] = {}
         # Jobs claimed from the queue whose task is not made yet, and those of them cancelled
         # meanwhile (the claim and the cancel are both awaited, so they may interleave).
         self._claiming: set[str] = set()
         self._cancelled_claims: set[str] = set()
-        # Active jobs whose images have started on the engine (the rest wait in its queue).
-        self._engine_started: set[str] = set()
+        # When the engine started each active job's first batch (Unix s); the rest wait in its
+        # queue. Also written to the store, but a view must not wait for that write.
+        self._started: dict[str, float] = {}
+        # Those store writes, kept until done (a task nobody references may be collected).
+        self._writes: set[asyncio.Future[Any]] = set()
         self._done: dict[str, asyncio.Event] = {}
         self._cancelling: set[str] = set()
         self._wake: asyncio.Event | None = None
@@ -183,7 +192,7 @@ class JobRunner:
         await asyncio.gather(*self._loops, return_exceptions=True)
         for task in self._active.values():
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._writes, return_exceptions=True)
         await self.db.close()
         if self.data_dir is not None:
             datadir.release(self.data_dir)
@@ -225,15 +234,24 @@ class JobRunner:
                 else:
                     await asyncio.sleep(step)
 
-    async def cancel(self, job_id: str) -> Job | None:
+    async def cancel(self, job_id: str, *, waiting_only: bool = False) -> Job | None:
         """Cancel a queued or running job; a finished one is returned unchanged.
 
         A job running on another replica (shared store) is marked here; that replica sees
-        the change within a heartbeat and drops the work.
+        the change within a heartbeat and drops the work. ``waiting_only``: only a job taken by
+        some server but not started yet (``None`` for any other).
         """
-        job = await self.db.update(job_id, ACTIVE, status=CANCELLED, finished_at=time.time())
+        started = self._started.get(job_id)
+        if waiting_only and started is not None:
+            return None
+        changes: dict[str, Any] = {"status": CANCELLED, "finished_at": time.time()}
+        if started is not None:
+            changes["started_at"] = started  # its own write may still be on the way
+        job = await self.db.update(job_id, (RUNNING,) if waiting_only else ACTIVE,
+                                   where={"started_at": None} if waiting_only else None,
+                                   **changes)
         if job is None:
-            return await self.db.get(job_id)
+            return None if waiting_only else await self.db.get(job_id)
         task = self._active.get(job_id)
         if task is not None:
             self._cancelling.add(job_id)
@@ -263,32 +281,41 @@ class JobRunner:
     def view(self, job: Job) -> Job:
         """``job`` as clients should see it.
 
-        A job handed to this server's engine but not started there yet is still queued: it is
-        waiting, and purge treats it as queued.
+        A job taken by a server (this one or another) but not started by its engine yet is
+        still queued (:func:`inference.tasks.client_status`), with no worker: it is waiting,
+        and purge treats it as queued. One this server's engine started whose start is not in
+        the store yet gets its start time from here.
         """
-        if job.status == RUNNING and self._waiting_for_engine(job.id):
-            return msgspec.structs.replace(job, status=QUEUED, started_at=None)
-        return job
-
-    def _waiting_for_engine(self, job_id: str) -> bool:
-        return job_id in self._active and job_id not in self._engine_started
+        if job.status != RUNNING or job.started_at is not None:
+            return job
+        started = self._started.get(job.id)
+        if started is not None and job.worker_id == self.worker_id:
+            return msgspec.structs.replace(job, started_at=started)
+        return msgspec.structs.replace(job, status=QUEUED, worker_id=None)
 
     async def purge(self, dialect: str, scope: str) -> int:
         """Remove the queued jobs of one dialect and scope; return how many.
 
-        Jobs already handed to the engine but still waiting in its queue count as queued.
+        Jobs some server took but whose engine has not started them count as queued: they are
+        cancelled (on any replica: its runner drops a job cancelled elsewhere).
         """
         ids = await self.db.purge_queued(dialect, scope)
         for job_id in ids:
             self._release(job_id)
-        waiting = 0
-        for job_id, job in list(self._active_jobs.items()):
-            if (job.dialect == dialect and job.scope == scope
-                    and self._waiting_for_engine(job_id)):
-                cancelled = await self.cancel(job_id)
-                if cancelled is not None and cancelled.status == CANCELLED:
-                    waiting += 1
-        return len(ids) + waiting
+        waiting: list[str] = []
+        offset = 0
+        while True:
+            page, total = await self.db.list_jobs(dialect, scope, statuses=(QUEUED,),
+                                                  offset=offset, limit=PURGE_PAGE)
+            waiting += [job.id for job in page if job.status == RUNNING]
+            offset += len(page)
+            if not page or offset >= total:
+                break
+        cancelled = 0
+        for job_id in waiting:
+            if await self.cancel(job_id, waiting_only=True) is not None:
+                cancelled += 1
+        return len(ids) + cancelled
 
     # -- internals -------------------------------------------------------------------------
 
@@ -315,8 +342,9 @@ class JobRunner:
 
     async def _start(self, job: Job) -> None:
         self._claiming.add(job.id)
+        # Taken, not started: started_at stays unset until the engine starts the job.
         claim = asyncio.ensure_future(self.db.update(
-            job.id, (QUEUED,), status=RUNNING, started_at=time.time(), worker_id=self.worker_id))
+            job.id, (QUEUED,), status=RUNNING, worker_id=self.worker_id))
         try:
             started = await asyncio.shield(claim)
         except asyncio.CancelledError:
@@ -324,7 +352,7 @@ class JobRunner:
             # back to the queue as it was (it never ran, so no requeue is counted).
             if await claim is not None:
                 await self.db.update(job.id, (RUNNING,), owner=self.worker_id, status=QUEUED,
-                                     started_at=None, worker_id=None)
+                                     worker_id=None)
             raise
         finally:
             self._claiming.discard(job.id)
@@ -334,7 +362,6 @@ class JobRunner:
         if started is None or cancelled:
             return
         self._done.setdefault(job.id, asyncio.Event())
-        self._active_jobs[job.id] = started
         task = asyncio.create_task(self._execute(started), name=f"imagegate-job-{job.id}")
         self._active[job.id] = task
         self._tasks.add(task)
@@ -347,9 +374,7 @@ class JobRunner:
             if handler is None:
                 raise RuntimeError(f"no handler for {job.dialect} jobs")
             try:
-                async with asyncio.timeout(job.execution_timeout_s):
-                    request = await handler.prepare(job)
-                    result = await self._generate(request, job.id)
+                request, result = await self._run(handler, job)
             except TimeoutError:
                 changes = {"status": TIMED_OUT, "error": (
                     f"the job did not finish within its execution timeout of "
@@ -381,12 +406,39 @@ class JobRunner:
             changes = {"status": FAILED, "error": message}
         await self._record(job, changes)
 
+    async def _run(self, handler: JobHandler, job: Job
+                   ) -> tuple[GenerationRequest, GenerationResult]:
+        """Prepare and generate ``job`` within its execution timeout (TimeoutError past it).
+
+        The timeout is a budget for the job's own work: preparing it (validation, fetching
+        inputs) and running it on the engine. Waiting in the engine's queue in between does not
+        count: the deadline is off from the hand-over until the engine reports the start.
+        """
+        loop = asyncio.get_running_loop()
+        budget = job.execution_timeout_s
+        began = loop.time()
+        async with asyncio.timeout(began + budget) as deadline:
+            request = await handler.prepare(job)
+            left = budget - (loop.time() - began)
+            deadline.reschedule(None)
+
+            def on_start() -> None:
+                if deadline.expired():
+                    return
+                deadline.reschedule(loop.time() + left)
+
+            result = await self._generate(request, job, on_start)
+        return request, result
+
     async def _record(self, job: Job, changes: dict[str, Any]) -> None:
         # Forgotten before the write: once it is awaited, the job must no longer count as
         # active (a cancel meanwhile finds no task to cancel, and purge skips it).
         self._active.pop(job.id, None)
-        self._active_jobs.pop(job.id, None)
         self._cancelling.discard(job.id)
+        started = self._started.pop(job.id, None)
+        if started is not None and changes.get("status") != QUEUED:
+            # The real start, even when its own write has not landed (or never will).
+            changes = {"started_at": started, **changes}
         if changes.get("status") == QUEUED:
             await self.db.update(job.id, (RUNNING,), owner=self.worker_id, **changes)
             self._release(job.id)
@@ -436,21 +488,43 @@ class JobRunner:
             except Exception:
                 logger.exception("job finish hook failed")
 
-    async def _generate(self, request: GenerationRequest, job_id: str) -> GenerationResult:
-        """``engine.generate``, waiting (not failing) while the engine's queue is full."""
+    async def _generate(self, request: GenerationRequest, job: Job,
+                        on_start: Callable[[], None]) -> GenerationResult:
+        """``engine.generate``, waiting (not failing) while the engine's queue is full.
+
+        When the engine starts the job (its ``started`` report): the start time is recorded
+        (here at once, in the store in the background) and ``on_start`` is called.
+        """
 
         def on_progress(progress: Progress) -> None:
-            if progress.started:
-                self._engine_started.add(job_id)
+            if progress.started and job.id not in self._started:
+                self._started[job.id] = time.time()
+                self._write_start(job.id)
+                on_start()
 
-        try:
-            while True:
-                try:
-                    return await self.engine.generate(request, on_progress=on_progress)
-                except ie.QueueFull as exc:
-                    await asyncio.sleep(min(max(exc.retry_after, 0.1), 1.0))
-        finally:
-            self._engine_started.discard(job_id)
+        while True:
+            try:
+                return await self.engine.generate(request, on_progress=on_progress)
+            except ie.QueueFull as exc:
+                await asyncio.sleep(min(max(exc.retry_after, 0.1), 1.0))
+
+    def _write_start(self, job_id: str) -> None:
+        """Store the job's start so every replica's views see it (best effort).
+
+        The final write carries the start too, so a lost or late write here changes nothing
+        that lasts: a late one finds the job final and is refused by the compare-and-set.
+        """
+        write = asyncio.ensure_future(self.db.update(
+            job_id, (RUNNING,), owner=self.worker_id, started_at=self._started[job_id]))
+        self._writes.add(write)
+
+        def done(fut: asyncio.Future[Any]) -> None:
+            self._writes.discard(fut)
+            if not fut.cancelled() and fut.exception() is not None:
+                logger.warning("could not record the start of job %s: %s", job_id,
+                               fut.exception())
+
+        write.add_done_callback(done)
 
     async def _watch(self) -> None:
         """Shared stores: heartbeat, reclaim dead servers' jobs, stop jobs cancelled elsewhere."""

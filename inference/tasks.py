@@ -74,6 +74,8 @@ class Job(msgspec.Struct, kw_only=True):
     payload: Any
     status: str = QUEUED
     created_at: float = 0.0
+    # When the engine started the job's first batch: ``None`` while it waits, also once a
+    # server has taken it (``running``) and handed it to the engine's queue.
     started_at: float | None = None
     finished_at: float | None = None
     # The job and its result are deleted at this time, whatever its state.
@@ -91,6 +93,17 @@ class Job(msgspec.Struct, kw_only=True):
     # Names of the job's images in the media store (URL-mode dialects) and when they were put.
     media: list[str] = []
     media_at: float = 0.0
+
+
+def client_status(job: Job) -> str:
+    """``job``'s status as clients see it: a ``running`` job not started yet is ``queued``.
+
+    A server marks a job ``running`` when it takes it (so no other server does), but the job
+    only starts when the engine starts its first batch (``started_at``); until then it waits
+    (in the engine's queue, or for its inputs) like any queued job. Every view of a job (its
+    status, task lists, counts) goes by this, on every replica.
+    """
+    return QUEUED if job.status == RUNNING and job.started_at is None else job.status
 
 
 class TaskStore(Protocol):
@@ -129,11 +142,11 @@ class TaskStore(Protocol):
 
     def count(self, statuses: Sequence[str], dialect: str | None = None,
               scope: str | None = None) -> int:
-        """How many jobs are in ``statuses`` (optionally of one dialect and scope)."""
+        """How many jobs are in ``statuses`` as stored (optionally of one dialect and scope)."""
         ...
 
     def stats(self, dialect: str, scope: str) -> dict[str, int]:
-        """Counts by status, plus ``retried`` (jobs retried at least once)."""
+        """Counts by :func:`client_status`, plus ``retried`` (jobs retried at least once)."""
         ...
 
     def purge_queued(self, dialect: str, scope: str) -> list[str]:
@@ -146,10 +159,10 @@ class TaskStore(Protocol):
                   limit: int = 100) -> tuple[list[Job], int]:
         """One page of the unexpired jobs of one dialect and scope, newest first, and the total.
 
-        Filters (all optional, all must hold): status in ``statuses``; ``since <= created_at <
-        until``; ``payload[key] == value`` for each entry of ``payload_match`` (string values,
-        keys matching :data:`PAYLOAD_KEY`). Order: ``created_at`` descending, then ``id``
-        descending. ``total`` counts every matching job, not only this page's.
+        Filters (all optional, all must hold): :func:`client_status` in ``statuses``;
+        ``since <= created_at < until``; ``payload[key] == value`` for each entry of
+        ``payload_match`` (string values, keys matching :data:`PAYLOAD_KEY`). Order:
+        ``created_at`` descending, then ``id`` descending. ``total`` counts every matching job, not only this page's.
         """
         ...
 
@@ -209,6 +222,9 @@ CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created_at);
 CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires_at);
 CREATE INDEX IF NOT EXISTS jobs_scope ON jobs (dialect, scope, status);
 """
+# client_status() in SQL: the start time lives in the JSON doc, read only for running rows.
+_CLIENT_STATUS = (f"(CASE WHEN status = '{RUNNING}' AND json_extract(CAST(doc AS TEXT), "
+                  f"'$.started_at') IS NULL THEN '{QUEUED}' ELSE status END)")
 
 
 class SqliteTaskStore:
@@ -326,11 +342,11 @@ class SqliteTaskStore:
             return int(self.conn.execute(sql, args).fetchone()[0])
 
     def stats(self, dialect: str, scope: str) -> dict[str, int]:
-        """Counts by status, plus ``retried``."""
+        """Counts by :func:`client_status`, plus ``retried``."""
         with self._lock:
             rows = self.conn.execute(
-                "SELECT status, COUNT(*), SUM(retries > 0) FROM jobs "
-                "WHERE dialect = ? AND scope = ? AND expires_at > ? GROUP BY status",
+                f"SELECT {_CLIENT_STATUS} AS seen, COUNT(*), SUM(retries > 0) FROM jobs "
+                "WHERE dialect = ? AND scope = ? AND expires_at > ? GROUP BY seen",
                 (dialect, scope, time.time()),
             ).fetchall()
         out = dict.fromkeys((*ACTIVE, *FINISHED), 0)
@@ -363,7 +379,7 @@ class SqliteTaskStore:
         if statuses is not None:
             if not statuses:
                 return [], 0
-            where += f" AND status IN ({','.join('?' * len(statuses))})"
+            where += f" AND {_CLIENT_STATUS} IN ({','.join('?' * len(statuses))})"
             args.extend(statuses)
         if since is not None:
             where += " AND created_at >= ?"

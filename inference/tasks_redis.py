@@ -34,6 +34,7 @@ from inference.tasks import (
     Job,
     StoredImage,
     check_list_args,
+    client_status,
     matches,
     reclaim_jobs,
 )
@@ -195,7 +196,7 @@ class RedisTaskStore:
                    and (dialect is None or job.dialect == dialect))
 
     def stats(self, dialect: str, scope: str) -> dict[str, int]:
-        """Counts by status, plus ``retried``."""
+        """Counts by :func:`~inference.tasks.client_status`, plus ``retried``."""
         out = dict.fromkeys((*ACTIVE, *FINISHED), 0)
         out["retried"] = 0
         now = time.time()
@@ -206,7 +207,7 @@ class RedisTaskStore:
                 continue
             if job.expires_at <= now:
                 continue
-            out[job.status] += 1
+            out[client_status(job)] += 1
             out["retried"] += 1 if job.retries > 0 else 0
         return out
 
@@ -255,7 +256,7 @@ class RedisTaskStore:
                     self._drop_stale(dialect, scope, job_id)
                     continue
                 if job.expires_at <= now or (statuses is not None and
-                                             job.status not in statuses):
+                                             client_status(job) not in statuses):
                     continue
                 payload = job.payload if isinstance(job.payload, dict) else {}
                 if any(payload.get(k) != v for k, v in match.items()):

@@ -121,6 +121,9 @@ def test_controlnet_units_become_canonical_units(scc: serving.LiveServer) -> Non
     ({"steps": 0}, "steps"),
     ({"steps": 100000}, "steps"),
     ({"width": 65}, "width"),
+    ({"width": 0}, "width"),  # not the model's default: only a missing size is
+    ({"height": 0}, "height"),
+    ({"width": -64}, "width"),
     ({"sampler_name": "Nope"}, "sampler"),
     ({"scheduler": "exponential"}, "scheduler"),
     ({"stable_diffusion_model": "sd_xl_base_1.0.safetensors"}, "stable_diffusion_model"),

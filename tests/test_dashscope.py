@@ -151,6 +151,69 @@ def test_cancel_a_pending_task(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -
             time.sleep(0.05)
 
 
+def test_a_task_waiting_in_the_engine_is_pending_everywhere(tmp_path: Any,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    """Taken by the runner but behind another batch: PENDING in the task, in the list's
+    status filter, cancellable, and never scheduled; results that vanish read as UNKNOWN."""
+    import asyncio
+    import shutil
+
+    import dashscope
+    from dashscope import ImageSynthesis
+
+    runner = fakes.FakeRunner()
+    with serving.live_server(tmp_path, engine_factory=fakes.engine_factory(runner),
+                             job_concurrency=4, max_batch_images=1) as live:
+        monkeypatch.setattr(dashscope, "base_http_api_url", live.url + "/api/v1")
+        monkeypatch.setattr(dashscope, "api_key", "anything")
+        jobs = live.app.state.ctx.jobs
+        runner.hold()
+        first = ImageSynthesis.async_call(model="stable-diffusion-xl", prompt="a", **SMALL)
+        assert runner.entered.wait(60), "the first task never reached the runner"
+        second = ImageSynthesis.async_call(model="stable-diffusion-xl", prompt="b", **SMALL)
+        deadline = time.monotonic() + 60
+        while jobs.running < 2:
+            assert time.monotonic() < deadline, "the second task never reached the engine"
+            time.sleep(0.02)
+        first_id, second_id = first.output.task_id, second.output.task_id
+        assert ImageSynthesis.fetch(second).output.task_status == "PENDING"
+        assert _ids(ImageSynthesis.list(status="PENDING")) == [second_id]
+        assert _ids(ImageSynthesis.list(status="RUNNING")) == [first_id]
+        assert ImageSynthesis.cancel(second).status_code == 200
+        cancelled = httpx.get(f"{live.url}/api/v1/tasks/{second_id}").json()["output"]
+        assert cancelled["task_status"] == "CANCELED" and "scheduled_time" not in cancelled
+        assert ImageSynthesis.fetch(first).output.scheduled_time
+        runner.release()
+        while jobs.store.get(first_id).status != "completed":
+            assert time.monotonic() < deadline, "the first task never finished"
+            time.sleep(0.05)
+        # Two readers at once copy the images to /media once, and answer the same URLs.
+        tasks = jobs.handlers["dashscope"].tasks
+        job = jobs.store.get(first_id)
+
+        async def two_readers() -> list[list[str]]:
+            return await asyncio.gather(tasks.media_urls(job, live.url),
+                                        tasks.media_urls(job, live.url))
+
+        both = asyncio.run_coroutine_threadsafe(two_readers(),
+                                                jobs._loops[0].get_loop()).result(60)
+        assert both[0] == both[1] and len(both[0]) == 1
+        assert len(list((tmp_path / "data" / "media").iterdir())) == 1
+        # A finished task whose results are gone (never copied to /media): UNKNOWN, not a 500.
+        later = ImageSynthesis.call(model="stable-diffusion-xl", prompt="c", **SMALL)
+        assert later.output.task_status == "SUCCEEDED"
+        task = ImageSynthesis.async_call(model="stable-diffusion-xl", prompt="d", **SMALL)
+        task_id = task.output.task_id
+        while jobs.store.get(task_id).status != "completed":
+            assert time.monotonic() < deadline, "the last task never finished"
+            time.sleep(0.05)
+        shutil.rmtree(jobs.store.results_dir / task_id)
+        gone = ImageSynthesis.fetch(task_id)
+        assert gone.status_code == 200 and gone.output.task_status == "UNKNOWN", gone
+        assert ImageSynthesis.fetch("x" * 5000).output.task_id == "x" * 64 + "…"
+
+
 # -- the task list (GET /api/v1/tasks, the SDK's ImageSynthesis.list) --------------------------
 
 LIST_KEYS = ("list-key-a", "list-key-b")

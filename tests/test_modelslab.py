@@ -310,6 +310,8 @@ def test_auth_legacy_typo_and_unknown_ids(ml: serving.LiveServer) -> None:
     assert r.json()["message"] == r.json()["messege"] == "invalid API key"
     r = post(ml, "/api/v6/images/fetch/123", {"key": KEY})
     assert r.status_code == 404 and r.json()["status"] == "error"
+    r = post(ml, "/api/v6/images/fetch", {"key": KEY, "request_id": "9" * 5000})
+    assert r.status_code == 404 and len(r.json()["message"]) < 200  # the id is quoted cut short
     r = post(ml, "/api/v6/images/fetch", {"key": KEY})
     assert r.status_code == 400 and "request_id" in r.json()["message"]
     r = httpx.post(f"{ml.url}/api/v6/images/text2img", content=b"{nope")

@@ -326,13 +326,14 @@ def test_retry_purge_health_ttl(rp: serving.LiveServer) -> None:
 
 
 def test_ttl_expiry(tmp_path: Any) -> None:
+    # The server's default ttl: RunPod's policy.ttl starts at 10 s, too long to wait for here.
     with serving.live_server(tmp_path, engine_factory=slow_factory(SlowRunner()),
-                             job_sweep_interval_s=0.2) as live:
+                             job_sweep_interval_s=0.2, job_ttl_s=1.5) as live:
         url = f"{live.url}/v2/ep"
         submitted = time.monotonic()
         ok = httpx.post(f"{url}/runsync", json={"input": {
-            "prompt": "x", "width": 64, "height": 64, "refiner_inference_steps": 4},
-            "policy": {"ttl": 1500}}, timeout=120).json()
+            "prompt": "x", "width": 64, "height": 64, "refiner_inference_steps": 4}},
+            timeout=120).json()
         assert ok["status"] == "COMPLETED"
         results = live.app.state.ctx.jobs.store.results_dir / ok["id"]
         assert results.exists()
@@ -345,8 +346,19 @@ def test_ttl_expiry(tmp_path: Any) -> None:
         while results.exists():
             assert time.monotonic() < deadline, "expired results were not swept"
             time.sleep(0.1)
-        r = httpx.post(f"{url}/run", json={"input": {"prompt": "x"}, "policy": {"ttl": 10}}, timeout=120)
-        assert r.status_code == 400 and "policy.ttl" in r.json()["error"]
+
+def test_policy_bounds_are_runpods(rp: serving.LiveServer) -> None:
+    """executionTimeout 5 s–7 days, ttl 10 s–7 days (RunPod's operation reference), in ms."""
+    week = 7 * 24 * 3600 * 1000
+    for policy, field in (({"ttl": 9_999}, "policy.ttl"), ({"ttl": week + 1}, "policy.ttl"),
+                          ({"executionTimeout": 4_999}, "policy.executionTimeout"),
+                          ({"executionTimeout": week + 1}, "policy.executionTimeout")):
+        r = httpx.post(f"{rp.url}/v2/ep/run", json={"input": {"prompt": "x"}, "policy": policy},
+                       headers=AUTH, timeout=120)
+        assert r.status_code == 400, (policy, r.text)
+        assert field in r.json()["error"] and "between" in r.json()["error"]
+    body = runsync(rp, {"prompt": "x", **SMALL}, policy={"ttl": 10_000, "executionTimeout": 5_000})
+    assert body["status"] == "COMPLETED", body
 
 
 def test_webhook_delivered_with_retry(rp: serving.LiveServer, site: Site) -> None:
@@ -438,10 +450,6 @@ def test_cancel_runsync_timeout_purge_and_429(tmp_path: Any, monkeypatch: pytest
         r = httpx.post(f"{url}/cancel/{first['id']}", timeout=120).json()
         assert r == {"id": first["id"], "status": "CANCELLED"}
         assert wait_status(live, first["id"], ("CANCELLED",))["status"] == "CANCELLED"
-        # executionTimeout → TIMED_OUT.
-        r = httpx.post(f"{url}/run", json={"input": inp, "policy": {"executionTimeout": 1000}}, timeout=120)
-        body = wait_status(live, r.json()["id"], ("TIMED_OUT",), timeout=120)
-        assert body["status"] == "TIMED_OUT" and "execution timeout" in body["error"]
         health = httpx.get(f"{url}/health", timeout=120).json()
         assert health["jobs"]["inQueue"] == 0 and health["jobs"]["inProgress"] == 0
 
@@ -467,6 +475,90 @@ def test_job_waiting_in_the_engine_queue_is_in_queue_and_purgeable(tmp_path: Any
         assert purged == {"removed": 1, "status": "completed"}
         assert wait_status(live, waiting["id"], ("CANCELLED",))["status"] == "CANCELLED"
         httpx.post(f"{url}/cancel/{running['id']}", timeout=120)
+
+
+class GateRunner(SlowRunner):
+    """Holds batches whose prompt is ``hold`` until ``gate`` is set (or all their requests
+    are cancelled); other batches finish at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def run(self, batch: Batch) -> tuple[list[np.ndarray], StepTimes]:
+        if any(s.ticket.prompt == "hold" for s in batch.slots):
+            while not self.gate.wait(0.01):
+                if batch.all_abandoned():
+                    raise Cancelled("cancelled")
+        return super().run(batch)
+
+
+def test_execution_timeout_and_times_count_from_the_engine_start(tmp_path: Any) -> None:
+    """A job waiting in the engine's queue is IN_QUEUE everywhere (status, health) and its
+    execution timeout has not started; delayTime / executionTime split at the real start."""
+    runner = GateRunner()
+    inp = {"width": 64, "height": 64, "refiner_inference_steps": 4}
+    # Server-wide execution timeout of 1 s (RunPod's policy cannot go under 5 s).
+    with serving.live_server(tmp_path, engine_factory=slow_factory(runner), job_concurrency=4,
+                             max_batch_images=1, job_execution_timeout_s=1.0) as live:
+        url = f"{live.url}/v2/ep"
+        slow = httpx.post(f"{url}/run", json={"input": {"prompt": "hold", **inp},
+                                              "policy": {"executionTimeout": 120_000}},
+                          timeout=120).json()
+        assert wait_status(live, slow["id"], ("IN_PROGRESS",))["status"] == "IN_PROGRESS"
+        submitted = time.monotonic()
+        waiting = [httpx.post(f"{url}/run", json={"input": {"prompt": "quick", **inp}},
+                              timeout=120).json()["id"] for _ in range(3)]
+        deadline = time.monotonic() + 60
+        while live.app.state.ctx.jobs.running < 4:
+            assert time.monotonic() < deadline, "the jobs never reached the engine"
+            time.sleep(0.02)
+        running = httpx.get(f"{url}/status/{slow['id']}", timeout=120).json()
+        assert running["workerId"] and running["delayTime"] >= 0
+        for job_id in waiting:
+            body = httpx.get(f"{url}/status/{job_id}", timeout=120).json()
+            assert body == {"id": job_id, "status": "IN_QUEUE"}  # no worker, no times yet
+        health = httpx.get(f"{url}/health", timeout=120).json()["jobs"]
+        assert (health["inQueue"], health["inProgress"]) == (3, 1), health
+        # Well past their 1 s execution timeout, they are still waiting, not TIMED_OUT.
+        while time.monotonic() - submitted < 2.0:
+            body = httpx.get(f"{url}/status/{waiting[0]}", timeout=120).json()
+            assert body["status"] == "IN_QUEUE", body
+            time.sleep(0.1)
+        runner.gate.set()
+        for job_id in waiting:
+            body = wait_status(live, job_id, ("COMPLETED", "FAILED", "TIMED_OUT"))
+            assert body["status"] == "COMPLETED", body
+            # The wait behind the slow job (past the 1 s timeout) is delay; the run alone is
+            # execution.
+            assert body["delayTime"] > 1000 and body["executionTime"] < 1500, body
+        # A job that runs past its timeout still times out, counted from its start.
+        runner.gate.clear()
+        late = httpx.post(f"{url}/run", json={"input": {"prompt": "hold", **inp}},
+                          timeout=120).json()
+        body = wait_status(live, late["id"], ("TIMED_OUT", "COMPLETED", "FAILED"))
+        assert body["status"] == "TIMED_OUT", body
+        assert "execution timeout of 1s" in body["error"]
+        assert 900 <= body["executionTime"] < 10_000, body
+        health = httpx.get(f"{url}/health", timeout=120).json()["jobs"]
+        assert (health["completed"], health["failed"]) == (4, 1), health  # the slow one too
+
+
+def test_missing_results_and_long_unknown_ids_are_404s(rp: serving.LiveServer) -> None:
+    """A completed job whose files are gone answers like an expired one (404, never a 500);
+    an unknown id is quoted in the 404 only up to 64 characters."""
+    import shutil
+
+    done = runsync(rp, {"prompt": "x", **SMALL})
+    assert done["status"] == "COMPLETED"
+    shutil.rmtree(rp.app.state.ctx.jobs.store.results_dir / done["id"])
+    r = httpx.get(f"{rp.url}/v2/ep/status/{done['id']}", headers=AUTH, timeout=120)
+    assert r.status_code == 404, r.text
+    assert r.json()["status"] == "FAILED" and "results are gone" in r.json()["error"]
+    long_id = "a" * 5000
+    r = httpx.get(f"{rp.url}/v2/ep/status/{long_id}", headers=AUTH, timeout=120)
+    assert r.status_code == 404
+    assert f"job {'a' * 64}… not found" in r.json()["error"] and len(r.text) < 300
 
 
 def test_restart_runs_queued_and_requeues_interrupted_jobs(tmp_path: Any) -> None:

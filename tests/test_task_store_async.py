@@ -325,3 +325,23 @@ def test_redis_lists_read_one_page_and_index_older_jobs() -> None:
         assert total == 30
         assert store.update("j05", where={"retries": 0}, created_at=now + 10, retries=1)
         assert [j.id for j in store.list_jobs("d", "s", limit=1)[0]] == ["j05"]
+
+
+def test_a_taken_job_not_started_counts_and_lists_as_queued(any_store: Any) -> None:
+    """Counts and status filters go by what clients see: ``running`` with no start is queued."""
+    for job_id, status, started in (("waiting", "running", None), ("going", "running", 5.0),
+                                    ("stored", "queued", None), ("done", "completed", 5.0)):
+        any_store.create(Job(id=job_id, dialect="d", scope="s", payload={}, status=status,
+                             created_at=float(len(job_id)), started_at=started,
+                             expires_at=4e9, worker_id="w" if status == "running" else None))
+    stats = any_store.stats("d", "s")
+    assert (stats["queued"], stats["running"], stats["completed"]) == (2, 1, 1), stats
+
+    def ids(*statuses: str) -> set[str]:
+        return {j.id for j in any_store.list_jobs("d", "s", statuses=statuses)[0]}
+
+    assert ids("queued") == {"waiting", "stored"}
+    assert ids("running") == {"going"}
+    # Once the engine starts it, the stored start moves it over.
+    assert any_store.update("waiting", ("running",), started_at=6.0) is not None
+    assert ids("running") == {"going", "waiting"} and any_store.stats("d", "s")["running"] == 2

@@ -348,8 +348,10 @@ class AlibabaSccDialect(AsyncTaskDialect):
                           "its model's own SDXL VAE (Automatic or sdxl_vae.safetensors)",
                           field="sd_vae")
         info = self.ctx.engine.info
-        width = body.width or (info.default_width if info else 1024)
-        height = body.height or (info.default_height if info else 1024)
+        # Only a missing size means the model's default: 0 is a size, refused like any other.
+        width = body.width if body.width is not None else (info.default_width if info else 1024)
+        height = (body.height if body.height is not None
+                  else (info.default_height if info else 1024))
         negative = body.negative_prompt if body.negative_prompt is not None else body.negtive_prompt
         return GenerationRequest(
             prompt=body.prompt,

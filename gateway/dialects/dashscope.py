@@ -36,7 +36,7 @@ from litestar import Request, Response, get, post
 from msgspec import Meta
 
 from auth.keys import Principal
-from gateway.async_tasks import AsyncTaskDialect, encode_request
+from gateway.async_tasks import AsyncTaskDialect, ResultsGone, echo_id, encode_request
 from gateway.context import bearer_token
 from gateway.errors import ApiError, Failure, invalid
 from gateway.sizes import parse_size
@@ -492,15 +492,19 @@ class DashScopeDialect(AsyncTaskDialect):
                         request_id: str | None = None) -> TaskResponse:
         """``GET /tasks/{id}``: the task's state (UNKNOWN for no such task, as DashScope)."""
         request_id = request_id or _request_id()
+        unknown = TaskResponse(request_id=request_id,
+                               output=TaskOutput(task_id=echo_id(task_id), task_status="UNKNOWN"))
         if job is None:
-            return TaskResponse(request_id=request_id,
-                                output=TaskOutput(task_id=task_id, task_status="UNKNOWN"))
+            return unknown
         status = STATUS[job.status]
         out = TaskOutput(task_id=job.id, task_status=status, submit_time=_stamp(job.created_at),
                          scheduled_time=_stamp(job.started_at), end_time=_stamp(job.finished_at))
         usage = None
         if job.status == COMPLETED:
-            urls = await self.tasks.media_urls(job, request)
+            try:
+                urls = await self.tasks.media_urls(job, request)
+            except ResultsGone:
+                return unknown  # as for an expired task: its results are gone
             out.results = [TaskResult(url=u) for u in urls]
             out.task_metrics = TaskMetrics(TOTAL=job.images, SUCCEEDED=len(urls),
                                            FAILED=max(0, job.images - len(urls)))

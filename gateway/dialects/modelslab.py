@@ -36,7 +36,7 @@ from litestar import Request, Response, post
 from msgspec import Meta
 
 from auth.keys import Principal
-from gateway.async_tasks import AsyncTaskDialect, encode_request
+from gateway.async_tasks import AsyncTaskDialect, echo_id, encode_request
 from gateway.dialects.a1111 import a1111_clip_skip
 from gateway.dialects.alibaba_scc import inline_image
 from gateway.errors import ApiError, Failure, invalid
@@ -558,7 +558,7 @@ class ModelsLabDialect(AsyncTaskDialect):
         try:
             job = await self.tasks.own(principal, principal.id, job_id.strip())
         except ApiError:
-            raise ApiError("not_found", f"no request with id {job_id} (unknown or expired)",
+            raise ApiError("not_found", f"no request with id {echo_id(job_id)} (unknown or expired)",
                            field="id") from None
         return json_response(await self.job_body(job, request))
 

@@ -18,7 +18,7 @@ import msgspec
 from litestar import Request, Response, get, post
 
 from auth.keys import Principal
-from gateway.async_tasks import MAX_TTL_S, MIN_EXECUTION_S, MIN_TTL_S, AsyncTaskDialect
+from gateway.async_tasks import AsyncTaskDialect, echo_id
 from gateway.context import bearer_token
 from gateway.errors import ApiError, Failure, failure_from, invalid
 from gateway.fetch import FetchRefused, fetch_image
@@ -88,9 +88,10 @@ _TYPE_NAMES = {_INT: "int", _FLOAT: "float", _STR: "str"}
 # characters is ~400-500 tokens (6-7 chunks), far past what changes an SDXL image, and keeps a
 # megabyte "prompt" from costing seconds of executor time.
 MAX_PROMPT_CHARS = 2000
-MIN_TTL_MS = int(MIN_TTL_S * 1000)
-MAX_TTL_MS = int(MAX_TTL_S * 1000)
-MIN_EXEC_MS = int(MIN_EXECUTION_S * 1000)
+# RunPod's policy bounds (operation-reference): executionTimeout 5 s–7 days, ttl 10 s–7 days.
+_WEEK_MS = 7 * 24 * 3600 * 1000
+MIN_TTL_MS, MAX_TTL_MS = 10_000, _WEEK_MS
+MIN_EXEC_MS, MAX_EXEC_MS = 5_000, _WEEK_MS
 # Completed jobs whose output /stream has handed out, remembered (oldest forgotten first) so
 # the chunk goes out once; a forgotten job would stream its output again.
 _STREAMED_MAX = 10_000
@@ -228,7 +229,7 @@ class RunPodDialect(AsyncTaskDialect):
         async def cancel(request: Request, endpoint_id: str, job_id: str) -> Response:
             job = await self.tasks.cancel(await self._own_job(request, endpoint_id, job_id))
             if job is None:
-                raise ApiError("not_found", f"job {job_id} not found")
+                raise ApiError("not_found", f"job {echo_id(job_id)} not found")
             return json_response({"id": job.id, "status": STATUS[job.status]})
 
         @post(f"{base}/retry/{{job_id:str}}", status_code=200, opt=opt)
@@ -277,9 +278,9 @@ class RunPodDialect(AsyncTaskDialect):
                               field="policy.ttl")
             ttl_s = policy.ttl / 1000
         if policy.executionTimeout is not None:
-            if not MIN_EXEC_MS <= policy.executionTimeout <= MAX_TTL_MS:
+            if not MIN_EXEC_MS <= policy.executionTimeout <= MAX_EXEC_MS:
                 raise invalid(f"policy.executionTimeout must be between {MIN_EXEC_MS} and "
-                              f"{MAX_TTL_MS} ms", field="policy.executionTimeout")
+                              f"{MAX_EXEC_MS} ms", field="policy.executionTimeout")
             exec_s = policy.executionTimeout / 1000
         n = body.input.get("num_images", 1)
         images = n if isinstance(n, int) and 0 < n < 3 else 1
@@ -343,10 +344,14 @@ class RunPodDialect(AsyncTaskDialect):
         body: dict[str, Any] = {"id": job.id, "status": STATUS[job.status]}
         if not full:
             return body
+        # Delay: submission to the engine's start (the whole life of a job that never started);
+        # execution: the start to the end. A job waiting in the engine's queue is not started.
         if job.started_at is not None:
             body["delayTime"] = _ms(job.started_at - job.created_at)
-        if job.finished_at is not None and job.started_at is not None:
-            body["executionTime"] = _ms(job.finished_at - job.started_at)
+            if job.finished_at is not None:
+                body["executionTime"] = _ms(job.finished_at - job.started_at)
+        elif job.finished_at is not None:
+            body["delayTime"] = _ms(job.finished_at - job.created_at)
         if job.worker_id:
             body["workerId"] = job.worker_id
         if job.status == COMPLETED and job.result is not None:
