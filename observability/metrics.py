@@ -129,7 +129,8 @@ class Metrics:
             registry=r,
         )
         self.jobs = Gauge(
-            "imagegate_jobs", "Async jobs in the task store by dialect and status.",
+            "imagegate_jobs", "Async jobs in the task store by dialect and stored status "
+            "(running: taken by a replica, waiting in its engine or generating).",
             ["dialect", "status"], registry=r,
         )
         self.info = Gauge(
