@@ -651,7 +651,7 @@ def test_retry_counts_against_the_daily_quota(tmp_path: Any, capsys: pytest.Capt
         assert body["status"] == "FAILED", body
         r = httpx.post(f"{url}/retry/{failed['id']}", headers=headers, timeout=120)
         assert r.status_code == 429, r.text
-        assert "daily request limit" in r.json()["error"]
+        assert "daily limit reached" in r.json()["error"]
 
 
 def wait_status_h(live: serving.LiveServer, job_id: str, headers: dict[str, str],
