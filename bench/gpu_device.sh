@@ -32,8 +32,27 @@ case "${1:-}" in
       "$here"/.gpu/whl/*.whl
     PYTHONPATH="/tmp/site:$here${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 exec "$@"
     ;;
+  plan)
+    # The measurements of docs/benchmarks.md §4.4 by number, so a short device session types
+    # no long command lines: sh bench/gpu_device.sh plan 1 (then plan 1b at once, same machine).
+    full='--compile-scope full --compile-shapes batch'
+    case "${2:-}" in
+      1) set -- python3 -m bench.gpu_e2e --phases served --serve-args "$full" ;;
+      1b) set -- python3 -m bench.gpu_e2e --phases warm --serve-args "$full" ;;
+      2) set -- python3 -m bench.gpu_compile_variants --variants full-batch,full-static-graphs \
+           --batches 1,8 ;;
+      2b) set -- python3 -m bench.gpu_compile_variants --variants eager,eager-cudnn,full-batch-cudnn \
+            --batches 1,8 ;;
+      # fp8 adds --quantize fp8 itself; without a served phase in the same call there are no
+      # bf16 images to compare with (its quality was measured with the regional recipe, §4.1).
+      3) set -- python3 -m bench.gpu_e2e --phases fp8 --sizes 1024 --serve-args "$full" ;;
+      4) set -- python3 -m bench.compile_features --scope full --shapes batch ;;
+      *) echo "plan items: 1 1b 2 2b 3 4 (docs/benchmarks.md §4.4)" >&2; exit 2 ;;
+    esac
+    exec sh "$0" run "$@"
+    ;;
   *)
-    echo "usage: sh bench/gpu_device.sh wheels | run COMMAND..." >&2
+    echo "usage: sh bench/gpu_device.sh wheels | run COMMAND... | plan ITEM" >&2
     exit 2
     ;;
 esac
