@@ -185,7 +185,7 @@ class JobRunner:
             self._kick()
 
     async def close(self) -> None:
-        """Stop the loops, fail jobs still running (the restart rule would anyway), close."""
+        """Stop the loops, re-queue jobs still running (for the next server), close."""
         self._closing = True
         for task in self._loops:
             task.cancel()
@@ -431,6 +431,14 @@ class JobRunner:
         return request, result
 
     async def _record(self, job: Job, changes: dict[str, Any]) -> None:
+        """Write a job's end (final, or back to the queue); never leaves it running here.
+
+        Outages are waited out (:meth:`_persist`). Any other failure to write is logged and the
+        job is failed with a plain reason instead: its outcome (images included) may be what
+        the store refuses, and a job left ``running`` under a live server is never reclaimed.
+        Only when this server stops (or the job expires) meanwhile is it left running, for the
+        next server to re-queue as after a crash.
+        """
         # Forgotten before the write: once it is awaited, the job must no longer count as
         # active (a cancel meanwhile finds no task to cancel, and purge skips it).
         self._active.pop(job.id, None)
@@ -439,19 +447,34 @@ class JobRunner:
         if started is not None and changes.get("status") != QUEUED:
             # The real start, even when its own write has not landed (or never will).
             changes = {"started_at": started, **changes}
-        if changes.get("status") == QUEUED:
-            await self.db.update(job.id, (RUNNING,), owner=self.worker_id, **changes)
-            self._release(job.id)
-            self._kick()
-            return
-        changes = {"finished_at": time.time(), **changes}
-        final = await self._persist(job, "record the outcome of", lambda: self.db.update(
-            job.id, (RUNNING,), owner=self.worker_id, **changes))
-        if final is not None:
+        if changes.get("status") != QUEUED:
+            changes = {"finished_at": time.time(), **changes}
+        try:
+            try:
+                final = await self._write_end(job, changes)
+            except Exception as exc:
+                if is_store_outage(exc):
+                    raise  # given up: this server stops, or the job expired
+                logger.error("could not record the outcome of job %s; failing it instead",
+                             job.id, exc_info=exc)
+                final = await self._write_end(job, {
+                    "status": FAILED, "finished_at": time.time(), "result": None,
+                    "error": "the server could not record this job's outcome; retry it"})
+        except Exception as exc:  # noqa: BLE001 - logged; the job task must end cleanly
+            logger.error("job %s is left running, for the next server to re-queue: %s: %s",
+                         job.id, type(exc).__name__, exc)
+            final = None
+        if final is not None and final.status != QUEUED:
             self._finish(final)
         else:
-            self._release(job.id)  # cancelled meanwhile: already final, already announced
+            # Back in the queue, cancelled meanwhile (already final and announced), or not
+            # written: whoever waits looks at the store again.
+            self._release(job.id)
         self._kick()
+
+    async def _write_end(self, job: Job, changes: dict[str, Any]) -> Job | None:
+        return await self._persist(job, "record the outcome of", lambda: self.db.update(
+            job.id, (RUNNING,), owner=self.worker_id, **changes))
 
     async def _persist(self, job: Job, what: str, write: Callable[[], Awaitable[T]]) -> T:
         """``write()``, retried while the store is unreachable (a Redis outage).

@@ -312,7 +312,10 @@ class SqliteTaskStore:
                 )
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                # A failed COMMIT (disk full, I/O error) has already rolled back: a ROLLBACK
+                # then raises "no transaction is active" and hides the real error.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
         return job
 

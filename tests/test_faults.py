@@ -1,0 +1,113 @@
+"""Fault injection on the SQLite task store, the disk and restarts (in-process servers).
+
+The faults are injected where they happen: a COMMIT that fails as SQLite fails it on a full disk
+(it has rolled back already), a write that the store refuses for a reason that is no outage,
+file writes that hit ENOSPC. Servers are stopped and started again on the same data dir, as a
+restart does.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests import serving
+from tests.test_runpod import SlowRunner, slow_factory
+
+INPUT = {"prompt": "x", "width": 64, "height": 64, "refiner_inference_steps": 4}
+DEADLINE_S = 120.0
+
+
+def wait_for(cond: Callable[[], Any], what: str, timeout: float = DEADLINE_S) -> Any:
+    """``cond()``'s first true value; fails naming ``what`` after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while not (value := cond()):
+        assert time.monotonic() < end, f"timed out after {timeout:.0f}s waiting for {what}"
+        time.sleep(0.02)
+    return value
+
+
+class FaultyConnection:
+    """A SQLite connection whose COMMITs fail on demand, the way SQLite fails them.
+
+    ``disk_full`` on: every COMMIT fails with SQLITE_FULL after SQLite rolled the transaction
+    back (as it does). ``refuse_status``: the job write setting that status fails once with an
+    error that is no outage (a bug, say).
+    """
+
+    def __init__(self, inner: sqlite3.Connection) -> None:
+        self.inner = inner
+        self.disk_full = threading.Event()
+        self.refused = 0
+        self.refuse_status: str | None = None
+
+    def execute(self, sql: str, params: Any = ()) -> Any:
+        if sql == "COMMIT" and self.disk_full.is_set():
+            self.refused += 1
+            self.inner.execute("ROLLBACK")
+            raise sqlite3.OperationalError("database or disk is full")
+        if (self.refuse_status is not None and sql.startswith("UPDATE jobs")
+                and params[0] == self.refuse_status):
+            self.refuse_status = None
+            raise sqlite3.OperationalError("injected: no such column: nope")
+        return self.inner.execute(sql, params)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def faulty_store(live: serving.LiveServer) -> FaultyConnection:
+    store = live.app.state.ctx.jobs.store
+    conn = FaultyConnection(store._conn)
+    store._conn = conn
+    return conn
+
+
+def status(live: serving.LiveServer, job_id: str) -> dict[str, Any]:
+    return httpx.get(f"{live.url}/v2/ep/status/{job_id}", timeout=DEADLINE_S).json()
+
+
+def final_status(live: serving.LiveServer, job_id: str) -> dict[str, Any]:
+    return wait_for(lambda: (b := status(live, job_id))["status"] in ("COMPLETED", "FAILED")
+                    and b, f"job {job_id} to finish")
+
+
+def test_a_full_disk_at_commit_is_waited_out_and_the_job_completes(tmp_path: Path) -> None:
+    runner = SlowRunner()
+    with serving.live_server(tmp_path, engine_factory=slow_factory(runner)) as live:
+        conn = faulty_store(live)
+        calls = runner.calls
+        runner.delay = 1.0
+        job = httpx.post(f"{live.url}/v2/ep/run", json={"input": INPUT}, timeout=DEADLINE_S).json()
+        wait_for(lambda: runner.calls > calls, "the job to reach the engine")
+        conn.disk_full.set()
+        try:
+            # The batch ends during the "outage"; its outcome write is refused more than once.
+            wait_for(lambda: conn.refused >= 3, "the outcome write to be retried")
+        finally:
+            conn.disk_full.clear()
+        body = final_status(live, job["id"])
+        assert body["status"] == "COMPLETED", body
+        assert body["output"], body
+
+
+def test_an_outcome_the_store_refuses_fails_the_job_instead_of_leaving_it_running(
+        tmp_path: Path) -> None:
+    with serving.live_server(tmp_path, engine_factory=slow_factory(SlowRunner())) as live:
+        conn = faulty_store(live)
+        conn.refuse_status = "completed"
+        job = httpx.post(f"{live.url}/v2/ep/run", json={"input": INPUT}, timeout=DEADLINE_S).json()
+        body = final_status(live, job["id"])
+        assert conn.refuse_status is None, "the fault was never hit"
+        assert body["status"] == "FAILED", body
+        assert "could not record" in body["error"], body
+        # The server goes on.
+        again = httpx.post(f"{live.url}/v2/ep/runsync", json={"input": INPUT},
+                           timeout=DEADLINE_S).json()
+        assert again["status"] == "COMPLETED", again
