@@ -382,7 +382,7 @@ class JobRunner:
             except ie.DeadlineExceeded as exc:
                 changes = {"status": TIMED_OUT, "error": exc.message}
             except ie.ShuttingDown:
-                changes = requeue_changes(job)  # this server drains: another one runs it
+                changes = self._requeue(job)  # this server drains: another one runs it
             else:
                 images = [(img.data, img.media_type, img.seed, img.width, img.height)
                           for img in result.images]
@@ -398,8 +398,8 @@ class JobRunner:
             if job.id in self._cancelling or not self._closing:
                 changes = {"status": CANCELLED}
             else:
-                # Shutting down: back to the queue for the next server (once).
-                await self._record(job, requeue_changes(job))
+                # Shutting down: back to the queue for the next server (once, if it started).
+                await self._record(job, self._requeue(job))
                 raise
         except Exception as exc:  # noqa: BLE001 - any failure becomes the job's error
             message = handler.error_message(exc) if handler else str(exc)
@@ -429,6 +429,11 @@ class JobRunner:
 
             result = await self._generate(request, job, on_start)
         return request, result
+
+    def _requeue(self, job: Job) -> dict[str, Any]:
+        """:func:`requeue_changes` for a job of this runner, with its real start (if any)."""
+        started = self._started.get(job.id, job.started_at)
+        return requeue_changes(msgspec.structs.replace(job, started_at=started))
 
     async def _record(self, job: Job, changes: dict[str, Any]) -> None:
         """Write a job's end (final, or back to the queue); never leaves it running here.

@@ -475,7 +475,15 @@ def check_list_args(payload_match: Mapping[str, str] | None, offset: int, limit:
 
 def requeue_changes(job: Job, max_requeues: int = MAX_REQUEUES,
                     reason: str = INTERRUPTED_REASON) -> dict[str, Any]:
-    """The update that puts an interrupted job back in the queue, or fails it past the cap."""
+    """The update that puts an interrupted job back in the queue, or fails it past the cap.
+
+    Only a job that started (``started_at``) spends its re-queue budget: one that was taken but
+    still waited in an engine queue did nothing that could have killed its server, and a server
+    takes more jobs than its engine runs at once, so restarts would otherwise fail jobs that
+    never ran.
+    """
+    if job.started_at is None:
+        return {"status": QUEUED, "worker_id": None}
     if job.requeues < max_requeues:
         return {"status": QUEUED, "started_at": None, "worker_id": None,
                 "requeues": job.requeues + 1}

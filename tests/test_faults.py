@@ -111,3 +111,28 @@ def test_an_outcome_the_store_refuses_fails_the_job_instead_of_leaving_it_runnin
         again = httpx.post(f"{live.url}/v2/ep/runsync", json={"input": INPUT},
                            timeout=DEADLINE_S).json()
         assert again["status"] == "COMPLETED", again
+
+
+def test_jobs_that_only_waited_survive_any_number_of_restarts(tmp_path: Path) -> None:
+    """One job runs, two wait in the engine's queue; the server stops twice under them."""
+    ids: list[str] = []
+    for _restart in range(2):
+        runner = SlowRunner()
+        with serving.live_server(tmp_path, engine_factory=slow_factory(runner),
+                                 max_batch_images=1, job_concurrency=4,
+                                 drain_timeout_s=1) as live:
+            runner.delay = 600.0  # past the warm-up: a batch runs until the stop abandons it
+            for _ in range(3 - len(ids)):
+                ids.append(httpx.post(f"{live.url}/v2/ep/run", json={"input": INPUT},
+                                      timeout=DEADLINE_S).json()["id"])
+            jobs = live.app.state.ctx.jobs
+
+            def one_runs_two_wait(jobs: Any = jobs, live: serving.LiveServer = live) -> bool:
+                return jobs.running == 3 and status(live, ids[0])["status"] == "IN_PROGRESS"
+
+            wait_for(one_runs_two_wait, "one job to run and two to wait in the engine")
+            assert [status(live, i)["status"] for i in ids[1:]] == ["IN_QUEUE", "IN_QUEUE"]
+    with serving.live_server(tmp_path, engine_factory=slow_factory(SlowRunner())) as live:
+        first, *waited = (final_status(live, i) for i in ids)
+        assert first["status"] == "FAILED" and "re-queued once" in first["error"], first
+        assert [b["status"] for b in waited] == ["COMPLETED", "COMPLETED"], waited
