@@ -129,6 +129,8 @@ class JobRunner:
         self._wake: asyncio.Event | None = None
         self._loops: list[asyncio.Task[None]] = []
         self._closing = False
+        # Loops that reached the store: True while it is unreachable (one warning per outage).
+        self._store_down: dict[str, bool] = {}
 
     def register(self, dialect: str, handler: JobHandler) -> None:
         """Route jobs of ``dialect`` to ``handler``."""
@@ -337,8 +339,10 @@ class JobRunner:
             try:
                 for job in await self.db.queued(free):
                     await self._start(job)
-            except Exception:
-                logger.exception("job dispatch failed")
+            except Exception as exc:  # noqa: BLE001 - logged there; the loop goes on
+                self._store_failed("job dispatch", exc)
+            else:
+                self._store_answered("job dispatch")
 
     async def _start(self, job: Job) -> None:
         self._claiming.add(job.id)
@@ -567,8 +571,23 @@ class JobRunner:
                         self._cancelling.add(job_id)
                         task.cancel()
                 self._kick()
-            except Exception:
-                logger.exception("job watch failed")
+            except Exception as exc:  # noqa: BLE001 - logged there; the loop goes on
+                self._store_failed("job watch", exc)
+            else:
+                self._store_answered("job watch")
+
+    def _store_failed(self, loop: str, exc: Exception) -> None:
+        """Log a loop's failure: an outage once (the loop retries every second), a bug each time."""
+        if not is_store_outage(exc):
+            logger.error("%s failed", loop, exc_info=exc)
+        elif not self._store_down.get(loop):
+            self._store_down[loop] = True
+            logger.warning("%s: the task store is unavailable (%s: %s); retrying until it "
+                           "answers", loop, type(exc).__name__, exc)
+
+    def _store_answered(self, loop: str) -> None:
+        if self._store_down.pop(loop, False):
+            logger.warning("%s: the task store answers again", loop)
 
     async def _sweep(self) -> None:
         while True:
