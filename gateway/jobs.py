@@ -129,6 +129,8 @@ class JobRunner:
         self._wake: asyncio.Event | None = None
         self._loops: list[asyncio.Task[None]] = []
         self._closing = False
+        # Set when the server starts to drain: waiters answer with the job as it is then.
+        self._waiters_released = False
         # Loops that reached the store: True while it is unreachable (one warning per outage).
         self._store_down: dict[str, bool] = {}
 
@@ -172,6 +174,7 @@ class JobRunner:
         await self._reclaim(dead=(self.worker_id,))
         self._wake = asyncio.Event()
         self._closing = False
+        self._waiters_released = False
         self._loops = [
             asyncio.create_task(self._dispatch(), name="imagegate-jobs-dispatch"),
             asyncio.create_task(self._sweep(), name="imagegate-jobs-sweep"),
@@ -189,6 +192,7 @@ class JobRunner:
     async def close(self) -> None:
         """Stop the loops, re-queue jobs still running (for the next server), close."""
         self._closing = True
+        self.release_waiters()
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
@@ -218,6 +222,9 @@ class JobRunner:
         """Wait up to ``timeout_s`` for the job to finish; return its current state.
 
         A job run here wakes the waiter at once; one run by another replica is seen by polling.
+        Once the server drains (:meth:`release_waiters`) every wait ends at once with the job as
+        it is, answered as when the wait times out: the server would otherwise cut the request
+        off at its shutdown timeout, with a bare 500.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
@@ -225,7 +232,8 @@ class JobRunner:
         while True:
             job = await self.db.get(job_id)
             remaining = deadline - loop.time()
-            if job is None or job.status in FINISHED or remaining <= 0:
+            if (job is None or job.status in FINISHED or remaining <= 0
+                    or self._waiters_released):
                 return job
             event = self._done.get(job_id)
             # A job running here sets its event when it ends: no need to poll the store for it.
@@ -235,6 +243,13 @@ class JobRunner:
                     await asyncio.wait_for(event.wait(), step)
                 else:
                     await asyncio.sleep(step)
+
+    def release_waiters(self) -> None:
+        """End every :meth:`wait`, now and from now on (the server begins to drain)."""
+        self._waiters_released = True
+        for event in self._done.values():
+            # Not popped: the job's own end still sets and forgets its event.
+            event.set()
 
     async def cancel(self, job_id: str, *, waiting_only: bool = False) -> Job | None:
         """Cancel a queued or running job; a finished one is returned unchanged.
