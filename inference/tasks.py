@@ -430,8 +430,12 @@ class SqliteTaskStore:
         for i, (data, media_type, seed, width, height) in enumerate(images):
             name = f"{i}.{_EXT.get(media_type, 'png')}"
             tmp = folder / f".{name}.tmp"
-            tmp.write_bytes(data)
-            tmp.replace(folder / name)
+            try:
+                tmp.write_bytes(data)
+                tmp.replace(folder / name)
+            except BaseException:
+                tmp.unlink(missing_ok=True)  # a full disk must not keep half an image
+                raise
             stored.append(StoredImage(file=name, media_type=media_type, seed=seed, width=width,
                                       height=height))
         return stored

@@ -8,6 +8,7 @@ restart does.
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 import threading
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests import serving
 from tests.test_runpod import SlowRunner, slow_factory
@@ -136,3 +138,59 @@ def test_jobs_that_only_waited_survive_any_number_of_restarts(tmp_path: Path) ->
         first, *waited = (final_status(live, i) for i in ids)
         assert first["status"] == "FAILED" and "re-queued once" in first["error"], first
         assert [b["status"] for b in waited] == ["COMPLETED", "COMPLETED"], waited
+
+
+def test_disk_full_errors_are_store_outages() -> None:
+    from gateway.errors import is_store_outage
+
+    assert is_store_outage(OSError(errno.ENOSPC, "No space left on device"))
+    assert is_store_outage(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert not is_store_outage(OSError(errno.EACCES, "Permission denied"))
+    assert not is_store_outage(FileNotFoundError(errno.ENOENT, "gone"))
+
+
+class FullDisk:
+    """Temp-file writes (``.NAME.tmp``, as the stores and the media store make) hit ENOSPC.
+
+    Half the bytes land first, as on a real disk that fills up mid-write.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.on = threading.Event()
+        self.refused = 0
+        real = Path.write_bytes
+        disk = self
+
+        def write_bytes(path: Path, data: bytes) -> int:
+            if disk.on.is_set() and path.name.endswith(".tmp"):
+                disk.refused += 1
+                real(path, bytes(data[: len(data) // 2]))
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            return real(path, data)
+
+        monkeypatch.setattr(Path, "write_bytes", write_bytes)
+
+
+def test_a_full_disk_is_a_503_and_a_wait_never_a_500_or_a_leftover(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    disk = FullDisk(monkeypatch)
+    runner = SlowRunner()
+    with serving.live_server(tmp_path, engine_factory=slow_factory(runner)) as live:
+        data = Path(live.settings.data_path)
+        disk.on.set()
+        try:
+            url_mode = httpx.post(f"{live.url}/v1/images/generations", timeout=DEADLINE_S,
+                                  json={"prompt": "x", "size": "64x64", "response_format": "url"})
+            job = httpx.post(f"{live.url}/v2/ep/run", json={"input": INPUT},
+                             timeout=DEADLINE_S).json()
+            # The job's images cannot be saved: retried, not failed.
+            wait_for(lambda: disk.refused >= 3, "the job's image write to be retried")
+            assert status(live, job["id"])["status"] in ("IN_QUEUE", "IN_PROGRESS")
+        finally:
+            disk.on.clear()
+        assert url_mode.status_code == 503, url_mode.text
+        assert url_mode.json()["error"]["code"] == "storage_unavailable"
+        assert url_mode.headers.get("retry-after")
+        body = final_status(live, job["id"])
+        assert body["status"] == "COMPLETED", body
+        assert not [p for p in data.rglob("*.tmp")], "a failed write left its temp file"
