@@ -222,7 +222,7 @@ def serve(args: argparse.Namespace) -> int:
     sock = _listen(settings)
     if sock is None:
         return 2
-    if not _lock_data_dir(settings) or not _reach_redis(settings):
+    if not _lock_data_dir(settings) or not _reach_redis(settings) or not _open_tasks(settings):
         sock.close()
         return 2
     logger.info("model %s found in %.1fs; starting on http://%s:%d", settings.model,
@@ -273,6 +273,30 @@ def _reach_redis(settings: Settings) -> bool:
                 time.sleep(1.0)
     finally:
         client.close()
+
+
+def _open_tasks(settings: Settings) -> bool:
+    """Without Redis: True if the SQLite job store opens, else False after printing one line.
+
+    Checked here so that a damaged file is one line and exit status 2, like the other set-up
+    refusals, rather than a failed app start (a traceback, and the model-load exit status 3).
+    """
+    if settings.redis_url:
+        return True
+    import sqlite3
+
+    from gateway.jobs import job_store
+
+    store = job_store(settings.data_path, settings.results_dir or "")
+    try:
+        store.open()
+    except (sqlite3.Error, OSError) as exc:
+        print(f"imagegate: cannot open the job store {store.path}: {exc}. Move it aside to "
+              "start with no jobs (its jobs are lost), or restore it.", file=sys.stderr)
+        return False
+    finally:
+        store.close()
+    return True
 
 
 def _lock_data_dir(settings: Settings) -> bool:

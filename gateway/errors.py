@@ -7,6 +7,7 @@ envelope. No framework default body and no traceback can reach a client.
 
 from __future__ import annotations
 
+import errno
 import logging
 import sqlite3
 from typing import Literal
@@ -36,16 +37,22 @@ STORE_RETRY_AFTER_S = 5.0
 # OperationalError (a missing table or column) is a bug and stays a logged 500.
 _SQLITE_OUTAGES = ("database is locked", "database or disk is full", "disk i/o error",
                    "unable to open database file")
+# Files the stores and the media store write (result images, URL-mode images): a full disk, a
+# spent quota or a failing volume. Other OSErrors (a missing folder, permissions) are set-up
+# mistakes and stay logged 500s.
+_DISK_OUTAGES = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
 
 
 def is_store_outage(exc: BaseException) -> bool:
     """The task store, quota counters or usage ledger cannot be reached right now.
 
-    Redis down or paused, SQLite locked or its disk full: a 503 to retry rather than a 500, and
-    what the job runner waits out.
+    Redis down or paused, SQLite locked, a full or failing disk: a 503 to retry rather than a
+    500, and what the job runner waits out.
     """
     if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError
                   | StorageError):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _DISK_OUTAGES:
         return True
     return isinstance(exc, sqlite3.OperationalError) and any(
         words in str(exc).lower() for words in _SQLITE_OUTAGES)

@@ -129,6 +129,10 @@ class JobRunner:
         self._wake: asyncio.Event | None = None
         self._loops: list[asyncio.Task[None]] = []
         self._closing = False
+        # Set when the server starts to drain: waiters answer with the job as it is then.
+        self._waiters_released = False
+        # Loops that reached the store: True while it is unreachable (one warning per outage).
+        self._store_down: dict[str, bool] = {}
 
     def register(self, dialect: str, handler: JobHandler) -> None:
         """Route jobs of ``dialect`` to ``handler``."""
@@ -170,6 +174,7 @@ class JobRunner:
         await self._reclaim(dead=(self.worker_id,))
         self._wake = asyncio.Event()
         self._closing = False
+        self._waiters_released = False
         self._loops = [
             asyncio.create_task(self._dispatch(), name="imagegate-jobs-dispatch"),
             asyncio.create_task(self._sweep(), name="imagegate-jobs-sweep"),
@@ -185,8 +190,9 @@ class JobRunner:
             self._kick()
 
     async def close(self) -> None:
-        """Stop the loops, fail jobs still running (the restart rule would anyway), close."""
+        """Stop the loops, re-queue jobs still running (for the next server), close."""
         self._closing = True
+        self.release_waiters()
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
@@ -216,6 +222,9 @@ class JobRunner:
         """Wait up to ``timeout_s`` for the job to finish; return its current state.
 
         A job run here wakes the waiter at once; one run by another replica is seen by polling.
+        Once the server drains (:meth:`release_waiters`) every wait ends at once with the job as
+        it is, answered as when the wait times out: the server would otherwise cut the request
+        off at its shutdown timeout, with a bare 500.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
@@ -223,7 +232,8 @@ class JobRunner:
         while True:
             job = await self.db.get(job_id)
             remaining = deadline - loop.time()
-            if job is None or job.status in FINISHED or remaining <= 0:
+            if (job is None or job.status in FINISHED or remaining <= 0
+                    or self._waiters_released):
                 return job
             event = self._done.get(job_id)
             # A job running here sets its event when it ends: no need to poll the store for it.
@@ -233,6 +243,13 @@ class JobRunner:
                     await asyncio.wait_for(event.wait(), step)
                 else:
                     await asyncio.sleep(step)
+
+    def release_waiters(self) -> None:
+        """End every :meth:`wait`, now and from now on (the server begins to drain)."""
+        self._waiters_released = True
+        for event in self._done.values():
+            # Not popped: the job's own end still sets and forgets its event.
+            event.set()
 
     async def cancel(self, job_id: str, *, waiting_only: bool = False) -> Job | None:
         """Cancel a queued or running job; a finished one is returned unchanged.
@@ -337,8 +354,10 @@ class JobRunner:
             try:
                 for job in await self.db.queued(free):
                     await self._start(job)
-            except Exception:
-                logger.exception("job dispatch failed")
+            except Exception as exc:  # noqa: BLE001 - logged there; the loop goes on
+                self._store_failed("job dispatch", exc)
+            else:
+                self._store_answered("job dispatch")
 
     async def _start(self, job: Job) -> None:
         self._claiming.add(job.id)
@@ -382,7 +401,7 @@ class JobRunner:
             except ie.DeadlineExceeded as exc:
                 changes = {"status": TIMED_OUT, "error": exc.message}
             except ie.ShuttingDown:
-                changes = requeue_changes(job)  # this server drains: another one runs it
+                changes = self._requeue(job)  # this server drains: another one runs it
             else:
                 images = [(img.data, img.media_type, img.seed, img.width, img.height)
                           for img in result.images]
@@ -398,8 +417,8 @@ class JobRunner:
             if job.id in self._cancelling or not self._closing:
                 changes = {"status": CANCELLED}
             else:
-                # Shutting down: back to the queue for the next server (once).
-                await self._record(job, requeue_changes(job))
+                # Shutting down: back to the queue for the next server (once, if it started).
+                await self._record(job, self._requeue(job))
                 raise
         except Exception as exc:  # noqa: BLE001 - any failure becomes the job's error
             message = handler.error_message(exc) if handler else str(exc)
@@ -430,7 +449,20 @@ class JobRunner:
             result = await self._generate(request, job, on_start)
         return request, result
 
+    def _requeue(self, job: Job) -> dict[str, Any]:
+        """:func:`requeue_changes` for a job of this runner, with its real start (if any)."""
+        started = self._started.get(job.id, job.started_at)
+        return requeue_changes(msgspec.structs.replace(job, started_at=started))
+
     async def _record(self, job: Job, changes: dict[str, Any]) -> None:
+        """Write a job's end (final, or back to the queue); never leaves it running here.
+
+        Outages are waited out (:meth:`_persist`). Any other failure to write is logged and the
+        job is failed with a plain reason instead: its outcome (images included) may be what
+        the store refuses, and a job left ``running`` under a live server is never reclaimed.
+        Only when this server stops (or the job expires) meanwhile is it left running, for the
+        next server to re-queue as after a crash.
+        """
         # Forgotten before the write: once it is awaited, the job must no longer count as
         # active (a cancel meanwhile finds no task to cancel, and purge skips it).
         self._active.pop(job.id, None)
@@ -439,19 +471,34 @@ class JobRunner:
         if started is not None and changes.get("status") != QUEUED:
             # The real start, even when its own write has not landed (or never will).
             changes = {"started_at": started, **changes}
-        if changes.get("status") == QUEUED:
-            await self.db.update(job.id, (RUNNING,), owner=self.worker_id, **changes)
-            self._release(job.id)
-            self._kick()
-            return
-        changes = {"finished_at": time.time(), **changes}
-        final = await self._persist(job, "record the outcome of", lambda: self.db.update(
-            job.id, (RUNNING,), owner=self.worker_id, **changes))
-        if final is not None:
+        if changes.get("status") != QUEUED:
+            changes = {"finished_at": time.time(), **changes}
+        try:
+            try:
+                final = await self._write_end(job, changes)
+            except Exception as exc:
+                if is_store_outage(exc):
+                    raise  # given up: this server stops, or the job expired
+                logger.error("could not record the outcome of job %s; failing it instead",
+                             job.id, exc_info=exc)
+                final = await self._write_end(job, {
+                    "status": FAILED, "finished_at": time.time(), "result": None,
+                    "error": "the server could not record this job's outcome; retry it"})
+        except Exception as exc:  # noqa: BLE001 - logged; the job task must end cleanly
+            logger.error("job %s is left running, for the next server to re-queue: %s: %s",
+                         job.id, type(exc).__name__, exc)
+            final = None
+        if final is not None and final.status != QUEUED:
             self._finish(final)
         else:
-            self._release(job.id)  # cancelled meanwhile: already final, already announced
+            # Back in the queue, cancelled meanwhile (already final and announced), or not
+            # written: whoever waits looks at the store again.
+            self._release(job.id)
         self._kick()
+
+    async def _write_end(self, job: Job, changes: dict[str, Any]) -> Job | None:
+        return await self._persist(job, "record the outcome of", lambda: self.db.update(
+            job.id, (RUNNING,), owner=self.worker_id, **changes))
 
     async def _persist(self, job: Job, what: str, write: Callable[[], Awaitable[T]]) -> T:
         """``write()``, retried while the store is unreachable (a Redis outage).
@@ -539,8 +586,23 @@ class JobRunner:
                         self._cancelling.add(job_id)
                         task.cancel()
                 self._kick()
-            except Exception:
-                logger.exception("job watch failed")
+            except Exception as exc:  # noqa: BLE001 - logged there; the loop goes on
+                self._store_failed("job watch", exc)
+            else:
+                self._store_answered("job watch")
+
+    def _store_failed(self, loop: str, exc: Exception) -> None:
+        """Log a loop's failure: an outage once (the loop retries every second), a bug each time."""
+        if not is_store_outage(exc):
+            logger.error("%s failed", loop, exc_info=exc)
+        elif not self._store_down.get(loop):
+            self._store_down[loop] = True
+            logger.warning("%s: the task store is unavailable (%s: %s); retrying until it "
+                           "answers", loop, type(exc).__name__, exc)
+
+    def _store_answered(self, loop: str) -> None:
+        if self._store_down.pop(loop, False):
+            logger.warning("%s: the task store answers again", loop)
 
     async def _sweep(self) -> None:
         while True:

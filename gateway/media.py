@@ -39,8 +39,12 @@ class MediaStore:
         """Store ``data``; return its name (the last URL segment)."""
         name = new_name(media_type)
         tmp = self.root / f".{name}.tmp"
-        tmp.write_bytes(data)
-        os.replace(tmp, self.root / name)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, self.root / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk must not keep half an image
+            raise
         return name
 
     def get(self, name: str) -> tuple[bytes, str] | None:

@@ -3,7 +3,9 @@
 On the first signal the engine stops admitting work (new requests get the dialect's 503 and
 ``/ready`` turns 503), queued and running work may finish within ``--drain-timeout-s``, what is
 still queued after that is answered with a clear shutdown error, and only then does uvicorn stop.
-A second SIGINT exits at once.
+Requests that wait on an async job answer at once with the job's state (as when their wait
+runs out); the job itself drains like any work, or goes back to the queue. A second SIGINT
+exits at once.
 """
 
 from __future__ import annotations
@@ -61,7 +63,11 @@ class DrainingServer(uvicorn.Server):
         self._drain_task = asyncio.ensure_future(self._drain_then_exit(sig))
 
     async def _drain_then_exit(self, sig: int) -> None:
-        engine = self._app.state.ctx.engine
+        ctx = self._app.state.ctx
+        engine = ctx.engine
+        # Requests that wait on a job (RunPod runsync, DashScope and ModelsLab sync calls)
+        # answer now with the job as it is: uvicorn would cut them off at its shutdown timeout.
+        ctx.jobs.release_waiters()
         try:
             await engine.drain(self._drain_timeout)
         finally:

@@ -312,7 +312,10 @@ class SqliteTaskStore:
                 )
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                # A failed COMMIT (disk full, I/O error) has already rolled back: a ROLLBACK
+                # then raises "no transaction is active" and hides the real error.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
         return job
 
@@ -427,8 +430,12 @@ class SqliteTaskStore:
         for i, (data, media_type, seed, width, height) in enumerate(images):
             name = f"{i}.{_EXT.get(media_type, 'png')}"
             tmp = folder / f".{name}.tmp"
-            tmp.write_bytes(data)
-            tmp.replace(folder / name)
+            try:
+                tmp.write_bytes(data)
+                tmp.replace(folder / name)
+            except BaseException:
+                tmp.unlink(missing_ok=True)  # a full disk must not keep half an image
+                raise
             stored.append(StoredImage(file=name, media_type=media_type, seed=seed, width=width,
                                       height=height))
         return stored
@@ -472,7 +479,15 @@ def check_list_args(payload_match: Mapping[str, str] | None, offset: int, limit:
 
 def requeue_changes(job: Job, max_requeues: int = MAX_REQUEUES,
                     reason: str = INTERRUPTED_REASON) -> dict[str, Any]:
-    """The update that puts an interrupted job back in the queue, or fails it past the cap."""
+    """The update that puts an interrupted job back in the queue, or fails it past the cap.
+
+    Only a job that started (``started_at``) spends its re-queue budget: one that was taken but
+    still waited in an engine queue did nothing that could have killed its server, and a server
+    takes more jobs than its engine runs at once, so restarts would otherwise fail jobs that
+    never ran.
+    """
+    if job.started_at is None:
+        return {"status": QUEUED, "worker_id": None}
     if job.requeues < max_requeues:
         return {"status": QUEUED, "started_at": None, "worker_id": None,
                 "requeues": job.requeues + 1}

@@ -84,3 +84,15 @@ def test_lock_is_reentrant_in_process_and_exclusive_across_processes(tmp_path: A
 @pytest.fixture(autouse=True)
 def _model_built(server: serving.LiveServer) -> None:
     """Subprocess servers share the session's model cache, built by the default server."""
+
+
+def test_a_damaged_job_store_is_one_line_and_status_2(tmp_path: Any) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "tasks.sqlite3").write_bytes(b"not a database, whatever it was " * 200)
+    proc = serve_cli(data, serving.free_port())
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("imagegate:")]
+    assert len(line) == 1 and str(data / "tasks.sqlite3") in line[0], proc.stderr
+    assert "file is not a database" in line[0], proc.stderr

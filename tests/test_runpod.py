@@ -571,15 +571,19 @@ def test_restart_runs_queued_and_requeues_interrupted_jobs(tmp_path: Any) -> Non
     store = job_store(tmp_path / "data")
     store.open()
     now = time.time()
-    left = {"queued": ("queued", 0, "dead-server"), "running": (RUNNING, 0, "dead-server"),
-            "twice": (RUNNING, 1, "dead-server"),
+    left = {"queued": ("queued", 0, "dead-server", None),
+            "running": (RUNNING, 0, "dead-server", now),
+            "twice": (RUNNING, 1, "dead-server", now),
+            # Taken but still waiting in the engine's queue: not an interruption of its own.
+            "waited": (RUNNING, 1, "dead-server", None),
             # Left running by an earlier run of the restarted server itself (a fixed replica id,
             # whose heartbeat the new run renews at once).
-            "own": (RUNNING, 0, "worker-a")}
-    for name, (status, requeues, worker) in left.items():
+            "own": (RUNNING, 0, "worker-a", now)}
+    for name, (status, requeues, worker, started) in left.items():
         store.create(Job(id=name, dialect="runpod", scope="anonymous/ep",
                          payload={"input": inp}, status=status, created_at=now,
-                         expires_at=now + 3600, worker_id=worker, requeues=requeues))
+                         expires_at=now + 3600, worker_id=worker, requeues=requeues,
+                         started_at=started))
     store.close()
     with serving.live_server(tmp_path, engine_factory=slow_factory(SlowRunner()),
                              replica_id="worker-a") as live:
@@ -587,7 +591,7 @@ def test_restart_runs_queued_and_requeues_interrupted_jobs(tmp_path: Any) -> Non
         assert again["status"] == "COMPLETED"
         assert again["output"] == done["output"]
         # Nothing accepted is lost: the queued job runs, the interrupted ones run again once.
-        for name in ("queued", "running", "own"):
+        for name in ("queued", "running", "waited", "own"):
             body = wait_status(live, name, ("COMPLETED", "FAILED"), timeout=120)
             assert body["status"] == "COMPLETED", (name, body)
         # Interrupted a second time: failed, saying why.

@@ -329,3 +329,74 @@ def test_a_model_that_fails_to_load_exits_non_zero(tmp_path):
     out = proc.stdout.read()
     assert code != 0, out
     assert "model failed to load" in out
+
+
+class Waiter(threading.Thread):
+    """POSTs one request that waits on an async job; keeps the response or the error."""
+
+    def __init__(self, url: str, body: dict, headers: dict | None = None) -> None:
+        super().__init__(daemon=True)
+        self.url, self.body, self.headers = url, body, headers or {}
+        self.response: httpx.Response | None = None
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.response = httpx.post(self.url, json=self.body, headers=self.headers,
+                                       timeout=DEADLINE * 2)
+        except Exception as exc:  # noqa: BLE001 - reported by result()
+            self.error = exc
+
+    def result(self) -> httpx.Response:
+        self.join(DEADLINE * 2)
+        assert not self.is_alive() and self.error is None, (self.url, self.error)
+        assert self.response is not None
+        return self.response
+
+
+@pytest.mark.timeout(600)
+def test_sigterm_answers_requests_waiting_on_jobs_with_the_job_state(tmp_path, server):
+    """RunPod runsync, DashScope and ModelsLab sync calls answer as when their wait runs out."""
+    # ``server`` only makes sure tiny-sdxl is built in the shared cache first.
+    # A drain too short for the jobs: they go back to the queue, for the next server.
+    proc, url = _serve(tmp_path, IMAGEGATE_MAX_BATCH_IMAGES="1", IMAGEGATE_DRAIN_TIMEOUT_S="1",
+                       IMAGEGATE_MODELSLAB_WAIT_S="300")
+    try:
+        _wait(lambda: _ready(url) or proc.poll() is not None, "the server to report ready")
+        assert proc.poll() is None, proc.stdout.read()
+        # The first job keeps the engine busy (one image per batch); the others wait behind it.
+        starts = _metric(url, "imagegate_queue_wait_seconds_count")
+        runpod = Waiter(f"{url}/v2/ep/runsync", {"input": {
+            "prompt": "x", "width": 256, "height": 256, "num_inference_steps": 150,
+            "refiner_inference_steps": 4}})
+        _wait(lambda: _metric(url, "imagegate_queue_wait_seconds_count") > starts,
+              "the runsync job to start")
+        dashscope = Waiter(f"{url}/api/v1/services/aigc/text2image/image-synthesis",
+                           {"model": "stable-diffusion-xl", "input": {"prompt": "x"},
+                            "parameters": {"size": "64*64", "steps": 2}})
+        modelslab = Waiter(f"{url}/api/v3/text2img", {"key": "k", "prompt": "x", "width": 64,
+                                                      "height": 64, "num_inference_steps": 2})
+        _wait(lambda: _metric(url, "imagegate_queue_images") >= 2, "two jobs to wait")
+        began = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        answers = [w.result() for w in (runpod, dashscope, modelslab)]
+        # Answered at once, not cut off at uvicorn's shutdown timeout (a bare 500).
+        assert time.monotonic() - began < DEADLINE
+        for answer in answers:
+            assert answer.status_code == 200, (answer.url, answer.status_code, answer.text)
+        body = answers[0].json()
+        assert body["id"] and body["status"] in ("IN_QUEUE", "IN_PROGRESS"), body
+        body = answers[1].json()
+        assert body["output"]["task_status"] in ("PENDING", "RUNNING"), body
+        assert body["output"]["task_id"]
+        body = answers[2].json()
+        assert body["status"] == "processing" and body["id"] and body["fetch_result"], body
+        try:
+            code = proc.wait(DEADLINE)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the server did not exit within {DEADLINE:.0f}s of draining")
+        assert code in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -141,3 +141,32 @@ def test_only_real_outages_are_503s() -> None:
     assert not is_store_outage(sqlite3.OperationalError("no such column: nope"))
     assert failure_from(sqlite3.OperationalError("database is locked")).status == 503
     assert failure_from(sqlite3.OperationalError("no such table: jobs")).status == 500
+
+
+def test_the_job_loops_log_an_outage_once_not_a_traceback_a_second(
+        shared_server: tuple[serving.LiveServer, SlowRunner, Outage],
+        caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    _live, _runner, outage = shared_server
+    caplog.set_level(logging.INFO, logger="gateway.jobs")
+
+    def loop_records() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "gateway.jobs"
+                and r.getMessage().startswith(("job dispatch", "job watch"))]
+
+    outage.on.set()
+    try:
+        # The dispatcher asks every second, the watcher every heartbeat (2 s): many refusals.
+        deadline = time.monotonic() + DEADLINE_S
+        while outage.refused < 10:
+            assert time.monotonic() < deadline, "the job loops never reached the store"
+            time.sleep(0.05)
+    finally:
+        outage.on.clear()
+    while not any("answers again" in r.getMessage() for r in loop_records()):
+        assert time.monotonic() < deadline, f"no recovery line: {loop_records()}"
+        time.sleep(0.05)
+    down = [r for r in loop_records() if "unavailable" in r.getMessage()]
+    assert 1 <= len(down) <= 2, [r.getMessage() for r in down]  # one per loop at most
+    assert not [r for r in loop_records() if r.exc_info], "a traceback per retry"

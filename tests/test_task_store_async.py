@@ -345,3 +345,21 @@ def test_a_taken_job_not_started_counts_and_lists_as_queued(any_store: Any) -> N
     # Once the engine starts it, the stored start moves it over.
     assert any_store.update("waiting", ("running",), started_at=6.0) is not None
     assert ids("running") == {"going", "waiting"} and any_store.stats("d", "s")["running"] == 2
+
+
+def test_reclaim_requeues_a_job_that_never_started_without_spending_its_budget(
+        any_store: Any) -> None:
+    """After a crash (kill -9): only a job that started counts the interruption."""
+    import time
+
+    from inference.tasks import FAILED, QUEUED, RUNNING
+
+    now = time.time()
+    for name, started in (("waited", None), ("ran", now - 1)):
+        any_store.create(Job(id=name, dialect="runpod", scope="s", payload={}, status=RUNNING,
+                             created_at=now, expires_at=now + 60, worker_id="gone",
+                             requeues=1, started_at=started))
+    assert any_store.reclaim(dead=("gone",)) == (1, 1)
+    waited, ran = any_store.get("waited"), any_store.get("ran")
+    assert (waited.status, waited.requeues, waited.worker_id) == (QUEUED, 1, None)
+    assert ran.status == FAILED and "re-queued once" in ran.error
