@@ -46,6 +46,16 @@ _EXT = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 GRACE_S = 3600
 # Jobs read per round trip when a filtered task list walks its window.
 LIST_CHUNK = 500
+# Drop a status index entry unless the job (read again, inside Redis) has that status now: the
+# job may have come back to it since it was read (re-queued, re-claimed), and an unconditional
+# ZREM/SREM would then drop a live entry and stall the job. KEYS: index, job; ARGV: member,
+# status, "z" for a sorted set or "s" for a set.
+_UNINDEX_UNLESS = """
+local doc = redis.call('GET', KEYS[2])
+if doc and cjson.decode(doc)['status'] == ARGV[2] then return 0 end
+if ARGV[3] == 'z' then return redis.call('ZREM', KEYS[1], ARGV[1]) end
+return redis.call('SREM', KEYS[1], ARGV[1])
+"""
 
 
 class RedisTaskStore:
@@ -169,13 +179,17 @@ class RedisTaskStore:
         raws = self.r.mget([self._k("job", i) for i in names])
         return [(name, self._load(raw)) for name, raw in zip(names, raws, strict=True)]
 
+    def _unindex_unless(self, index: str, job_id: str, status: str, kind: str) -> None:
+        """Remove ``job_id`` from ``index`` unless its job has ``status`` at this moment."""
+        self.r.eval(_UNINDEX_UNLESS, 2, index, self._k("job", job_id), job_id, status, kind)
+
     def queued(self, limit: int) -> list[Job]:
         """The oldest queued, unexpired jobs, oldest first."""
         now = time.time()
         out: list[Job] = []
         for job_id, job in self._jobs(self.r.zrange(self._k("queued"), 0, max(0, limit * 2))):
             if job is None or job.status != QUEUED:
-                self.r.zrem(self._k("queued"), job_id)  # stale index entry
+                self._unindex_unless(self._k("queued"), job_id, QUEUED, "z")  # stale entry
             elif job.expires_at > now:
                 out.append(job)
         return out[:limit]
@@ -318,7 +332,7 @@ class RedisTaskStore:
         running = []
         for job_id, job in self._jobs(list(self.r.smembers(self._k("running")))):
             if job is None or job.status != RUNNING:
-                self.r.srem(self._k("running"), job_id)
+                self._unindex_unless(self._k("running"), job_id, RUNNING, "s")
             else:
                 running.append(job)
         return reclaim_jobs(self, running, max_requeues, reason, dead)

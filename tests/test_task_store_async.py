@@ -363,3 +363,24 @@ def test_reclaim_requeues_a_job_that_never_started_without_spending_its_budget(
     waited, ran = any_store.get("waited"), any_store.get("ran")
     assert (waited.status, waited.requeues, waited.worker_id) == (QUEUED, 1, None)
     assert ran.status == FAILED and "re-queued once" in ran.error
+
+
+def test_redis_keeps_an_index_entry_for_a_job_that_came_back_to_its_status() -> None:
+    """queued() reads a job as taken; before it drops the entry as stale, another replica
+    re-queues the job. The drop checks the job again inside Redis, so the entry stays."""
+    with redis_store() as store:
+        store.create(Job(id="j", dialect="d", scope="s", payload={}, created_at=1.0,
+                         expires_at=4e9))
+        assert store.update("j", ("queued",), status="running", worker_id="w") is not None
+        stale = store._jobs(["j"])  # what queued() reads: taken
+        assert store.update("j", ("running",), status="queued", worker_id=None) is not None
+        real_jobs = store._jobs
+        store._jobs = lambda ids: stale  # the read happened before the re-queue
+        try:
+            assert store.queued(10) == []
+        finally:
+            store._jobs = real_jobs
+        assert [j.id for j in store.queued(10)] == ["j"], "a re-queued job lost its entry"
+        store.r.zadd(store._k("queued"), {"ghost": 1.0})  # a really stale entry still goes
+        store.queued(10)
+        assert store.r.zscore(store._k("queued"), "ghost") is None
