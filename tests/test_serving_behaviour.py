@@ -195,11 +195,7 @@ def test_sigterm_drains_then_exits(tmp_path):
         assert late.json()["error"]["code"] == "shutting_down"
         # Both finished within the drain.
         assert [t.result().status_code for t in threads] == [200, 200]
-        try:
-            code = proc.wait(DEADLINE)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"the server did not exit within {DEADLINE:.0f}s of draining")
-        assert code in (0, -signal.SIGTERM)
+        _assert_exits_after_drain(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -246,6 +242,14 @@ def _serve(tmp_path, *args: str, **env_extra: str) -> tuple[subprocess.Popen, st
     proc = subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return proc, f"http://127.0.0.1:{port}"
+
+
+def _assert_exits_after_drain(proc: subprocess.Popen) -> None:
+    try:
+        code = proc.wait(DEADLINE)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the server did not exit within {DEADLINE:.0f}s of draining")
+    assert code in (0, -signal.SIGTERM)
 
 
 def _ready(url: str) -> bool:
@@ -392,11 +396,7 @@ def test_sigterm_answers_requests_waiting_on_jobs_with_the_job_state(tmp_path, s
         assert body["output"]["task_id"]
         body = answers[2].json()
         assert body["status"] == "processing" and body["id"] and body["fetch_result"], body
-        try:
-            code = proc.wait(DEADLINE)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"the server did not exit within {DEADLINE:.0f}s of draining")
-        assert code in (0, -signal.SIGTERM)
+        _assert_exits_after_drain(proc)
     finally:
         if proc.poll() is None:
             proc.kill()
