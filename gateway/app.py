@@ -313,12 +313,13 @@ async def _sample_jobs(ctx: Any, metrics: Metrics) -> None:
     dashboard takes their max). A store outage leaves the last values: /metrics must answer.
     """
     try:
-        for dialect in sorted(ctx.jobs.handlers):
-            for status in ACTIVE:
-                count = await ctx.jobs.db.count([status], dialect=dialect)
-                metrics.jobs.labels(dialect, status).set(count)
+        counts = await ctx.jobs.db.active_counts()
     except Exception as exc:  # noqa: BLE001 - a scrape must never fail on the store
         logger.debug("imagegate_jobs not refreshed: %s: %s", type(exc).__name__, exc)
+        return
+    for dialect in sorted(ctx.jobs.handlers):
+        for status in ACTIVE:
+            metrics.jobs.labels(dialect, status).set(counts.get((dialect, status), 0))
 
 
 async def _start_engine(engine: Engine) -> None:

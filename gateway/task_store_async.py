@@ -95,6 +95,10 @@ class AsyncTaskStore:
         """The oldest queued jobs, oldest first."""
         return await self._call(self.store.queued, limit)
 
+    async def active_counts(self) -> dict[tuple[str, str], int]:
+        """Queued and running jobs (as stored) by (dialect, status)."""
+        return await self._call(self.store.active_counts)
+
     async def count(self, statuses: Sequence[str], dialect: str | None = None,
                     scope: str | None = None) -> int:
         """How many jobs are in ``statuses`` (optionally of one dialect and scope)."""

@@ -149,6 +149,10 @@ class TaskStore(Protocol):
         """Counts by :func:`client_status`, plus ``retried`` (jobs retried at least once)."""
         ...
 
+    def active_counts(self) -> dict[tuple[str, str], int]:
+        """Unexpired queued and running jobs (as stored) by (dialect, status), in one pass."""
+        ...
+
     def purge_queued(self, dialect: str, scope: str) -> list[str]:
         """Delete the queued jobs of one dialect and scope; return their ids."""
         ...
@@ -343,6 +347,15 @@ class SqliteTaskStore:
             args.append(scope)
         with self._lock:
             return int(self.conn.execute(sql, args).fetchone()[0])
+
+    def active_counts(self) -> dict[tuple[str, str], int]:
+        """Unexpired queued and running jobs (as stored) by (dialect, status), in one query."""
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT dialect, status, COUNT(*) FROM jobs WHERE status IN (?, ?) "
+                "AND expires_at > ? GROUP BY dialect, status", (*ACTIVE, time.time()),
+            ).fetchall()
+        return {(dialect, status): int(n) for dialect, status, n in rows}
 
     def stats(self, dialect: str, scope: str) -> dict[str, int]:
         """Counts by :func:`client_status`, plus ``retried``."""

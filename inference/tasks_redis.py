@@ -67,6 +67,7 @@ class RedisTaskStore:
         self.url = url
         self.prefix = prefix.rstrip(":")
         self._r: redis.Redis | None = None
+        self._unindex: Any = None  # the registered index-drop script, once open
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -74,6 +75,8 @@ class RedisTaskStore:
         """Connect (and check that Redis answers)."""
         self._r = redis.Redis.from_url(self.url)
         self._r.ping()
+        # EVALSHA with the script cached in Redis (sent again only if Redis lost it).
+        self._unindex = self._r.register_script(_UNINDEX_UNLESS)
 
     def close(self) -> None:
         """Disconnect."""
@@ -181,7 +184,7 @@ class RedisTaskStore:
 
     def _unindex_unless(self, index: str, job_id: str, status: str, kind: str) -> None:
         """Remove ``job_id`` from ``index`` unless its job has ``status`` at this moment."""
-        self.r.eval(_UNINDEX_UNLESS, 2, index, self._k("job", job_id), job_id, status, kind)
+        self._unindex(keys=[index, self._k("job", job_id)], args=[job_id, status, kind])
 
     def queued(self, limit: int) -> list[Job]:
         """The oldest queued, unexpired jobs, oldest first."""
@@ -208,6 +211,17 @@ class RedisTaskStore:
         return sum(1 for _, job in self._jobs(ids)
                    if job is not None and job.status in statuses and job.expires_at > now
                    and (dialect is None or job.dialect == dialect))
+
+    def active_counts(self) -> dict[tuple[str, str], int]:
+        """Unexpired queued and running jobs (as stored) by (dialect, status), in one read."""
+        ids = list(self.r.zrange(self._k("queued"), 0, -1)) + \
+            list(self.r.smembers(self._k("running")))
+        now = time.time()
+        out: dict[tuple[str, str], int] = {}
+        for _, job in self._jobs(ids):
+            if job is not None and job.status in ACTIVE and job.expires_at > now:
+                out[(job.dialect, job.status)] = out.get((job.dialect, job.status), 0) + 1
+        return out
 
     def stats(self, dialect: str, scope: str) -> dict[str, int]:
         """Counts by :func:`~inference.tasks.client_status`, plus ``retried``."""

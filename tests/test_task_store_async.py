@@ -384,3 +384,15 @@ def test_redis_keeps_an_index_entry_for_a_job_that_came_back_to_its_status() -> 
         store.r.zadd(store._k("queued"), {"ghost": 1.0})  # a really stale entry still goes
         store.queued(10)
         assert store.r.zscore(store._k("queued"), "ghost") is None
+
+
+def test_active_counts_are_by_dialect_and_stored_status_in_one_pass(any_store: Any) -> None:
+    """What ``imagegate_jobs`` shows: queued and running (as stored), unexpired, per dialect."""
+    for job_id, dialect, status, expires in (("a", "x", "queued", 4e9), ("b", "x", "running", 4e9),
+                                            ("c", "x", "running", 4e9), ("d", "y", "queued", 4e9),
+                                            ("e", "y", "completed", 4e9), ("f", "y", "queued", 1.0)):
+        any_store.create(Job(id=job_id, dialect=dialect, scope="s", payload={}, status=status,
+                             created_at=1.0, expires_at=expires,
+                             worker_id="w" if status == "running" else None))
+    assert any_store.active_counts() == {("x", "queued"): 1, ("x", "running"): 2,
+                                         ("y", "queued"): 1}
