@@ -32,8 +32,8 @@ def is_oom(exc: BaseException) -> bool:
 def _bind_device(device: str) -> None:
     """Make ``device`` the executor thread's current CUDA device (torch keeps one per thread).
 
-    Without it, device-less calls on that thread (empty_cache, CUDA-graph pools, inductor's
-    kernels' launch device) would use GPU 0 when the model lives on ``cuda:1``.
+    Without it, device-less calls on that thread (a stream wait, CUDA-graph pools, anything
+    that takes the current device) would use GPU 0 when the model lives on ``cuda:1``.
     """
     if device.startswith("cuda"):
         import torch
