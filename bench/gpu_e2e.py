@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import base64
 import io
 import json
 import os
 import re
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -88,8 +90,11 @@ def metrics_text(base):
     return httpx.get(base + "/metrics", timeout=30).text
 
 
+LIVE: list[Server] = []
+
+
 class Server:
-    """One `imagegate serve` subprocess."""
+    """One `imagegate serve` subprocess; stopped at exit, also when a timeout ends this run."""
 
     def __init__(self, name, folder, port, extra, cache):
         self.name, self.port = name, port
@@ -102,6 +107,7 @@ class Server:
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      cwd=str(ROOT))
+        LIVE.append(self)
 
     def wait_ready(self, limit):
         import httpx
@@ -121,6 +127,8 @@ class Server:
         return None
 
     def stop(self):
+        if self in LIVE:
+            LIVE.remove(self)
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -226,7 +234,15 @@ async def fixed_seed_images(base, size, steps, seeds):
         return out
 
 
+def _stop_servers_on_exit() -> None:
+    # `timeout` (bench/gpu_device.sh session) sends SIGTERM to this process only: without this a
+    # server left running would hold the GPU through the next measurement.
+    atexit.register(lambda: [srv.stop() for srv in list(LIVE)])
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def main():
+    _stop_servers_on_exit()
     ap = argparse.ArgumentParser()
     ap.add_argument("--dry", action="store_true")
     ap.add_argument("--phases", default="bare,served,warm,barec,fp8")
@@ -235,6 +251,12 @@ def main():
                     help="square sizes warmed and served, comma-separated (default 1024,768; "
                          "--dry: 256,128); one size halves a cold start's compiles, and the "
                          "burst then mixes batch sizes at that size only")
+    ap.add_argument("--bare-attention", default="auto",
+                    help="attention backends the bare eager phase is timed with, comma-separated "
+                         "(e.g. auto,cudnn: each is moved to the front of torch's SDPA order "
+                         "in turn, as --attention-backend does in the server); a name ending "
+                         "in '/bench' also turns on cuDNN's convolution autotuner "
+                         "(torch.backends.cudnn.benchmark) for that run")
     ap.add_argument("--serve-args", default="",
                     help="extra `imagegate serve` flags for every served phase, e.g. "
                          "'--compile-scope full'")
@@ -283,11 +305,22 @@ def main():
                   "1,8", "--max-batch-images", "8", *shlex.split(a.serve_args)]
 
     if "bare" in phases:
-        bare_time(pipe, 1, 2, size)
-        b1 = min(bare_time(pipe, 1, steps, size) for _ in range(2))
-        b8 = bare_time(pipe, 8, steps, size)
-        emit(phase="bare", mode="eager", b1_s=round(b1, 3), b8_s=round(b8, 3),
-             b8_img_s=round(8 / b8, 3))
+        from inference.attention import prefer_attention_backend
+
+        default_order = torch._C._get_sdp_priority_order()
+        for variant in a.bare_attention.split(","):
+            backend, _, bench = variant.partition("/")
+            prefer_attention_backend(backend, "cuda" if cuda else "cpu")
+            torch.backends.cudnn.benchmark = bench == "bench"
+            bare_time(pipe, 1, 2, size)
+            b1 = min(bare_time(pipe, 1, steps, size) for _ in range(2))
+            b8 = bare_time(pipe, 8, steps, size)
+            emit(phase="bare", mode="eager", attention=backend,
+                 conv_benchmark=torch.backends.cudnn.benchmark, b1_s=round(b1, 3),
+                 b8_s=round(b8, 3), b8_img_s=round(8 / b8, 3))
+            # The next backend (and any later in-process phase) starts from torch's own order.
+            torch._C._set_sdp_priority_order(list(default_order))
+            torch.backends.cudnn.benchmark = False
 
     bf16_images = []
     if "served" in phases:
