@@ -23,7 +23,8 @@ The design (issue 9), and why:
   batch size from 2 up (batch 1 gets its own specialisation, as dynamo always gives size-1
   dimensions), so there is no padding and a cold start compiles once per size instead of once per
   bucket and size, while the latent height and width, which most kernels' tiling depends on,
-  stay constants as in the static recipe.
+  stay constants as in the static recipe. A batch too large for the decoder's 32-bit indexing
+  is decoded in chunks rather than compiling a 64-bit graph (:data:`INT32_ELEMENTS`).
 - **A stance, not a promise**: after warm-up the process switches to torch's
   ``eager_on_recompile`` stance. Any input that the warmed graphs do not cover (a dtype, a size
   that breaks a guard) runs eagerly instead of compiling, so a user request never waits minutes.
@@ -220,9 +221,70 @@ def apply_compile(pipe: Any, options: CompileOptions) -> None:
             # copy per call is cheap.
             pipe.unet._compiled_call_impl = _cloning_outputs(pipe.unet._compiled_call_impl)
             decode = _cloning_outputs(decode)
+        if options.shapes != "static":
+            decode = _decoding_in_chunks(decode, pipe.vae)
         pipe.vae.decode = decode
     logger.info("torch.compile armed (scope=%s, mode=%s, %s shapes)", options.scope,
                 options.mode, options.shapes)
+
+
+# Inductor indexes a kernel's tensors with 32-bit integers where it can prove they fit, and for a
+# symbolic batch it proves it with a guard: the VAE decoder's batch-dynamic graph holds only while
+# its largest activation has at most this many elements. At 1024² that activation (256 channels
+# at full resolution, SDXL's VAE) has 2**28 elements per image, so a batch of 8 (exactly 2**31)
+# failed the guard and compiled a second, 64-bit graph: about 40 s more of cold start on an H200
+# (docs/benchmarks.md §4.7).
+INT32_ELEMENTS = 2**31 - 1
+
+
+def decoder_peak_elements(vae_config: Any, latent_height: int, latent_width: int) -> int | None:
+    """Elements per image of the largest activation in an AutoencoderKL decoder, or None.
+
+    The decoder runs its blocks from the widest (``block_out_channels[-1]``) to the narrowest,
+    doubling height and width after every block but the last; a block's output, and the next
+    block's input, are its channels at the doubled size.
+    """
+    channels = list(getattr(vae_config, "block_out_channels", None) or [])
+    if not channels:
+        return None
+    ups = len(channels) - 1
+    return max(c * (latent_height << min(i + 1, ups)) * (latent_width << min(i + 1, ups))
+               for i, c in enumerate(reversed(channels)))
+
+
+def decode_chunk_sizes(batch: int, per_image: int | None) -> list[int]:
+    """How a batch of ``batch`` latents is split so each decode stays within 32-bit indexing.
+
+    Even chunks (8 at 1024² is 4 + 4, not 7 + 1), so every chunk of a batch hits the same graph.
+    """
+    limit = max(1, INT32_ELEMENTS // per_image) if per_image else batch
+    if batch <= limit:
+        return [batch]
+    parts = -(-batch // limit)
+    size, extra = divmod(batch, parts)
+    return [size + 1] * extra + [size] * (parts - extra)
+
+
+def _decoding_in_chunks(decode: Any, vae: Any) -> Any:
+    """``vae.decode`` that decodes a large batch in chunks (see :data:`INT32_ELEMENTS`).
+
+    A convolutional decoder treats every image alone, so the chunks' images are the batch's.
+    """
+    config = getattr(vae, "config", None)
+
+    def call(latents: Any, *args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        sizes = decode_chunk_sizes(latents.shape[0],
+                                   decoder_peak_elements(config, *latents.shape[-2:]))
+        if len(sizes) == 1:
+            return decode(latents, *args, **kwargs)
+        outs = [decode(chunk, *args, **kwargs) for chunk in latents.split(sizes)]
+        if isinstance(outs[0], tuple):  # return_dict=False
+            return (torch.cat([o[0] for o in outs]), *outs[0][1:])
+        return type(outs[0])(sample=torch.cat([o.sample for o in outs]))
+
+    return call
 
 
 def uses_cuda_graphs(mode: str) -> bool:

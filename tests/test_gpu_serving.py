@@ -556,3 +556,48 @@ def test_the_executor_thread_binds_only_an_explicit_cuda_index(monkeypatch):
         finally:
             ex._thread.shutdown()
         assert bound == expected, device
+
+
+def test_sdxl_decoder_batches_past_32_bit_indexing_are_decoded_in_even_chunks():
+    from inference.compile import decode_chunk_sizes, decoder_peak_elements
+
+    class SdxlVaeConfig:
+        block_out_channels = (128, 256, 512, 512)
+
+    # 1024²: 256 channels at full resolution is the largest activation, 2**28 per image.
+    per_image = decoder_peak_elements(SdxlVaeConfig, 128, 128)
+    assert per_image == 256 * 1024 * 1024
+    assert decode_chunk_sizes(7, per_image) == [7]
+    assert decode_chunk_sizes(8, per_image) == [4, 4]  # 8 × 2**28 = 2**31: one too many
+    assert decode_chunk_sizes(9, per_image) == [5, 4]
+    assert decode_chunk_sizes(8, decoder_peak_elements(SdxlVaeConfig, 96, 96)) == [8]  # 768²
+    assert decode_chunk_sizes(8, None) == [8]  # a decoder of unknown shape is left alone
+
+
+@pytest.mark.parametrize("return_dict", [False, True])
+def test_a_decode_in_chunks_gives_the_images_of_one_decode(monkeypatch, return_dict):
+    from diffusers import AutoencoderKL
+
+    from inference import compile as compile_module
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
+                        norm_num_groups=4, sample_size=32).eval()
+    latents = torch.randn(5, 4, 8, 8)
+    calls: list[int] = []
+
+    def decode(z, return_dict=True):
+        calls.append(z.shape[0])
+        return vae.decode(z, return_dict=return_dict)
+
+    # 16 channels at 16×16 per image: a limit of 2 images' worth makes chunks of 2, 2 and 1.
+    monkeypatch.setattr(compile_module, "INT32_ELEMENTS", 2 * 16 * 16 * 16)
+    chunked = compile_module._decoding_in_chunks(decode, vae)
+    with torch.no_grad():
+        whole = vae.decode(latents, return_dict=False)[0]
+        out = chunked(latents, return_dict=return_dict)
+    assert calls == [2, 2, 1]
+    images = out.sample if return_dict else out[0]
+    assert images.shape == whole.shape
+    torch.testing.assert_close(images, whole, rtol=1e-5, atol=1e-5)
