@@ -34,27 +34,16 @@ case "${1:-}" in
     ;;
   session)
     # One device call that fits a whole session (15 min of device time, start-up included, at
-    # most 10 min per call): item 0, then, in the seconds left of ${2:-580}, one more measurement
-    # chosen by item 0's eager figures: if cuDNN attention beat the default by 3% or more at
-    # batch 8, the compiled batch-8 figure with it; else whether CUDA graphs bring batch 1
-    # under 0.8 s. Results of the second go to $OUT/extra.
-    end=$(( $(date +%s) + ${2:-580} ))
-    timeout $(( end - $(date +%s) )) sh "$0" plan 0 || echo "item 0 ended with $?"
+    # most 10 min per call): plan item ${2:-0c}, then, in the seconds left of ${3:-575}, whether
+    # CUDA graphs bring batch 1 under 0.8 s (results in $OUT/extra). Measured with item 0 on
+    # 2026-11-26 (docs/benchmarks.md §4.7): 523 s of the call; the extra did not fit then.
+    end=$(( $(date +%s) + ${3:-575} ))
+    timeout $(( end - $(date +%s) )) sh "$0" plan "${2:-0c}" || echo "item ${2:-0c} ended with $?"
     left=$(( end - $(date +%s) ))
-    extra=$(python3 - "$OUT/results.jsonl" <<'PY'
-import json, sys
-rows = [json.loads(line) for line in open(sys.argv[1]) if line.startswith("{")]
-b8 = {r.get("attention"): r["b8_s"] for r in rows if r.get("phase") == "bare"
-      and not r.get("conv_benchmark")}
-gain = b8["auto"] / b8["cudnn"] - 1 if "auto" in b8 and "cudnn" in b8 else 0.0
-print("full-batch-cudnn 8" if gain >= 0.03 else "full-static-graphs 1")
-PY
-) || extra="full-static-graphs 1"
-    echo "left ${left}s; extra: $extra"
-    [ "$left" -gt 120 ] || exit 0
-    set -- $extra
+    echo "left ${left}s for the extra"
+    [ "$left" -gt 150 ] || exit 0
     OUT="$OUT/extra" exec timeout "$left" sh "$0" run python3 -m bench.gpu_compile_variants \
-      --variants "$1" --batches "$2"
+      --variants full-static-graphs --batches 1
     ;;
   plan)
     # The measurements of docs/benchmarks.md §4.4 by number, so a short device session types
@@ -62,10 +51,13 @@ PY
     full='--compile-scope full --compile-shapes batch'
     case "${2:-}" in
       # One call for a session that may get only one: eager with and without cuDNN attention and
-      # cuDNN's convolution autotuner,
-      # then item 1 at one size, then item 1b (a warm restart) in the same call.
+      # cuDNN's convolution autotuner, then item 1 at one size and item 1b (a warm restart).
       0) set -- python3 -m bench.gpu_e2e --phases bare,served,warm --sizes 1024 \
            --bare-attention auto,cudnn,auto/bench --serve-args "$full" ;;
+      # Item 0 with cuDNN attention in the server too (+6.7% eager at batch 8, §4.7), the next
+      # session's first call.
+      0c) set -- python3 -m bench.gpu_e2e --phases bare,served,warm --sizes 1024 \
+           --bare-attention auto,cudnn --serve-args "$full --attention-backend cudnn" ;;
       1) set -- python3 -m bench.gpu_e2e --phases served --serve-args "$full" ;;
       1b) set -- python3 -m bench.gpu_e2e --phases warm --serve-args "$full" ;;
       2) set -- python3 -m bench.gpu_compile_variants --variants full-batch,full-static-graphs \
@@ -76,12 +68,12 @@ PY
       # bf16 images to compare with (its quality was measured with the regional recipe, §4.1).
       3) set -- python3 -m bench.gpu_e2e --phases fp8 --sizes 1024 --serve-args "$full" ;;
       4) set -- python3 -m bench.compile_features --scope full --shapes batch ;;
-      *) echo "plan items: 0 1 1b 2 2b 3 4 (docs/benchmarks.md §4.4)" >&2; exit 2 ;;
+      *) echo "plan items: 0 0c 1 1b 2 2b 3 4 (docs/benchmarks.md §4.4)" >&2; exit 2 ;;
     esac
     exec sh "$0" run "$@"
     ;;
   *)
-    echo "usage: sh bench/gpu_device.sh wheels | run COMMAND... | plan ITEM | session [SECONDS]" >&2
+    echo "usage: sh bench/gpu_device.sh wheels | run COMMAND... | plan ITEM | session [ITEM [SECONDS]]" >&2
     exit 2
     ;;
 esac
