@@ -20,6 +20,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from auth.keys import KeyStore
 from gateway import access_log
 from gateway.admin import admin_handlers
+from gateway.body_deadline import with_body_deadline
 from gateway.context import GatewayContext, bearer_token
 from gateway.dialects import discover
 from gateway.dialects.base import Dialect
@@ -68,11 +69,12 @@ class DialectRouter:
         return self.by_name.get(name) or self.for_path(scope["path"])
 
 
-def _request_middleware(metrics: Metrics, router: DialectRouter) -> Any:
-    """The per-request middleware: request id, nosniff, metrics and the access line.
+def _request_middleware(metrics: Metrics, router: DialectRouter, body_timeout_s: float) -> Any:
+    """The per-request middleware: request id, nosniff, body deadline, metrics, access line.
 
-    It echoes (or makes) X-Request-Id, adds X-Content-Type-Options: nosniff, counts and times
-    the request by route template and dialect, and logs one access line.
+    It echoes (or makes) X-Request-Id, adds X-Content-Type-Options: nosniff, bounds the time a
+    request body may take to arrive (:mod:`gateway.body_deadline`), counts and times the request
+    by route template and dialect, and logs one access line.
     """
 
     def factory(app: ASGIApp) -> ASGIApp:
@@ -81,6 +83,7 @@ def _request_middleware(metrics: Metrics, router: DialectRouter) -> Any:
                 await app(scope, receive, send)
                 return
             started = time.perf_counter()
+            receive = with_body_deadline(receive, body_timeout_s, time.monotonic())
             status = [500]
             incoming = dict(scope["headers"]).get(b"x-request-id")
             request_id = _clean_request_id(incoming) or uuid.uuid4().hex
@@ -274,7 +277,8 @@ def create_app(
     # Around Litestar's whole ASGI handler, not as route middleware (which only wraps matched
     # handlers): requests the router answers itself (404, 405) get a request id, nosniff, a
     # metric sample and an access line too.
-    app.asgi_handler = _request_middleware(metrics, router)(app.asgi_handler)
+    app.asgi_handler = _request_middleware(metrics, router,
+                                           settings.body_timeout_s)(app.asgi_handler)
     app.state.ctx = ctx
     return app
 

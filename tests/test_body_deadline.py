@@ -1,0 +1,68 @@
+"""A request body that trickles in is cut off at --body-timeout-s, in the dialect's envelope."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import openai
+import pytest
+
+from tests.fakes import FakeRunner, engine_factory
+from tests.serving import live_server
+
+SD_XL = "/rpc/2.0/ai_custom/v1/wenxinworkshop/text2image/sd_xl"
+
+
+def _post_part_of_a_body(url: str, path: str) -> tuple[int, dict]:
+    """Send headers announcing 500 bytes and only 20 of them; return the server's answer."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: 500\r\n\r\n".encode() + b'{"prompt": "a lighthous')
+        raw = b""
+        # Generous: the answer is due about one second after the headers.
+        while b"\r\n\r\n" not in raw or len(raw.partition(b"\r\n\r\n")[2]) < _length(raw):
+            chunk = sock.recv(65536)
+            assert chunk, f"the server closed the connection without an answer: {raw!r}"
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def _length(raw: bytes) -> int:
+    for line in raw.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 1 << 30
+
+
+@pytest.fixture(scope="module")
+def strict(tmp_path_factory):
+    with live_server(tmp_path_factory.mktemp("strict"), body_timeout_s=1,
+                     engine_factory=engine_factory(FakeRunner(delay=3.0))) as live:
+        yield live
+
+
+def test_a_body_that_never_completes_gets_a_408_in_the_openai_envelope(strict):
+    status, body = _post_part_of_a_body(strict.url, "/v1/images/generations")
+    assert status == 408
+    assert body["error"]["message"] == "the request body did not arrive within 1 s"
+    assert body["error"]["type"] == "invalid_request_error"
+
+
+def test_baidu_gets_the_same_cut_off_in_its_own_envelope(strict):
+    status, body = _post_part_of_a_body(strict.url, SD_XL)
+    assert status == 200  # Baidu's SDKs read errors from 200 answers
+    assert body["error_msg"].endswith("the request body did not arrive within 1 s")
+    assert isinstance(body["error_code"], int)
+
+
+def test_generating_longer_than_the_body_deadline_is_not_cut_off(strict):
+    # The fake runner takes 3 s, the body deadline is 1 s: only the body is timed.
+    client = openai.OpenAI(base_url=strict.url + "/v1", api_key="unused", max_retries=0,
+                           timeout=120)
+    result = client.images.generate(prompt="a lighthouse", size="64x64",
+                                    response_format="b64_json")
+    assert len(result.data) == 1 and result.data[0].b64_json
