@@ -9,8 +9,10 @@ webhooks). Up to ``concurrency`` jobs are on the engine at once, each an asyncio
 A job taken by the runner is ``running`` in the store (so no other replica takes it) but starts
 only when the engine starts its first batch: that moment is its ``started_at`` and arms its
 execution timeout. Until then it waits, and every view shows it as queued
-(:func:`inference.tasks.client_status`). What bounds the wait instead: the engine's own request
-deadline (``--request-timeout-s``, queue time included: TIMED_OUT when it passes), and the job's
+(:func:`inference.tasks.client_status`). The engine's request deadline (``--request-timeout-s``)
+is for synchronous requests: a job gets its own limit instead (what is left of its execution
+timeout, for admission; the timing is done here). What bounds the wait: the work ahead of it
+in the engine's queue (at most ``concurrency`` jobs are handed over at once), and the job's
 ttl, when the expiry sweep cancels and deletes it.
 
 The store is synchronous (SQLite or Redis); every call goes through :class:`~gateway.
@@ -446,7 +448,7 @@ class JobRunner:
                     return
                 deadline.reschedule(loop.time() + left)
 
-            result = await self._generate(request, job, on_start)
+            result = await self._generate(request, job, on_start, left)
         return request, result
 
     def _requeue(self, job: Job) -> dict[str, Any]:
@@ -536,11 +538,14 @@ class JobRunner:
                 logger.exception("job finish hook failed")
 
     async def _generate(self, request: GenerationRequest, job: Job,
-                        on_start: Callable[[], None]) -> GenerationResult:
+                        on_start: Callable[[], None], time_limit_s: float) -> GenerationResult:
         """``engine.generate``, waiting (not failing) while the engine's queue is full.
 
         When the engine starts the job (its ``started`` report): the start time is recorded
-        (here at once, in the store in the background) and ``on_start`` is called.
+        (here at once, in the store in the background) and ``on_start`` is called. The engine
+        gets the job's own time limit (what is left of its execution timeout), not the
+        server's request timeout: a job may run longer than a synchronous request, and its
+        deadline here counts from its start, not its wait in the queue.
         """
 
         def on_progress(progress: Progress) -> None:
@@ -551,7 +556,8 @@ class JobRunner:
 
         while True:
             try:
-                return await self.engine.generate(request, on_progress=on_progress)
+                return await self.engine.generate(request, on_progress=on_progress,
+                                                  time_limit_s=time_limit_s)
             except ie.QueueFull as exc:
                 await asyncio.sleep(min(max(exc.retry_after, 0.1), 1.0))
 

@@ -94,6 +94,9 @@ class Ticket:
     prompt_tokens: int = 0
     # Work units of the whole request (inference.cost), for cost-based admission.
     units: float = 0.0
+    # What admission measures the request against: None, the request timeout (queue time
+    # included); else a caller's own execution limit (an async job's, timed from its start).
+    time_limit_s: float | None = None
     # Progress reporting (inference/progress.py): the caller's callback and what it was sent.
     on_progress: Callable[[Progress], None] | None = None
     progress_started: bool = False

@@ -567,8 +567,15 @@ class Engine:
         on_progress: Callable[[Progress], None] | None = None,
         *,
         tag: str | None = None,
+        time_limit_s: float | None = None,
     ) -> GenerationResult:
         """Validate, queue and run ``request``; cancelling the caller drops it from the queue.
+
+        By default the request must finish within ``--request-timeout-s``, queue time included:
+        admission refuses what could not, and a timer drops it when the time is up. A caller
+        that times the work itself (the job runner: an async job's execution timeout counts
+        from its start, not its wait in the queue) passes ``time_limit_s`` instead: admission
+        measures the request alone against it, and the engine sets no timer of its own.
 
         ``on_progress`` (called on the event loop, never after this returns or is cancelled)
         gets a ``started`` report at step 0 when the first batch starts, rate-limited step
@@ -585,12 +592,14 @@ class Engine:
         loop = asyncio.get_running_loop()
         ticket = self._ticket(prepared, loop.create_future())
         ticket.on_progress = on_progress
+        ticket.time_limit_s = time_limit_s
         if tag is not None:
             self._tagged.setdefault(tag, set()).add(ticket)
         self._scheduler.submit(ticket)
         timeout = self.config.request_timeout_s
         # A timer rather than wait_for(shield(...)): this is the per-request hot path.
-        timer = loop.call_later(timeout, self._expire, ticket, timeout)
+        timer = (loop.call_later(timeout, self._expire, ticket, timeout)
+                 if time_limit_s is None else None)
         try:
             result = await ticket.future
             if ticket.partial_waiters:
@@ -601,7 +610,8 @@ class Engine:
             raise
         finally:
             ticket.progress_closed = True
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
             if tag is not None:
                 tagged = self._tagged.get(tag)
                 if tagged is not None:

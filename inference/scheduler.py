@@ -176,10 +176,13 @@ class Scheduler:
         megapixels = image_megapixels(ticket.request) * n
         batches = math.ceil(n / self.max_batch_images)
         own = self.cost.seconds(megapixels, units, batches) if self.cost.known else 0.0
-        if own > self.request_timeout_s:
+        limit, limit_name = ((self.request_timeout_s, "request timeout")
+                             if ticket.time_limit_s is None
+                             else (ticket.time_limit_s, "execution timeout"))
+        if own > limit:
             raise InvalidRequest(
                 f"this request would take about {own:.0f}s on this server, more than the "
-                f"{self.request_timeout_s:g}s request timeout; ask for fewer or smaller images "
+                f"{limit:g}s {limit_name}; ask for fewer or smaller images "
                 "or fewer steps", field="n" if n > 1 else "steps")
         if not self.has_room(n):
             raise QueueFull(
@@ -191,7 +194,8 @@ class Scheduler:
             ahead = self.cost.seconds(self._queued_megapixels + self._running_megapixels,
                                       self._queued_units + self._running_units,
                                       self._queued_batches())
-            if ahead + own > self.request_timeout_s:
+            # A caller with its own execution limit does not count queue time against it.
+            if ticket.time_limit_s is None and ahead + own > self.request_timeout_s:
                 raise QueueFull(
                     f"the queue holds about {ahead:.0f}s of work; this request could not finish "
                     f"within the {self.request_timeout_s:g}s request timeout; retry later",

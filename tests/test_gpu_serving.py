@@ -468,6 +468,32 @@ async def test_admission_refuses_what_cannot_finish_inside_the_request_timeout()
     await engine.drain(5)
 
 
+async def test_a_caller_with_its_own_time_limit_is_admitted_against_it_and_not_timed_out():
+    """Async jobs: their execution timeout, not --request-timeout-s, bounds them (jobs.py)."""
+    runner = CostlyRunner()
+    engine = fake_engine(runner, max_batch_images=1, request_timeout_s=30.0,
+                         warmup_sizes=((64, 64), (128, 128)), warmup_batch_sizes=(1,))
+    await engine.start()
+    big = req(width=1024, height=1024, steps=150, n=4)  # ≈ 48 s alone: over the 30 s timeout
+    with pytest.raises(InvalidRequest) as err:
+        await engine.generate(big, time_limit_s=20.0)
+    assert "20s execution timeout" in err.value.message and err.value.field == "n"
+    # Behind a queue that a synchronous request could not wait out, a job is admitted: its
+    # limit counts from its own start.
+    runner.hold()
+    queued = [asyncio.create_task(engine.generate(req(f"q{i}", width=1024, height=1024,
+                                                      steps=100))) for i in range(3)]
+    await wait_until(lambda: runner.entered.is_set() and engine.queued_images == 2,
+                     "one running, two queued")
+    job = asyncio.create_task(engine.generate(req("job", width=1024, height=1024, steps=100),
+                                              time_limit_s=20.0))
+    await wait_until(lambda: engine.queued_images == 3, "the job queued behind the others")
+    runner.release()
+    await asyncio.gather(*queued)
+    assert (await job).images, "the job ran"
+    await engine.drain(5)
+
+
 def test_n_larger_than_the_queue_is_a_400_not_a_429(tmp_path):
     runner = FakeRunner()
     with live_server(tmp_path, engine_factory=engine_factory(runner), max_queue_images=4) as srv:

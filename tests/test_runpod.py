@@ -545,6 +545,27 @@ def test_execution_timeout_and_times_count_from_the_engine_start(tmp_path: Any) 
         assert (health["completed"], health["failed"]) == (4, 1), health  # the slow one too
 
 
+def test_a_job_may_run_past_the_synchronous_request_timeout(tmp_path: Any) -> None:
+    """--request-timeout-s bounds synchronous requests; a job is bounded by its own timeout."""
+    runner = GateRunner()
+    inp = {"prompt": "hold", "width": 64, "height": 64, "refiner_inference_steps": 4}
+    with serving.live_server(tmp_path, engine_factory=slow_factory(runner),
+                             request_timeout_s=1.0, max_batch_images=1) as live:
+        url = f"{live.url}/v2/ep"
+        job = httpx.post(f"{url}/run", json={"input": inp}, timeout=120).json()
+        assert wait_status(live, job["id"], ("IN_PROGRESS",))["status"] == "IN_PROGRESS"
+        began = time.monotonic()
+        # Well past the 1 s request timeout (it used to end the job there), still running.
+        while time.monotonic() - began < 2.5:
+            body = httpx.get(f"{url}/status/{job['id']}", timeout=120).json()
+            assert body["status"] == "IN_PROGRESS", body
+            time.sleep(0.1)
+        runner.gate.set()
+        body = wait_status(live, job["id"], ("COMPLETED", "FAILED", "TIMED_OUT"))
+        assert body["status"] == "COMPLETED", body
+        assert body["executionTime"] > 2000, body
+
+
 def test_missing_results_and_long_unknown_ids_are_404s(rp: serving.LiveServer) -> None:
     """A completed job whose files are gone answers like an expired one (404, never a 500);
     an unknown id is quoted in the 404 only up to 64 characters."""
