@@ -20,7 +20,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from auth.keys import KeyStore
 from gateway import access_log
 from gateway.admin import admin_handlers
-from gateway.body_deadline import with_body_deadline
+from gateway.body_deadline import BodyDeadline
 from gateway.context import GatewayContext, bearer_token
 from gateway.dialects import discover
 from gateway.dialects.base import Dialect
@@ -83,7 +83,7 @@ def _request_middleware(metrics: Metrics, router: DialectRouter, body_timeout_s:
                 await app(scope, receive, send)
                 return
             started = time.perf_counter()
-            receive = with_body_deadline(receive, body_timeout_s, time.monotonic())
+            body = BodyDeadline(scope, receive, body_timeout_s)
             status = [500]
             incoming = dict(scope["headers"]).get(b"x-request-id")
             request_id = _clean_request_id(incoming) or uuid.uuid4().hex
@@ -97,10 +97,12 @@ def _request_middleware(metrics: Metrics, router: DialectRouter, body_timeout_s:
                     headers = MutableScopeHeaders.from_message(message)
                     headers["x-request-id"] = request_id
                     headers["x-content-type-options"] = "nosniff"
+                    if not body.complete:
+                        headers["connection"] = "close"
                 await send(message)
 
             try:
-                await app(scope, receive, wrapped_send)
+                await app(scope, body.receive, wrapped_send)
             finally:
                 access_log.end(token)
                 handler = scope.get("route_handler")

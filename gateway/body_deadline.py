@@ -5,6 +5,10 @@ keeps a connection, and whatever the handler holds, alive for as long as the cli
 clock starts when the request's headers have arrived; the body must be complete within
 ``--body-timeout-s``. After the last body message the deadline no longer applies, so waiting for
 ``http.disconnect`` while an image is generated (:mod:`gateway.disconnect`) is unaffected.
+
+A response that starts while the body is still incomplete (this deadline's 408, or any answer
+given before the body was read) closes the connection: otherwise the server would go on
+reading, and discarding, whatever the client still sends.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from litestar.types import Message, Receive
+from litestar.types import Message, Receive, Scope
 
 from gateway.errors import ApiError
 
@@ -23,29 +27,38 @@ def body_timeout_error(seconds: float) -> ApiError:
                     status=408)
 
 
-def with_body_deadline(receive: Receive, seconds: float, started: float) -> Receive:
-    """``receive``, raising :func:`body_timeout_error` if the body is late.
+def _announces_body(scope: Scope) -> bool:
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding":
+            return True
+        if name == b"content-length":
+            return value.strip() not in (b"0", b"")
+    return False
 
-    Late: ``started + seconds`` has passed (``started`` is a ``time.monotonic()`` reading) and the
-    last body message has not arrived.
-    """
-    deadline = started + seconds
-    body_done = False
 
-    async def receive_in_time() -> Message:
-        nonlocal body_done
-        if body_done:
-            return await receive()
-        left = deadline - time.monotonic()
+class BodyDeadline:
+    """Wraps one request's ``receive``; :attr:`complete` says whether its body has arrived."""
+
+    def __init__(self, scope: Scope, receive: Receive, seconds: float) -> None:
+        self._receive = receive
+        self.seconds = seconds
+        # Started now: the request's headers have just arrived.
+        self.deadline = time.monotonic() + seconds
+        # A request without a body (most GETs) never needs to call receive to be complete.
+        self.complete = not _announces_body(scope)
+
+    async def receive(self) -> Message:
+        """The next message; raises :func:`body_timeout_error` if the body is late."""
+        if self.complete:
+            return await self._receive()
+        left = self.deadline - time.monotonic()
         if left <= 0:
-            raise body_timeout_error(seconds)
+            raise body_timeout_error(self.seconds)
         try:
             async with asyncio.timeout(left):
-                message = await receive()
+                message = await self._receive()
         except TimeoutError:
-            raise body_timeout_error(seconds) from None
+            raise body_timeout_error(self.seconds) from None
         if message["type"] != "http.request" or not message.get("more_body", False):
-            body_done = True
+            self.complete = True
         return message
-
-    return receive_in_time

@@ -441,6 +441,8 @@ class JobRunner:
         async with asyncio.timeout(began + budget) as deadline:
             request = await handler.prepare(job)
             left = budget - (loop.time() - began)
+            if left <= 0:  # preparing (fetching inputs) spent the budget
+                raise TimeoutError
             deadline.reschedule(None)
 
             def on_start() -> None:
@@ -448,7 +450,7 @@ class JobRunner:
                     return
                 deadline.reschedule(loop.time() + left)
 
-            result = await self._generate(request, job, on_start, left)
+            result = await self._generate(request, job, on_start, budget)
         return request, result
 
     def _requeue(self, job: Job) -> dict[str, Any]:
@@ -543,9 +545,9 @@ class JobRunner:
 
         When the engine starts the job (its ``started`` report): the start time is recorded
         (here at once, in the store in the background) and ``on_start`` is called. The engine
-        gets the job's own time limit (what is left of its execution timeout), not the
-        server's request timeout: a job may run longer than a synchronous request, and its
-        deadline here counts from its start, not its wait in the queue.
+        gets the job's own execution timeout for admission (a job that could not finish in it
+        even alone fails at once), not the server's request timeout: a job may run longer than
+        a synchronous request. What is left of the budget is enforced here, from the start.
         """
 
         def on_progress(progress: Progress) -> None:

@@ -242,20 +242,27 @@ def decoder_peak_elements(vae_config: Any, latent_height: int, latent_width: int
 
     The decoder runs its blocks from the widest (``block_out_channels[-1]``) to the narrowest,
     doubling height and width after every block but the last; a block's output, and the next
-    block's input, are its channels at the doubled size.
+    block's input, are its channels at the doubled size. Its mid-block attention (one head, at
+    the latent size) has a (h·w)² score matrix wherever SDPA's math kernel runs it: at 1024² as
+    large as the largest activation, and larger above.
     """
     channels = list(getattr(vae_config, "block_out_channels", None) or [])
     if not channels:
         return None
     ups = len(channels) - 1
-    return max(c * (latent_height << min(i + 1, ups)) * (latent_width << min(i + 1, ups))
+    peak = max(c * (latent_height << min(i + 1, ups)) * (latent_width << min(i + 1, ups))
                for i, c in enumerate(reversed(channels)))
+    if getattr(vae_config, "mid_block_add_attention", True):
+        peak = max(peak, (latent_height * latent_width) ** 2)
+    return peak
 
 
 def decode_chunk_sizes(batch: int, per_image: int | None) -> list[int]:
     """How a batch of ``batch`` latents is split so each decode stays within 32-bit indexing.
 
-    Even chunks (8 at 1024² is 4 + 4, not 7 + 1), so every chunk of a batch hits the same graph.
+    Even chunks (8 at 1024² is 4 + 4, not 7 + 1): sizes differ by one image at most, so a
+    batch's chunks share the batch-dynamic graph (a chunk of one uses the batch-1 graph, which
+    warm-up always compiles).
     """
     limit = max(1, INT32_ELEMENTS // per_image) if per_image else batch
     if batch <= limit:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 
+import httpx
 import openai
 import pytest
 
@@ -14,8 +15,8 @@ from tests.serving import live_server
 SD_XL = "/rpc/2.0/ai_custom/v1/wenxinworkshop/text2image/sd_xl"
 
 
-def _post_part_of_a_body(url: str, path: str) -> tuple[int, dict]:
-    """Send headers announcing 500 bytes and only 20 of them; return the server's answer."""
+def _post_part_of_a_body(url: str, path: str) -> tuple[int, dict, bytes]:
+    """Send headers announcing 500 bytes and only 20 of them; the answer's status, body, head."""
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=60) as sock:
         sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
@@ -27,7 +28,7 @@ def _post_part_of_a_body(url: str, path: str) -> tuple[int, dict]:
             assert chunk, f"the server closed the connection without an answer: {raw!r}"
             raw += chunk
     head, _, body = raw.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(body)
+    return int(head.split()[1]), json.loads(body), head.lower()
 
 
 def _length(raw: bytes) -> int:
@@ -46,15 +47,18 @@ def strict(tmp_path_factory):
 
 
 def test_a_body_that_never_completes_gets_a_408_in_the_openai_envelope(strict):
-    status, body = _post_part_of_a_body(strict.url, "/v1/images/generations")
+    status, body, head = _post_part_of_a_body(strict.url, "/v1/images/generations")
     assert status == 408
     assert body["error"]["message"] == "the request body did not arrive within 1 s"
     assert body["error"]["type"] == "invalid_request_error"
+    # Closed, not kept alive: else the server would go on reading what the client trickles.
+    assert b"\r\nconnection: close" in head
 
 
 def test_baidu_gets_the_same_cut_off_in_its_own_envelope(strict):
-    status, body = _post_part_of_a_body(strict.url, SD_XL)
+    status, body, head = _post_part_of_a_body(strict.url, SD_XL)
     assert status == 200  # Baidu's SDKs read errors from 200 answers
+    assert b"\r\nconnection: close" in head
     assert body["error_msg"].endswith("the request body did not arrive within 1 s")
     assert isinstance(body["error_code"], int)
 
@@ -66,3 +70,13 @@ def test_generating_longer_than_the_body_deadline_is_not_cut_off(strict):
     result = client.images.generate(prompt="a lighthouse", size="64x64",
                                     response_format="b64_json")
     assert len(result.data) == 1 and result.data[0].b64_json
+
+
+def test_requests_whose_body_was_read_keep_their_connection(strict):
+    with httpx.Client(base_url=strict.url, timeout=120) as client:
+        health = client.get("/health")
+        made = client.post("/v1/images/generations",
+                           json={"prompt": "a lighthouse", "size": "64x64"})
+    assert health.status_code == 200 and made.status_code == 200, made.text
+    assert "close" not in health.headers.get("connection", "")
+    assert "close" not in made.headers.get("connection", "")

@@ -598,6 +598,9 @@ def test_sdxl_decoder_batches_past_32_bit_indexing_are_decoded_in_even_chunks():
     assert decode_chunk_sizes(9, per_image) == [5, 4]
     assert decode_chunk_sizes(8, decoder_peak_elements(SdxlVaeConfig, 96, 96)) == [8]  # 768²
     assert decode_chunk_sizes(8, None) == [8]  # a decoder of unknown shape is left alone
+    # 1152²: the mid-block attention's (144²)² scores outgrow the activations.
+    assert decoder_peak_elements(SdxlVaeConfig, 144, 144) == (144 * 144) ** 2
+    assert decode_chunk_sizes(5, decoder_peak_elements(SdxlVaeConfig, 144, 144)) == [3, 2]
 
 
 @pytest.mark.parametrize("return_dict", [False, True])

@@ -361,13 +361,19 @@ class DashScopeDialect(AsyncTaskDialect):
         canonical = self.to_canonical(body)
         self.tasks.check_request(canonical, self.field_names)
         request_id = _request_id()
+        settings = self.ctx.settings
+        waiting = request.headers.get("x-dashscope-async", "").strip().lower() != "enable"
         job = await self.tasks.submit(
             principal, scope=principal.id, images=canonical.n,
             payload={"request": encode_request(canonical), "model": body.model,
                      "request_id": request_id},
+            # A caller that waits gives up after the request timeout: its task should not run
+            # on, unwatched, for longer than that.
+            execution_timeout_s=(min(settings.request_timeout_s, settings.job_execution_timeout_s)
+                                 if waiting else None),
         )
-        if request.headers.get("x-dashscope-async", "").strip().lower() != "enable":
-            done = await self.tasks.wait(job.id, self.ctx.settings.request_timeout_s)
+        if waiting:
+            done = await self.tasks.wait(job.id, settings.request_timeout_s)
             return json_response(await self.task_body(done, job.id, request, request_id))
         return json_response(TaskResponse(
             request_id=request_id,
