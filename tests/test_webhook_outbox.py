@@ -1,19 +1,24 @@
-"""The durable webhook outbox in the task stores: at-least-once delivery across server stops.
+"""The durable webhook outbox: at-least-once delivery across server stops.
 
 Store level (SQLite and Redis alike): the write that makes a job final makes its webhook
 pending; one server at a time claims it (compare-and-set); a claim of a dead server, or one
 past its lease, can be claimed again; rounds are bounded; the end of a delivery is recorded only
-by its claimer; jobs stored before the outbox existed still decode.
+by its claimer; jobs stored before the outbox existed still decode. Over a real socket: a
+server stopped while its webhook waits for a retry, and a job finished just before a crash,
+both get their webhook delivered by the next server on the same data dir.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import httpx
 import msgspec
 import pytest
 
@@ -32,6 +37,8 @@ from inference.tasks import (
     settle_webhook,
     webhook_claim,
 )
+from tests import serving
+from tests.test_runpod import SlowRunner, slow_factory
 from tests.test_task_store_async import redis_store
 
 DEADLINE_S = 120
@@ -243,3 +250,145 @@ def test_redis_drops_stale_outbox_entries() -> None:
         assert store.r.smembers(store._k("webhooks")) == {b"w"}
         store.delete("w")
         assert store.r.smembers(store._k("webhooks")) == set()
+
+
+# -- over a real socket: the next server delivers -----------------------------------------------
+
+
+class Receiver:
+    """A webhook receiver on a loopback port: answers 500 while ``refusing``, records posts."""
+
+    def __init__(self) -> None:
+        self.posts: list[dict[str, Any]] = []
+        self.refusing = True
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                outer.posts.append(json.loads(body))
+                status = 500 if outer.refusing else 200
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def posts_for(self, job_id: str) -> list[dict[str, Any]]:
+        return [p for p in self.posts if p.get("id") == job_id]
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver()
+    yield r
+    r.httpd.shutdown()
+
+
+def test_the_next_server_delivers_what_a_stopped_server_left_pending(
+        tmp_path: Any, receiver: Receiver, caplog: pytest.LogCaptureFixture) -> None:
+    inp = {"prompt": "x", "width": 64, "height": 64, "refiner_inference_steps": 4}
+    # A retry an hour away: only the next server can deliver this webhook.
+    settings = {"webhook_allow": "127.0.0.1", "webhook_retry_delay_s": 3600,
+                "webhook_timeout_s": 5}
+    with serving.live_server(tmp_path, engine_factory=slow_factory(SlowRunner()),
+                             **settings) as live:
+        r = httpx.post(f"{live.url}/v2/ep/run", json={"input": inp, "webhook": receiver.url},
+                       timeout=DEADLINE_S)
+        assert r.status_code == 200, r.text
+        job_id = r.json()["id"]
+        wait_for("the first (refused) webhook attempt", lambda: receiver.posts_for(job_id))
+        store = live.app.state.ctx.jobs.store
+        job = store.get(job_id)
+        assert job.status == COMPLETED and job.webhook_state == WEBHOOK_PENDING, job
+        assert job.webhook_owner == live.app.state.ctx.jobs.worker_id
+    assert len(receiver.posts_for(job_id)) == 1
+    # A job whose final write landed just before a crash: pending, its delivery never started.
+    store = job_store(tmp_path / "data")
+    store.open()
+    try:
+        crashed = finished(store, "crashed", webhook=receiver.url, status=FAILED,
+                           scope="anonymous/ep", payload={"input": inp}, error="boom",
+                           **webhook_claim("crashed-server", 3600))
+        assert crashed.webhook_state == WEBHOOK_PENDING
+        assert store.get(job_id).webhook_state == WEBHOOK_PENDING
+    finally:
+        store.close()
+    receiver.refusing = False
+    caplog.set_level(logging.WARNING, logger="gateway.outbox")
+    with serving.live_server(tmp_path, engine_factory=slow_factory(SlowRunner()),
+                             **settings) as live:
+        posts = wait_for("the resumed webhook of the stopped server's job",
+                         lambda: receiver.posts_for(job_id)[1:])
+        assert posts[0]["status"] == "COMPLETED" and posts[0]["output"]["images"], posts
+        crash_posts = wait_for("the webhook of the job finished before a crash",
+                               lambda: receiver.posts_for("crashed"))
+        assert crash_posts[0]["status"] == "FAILED" and crash_posts[0]["error"] == "boom"
+        store = live.app.state.ctx.jobs.store
+        for done in (job_id, "crashed"):
+            wait_for(f"job {done}'s delivery recorded as sent",
+                     lambda d=done: store.get(d).webhook_state == WEBHOOK_SENT)
+        assert live.metric("imagegate_webhook_deliveries_total",
+                           {"dialect": "runpod", "outcome": "sent"}) == 2
+        assert any("resuming 2 pending webhook deliveries left by a stopped server"
+                   in rec.getMessage() for rec in caplog.records), caplog.text
+    # Sent once each by the second server: not again by a third.
+    with serving.live_server(tmp_path, engine_factory=slow_factory(SlowRunner()),
+                             **settings) as live:
+        assert live.app.state.ctx.jobs.store.pending_webhooks() == []
+    assert len(receiver.posts_for(job_id)) == 2 and len(receiver.posts_for("crashed")) == 1
+
+
+def test_a_delivery_whose_every_attempt_failed_is_failed_and_not_resent(
+        tmp_path: Any, receiver: Receiver) -> None:
+    inp = {"prompt": "x", "width": 64, "height": 64, "refiner_inference_steps": 4}
+    settings = {"webhook_allow": "127.0.0.1", "webhook_retry_delay_s": 0.05,
+                "webhook_timeout_s": 5}
+    with serving.live_server(tmp_path, engine_factory=slow_factory(SlowRunner()),
+                             **settings) as live:
+        r = httpx.post(f"{live.url}/v2/ep/run", json={"input": inp, "webhook": receiver.url},
+                       timeout=DEADLINE_S)
+        job_id = r.json()["id"]
+        store = live.app.state.ctx.jobs.store
+        wait_for("the delivery recorded as failed after its 3 refused attempts",
+                 lambda: store.get(job_id).webhook_state == WEBHOOK_FAILED)
+        assert len(receiver.posts_for(job_id)) == 3
+        assert live.metric("imagegate_webhook_deliveries_total",
+                           {"dialect": "runpod", "outcome": "failed"}) == 1
+        assert store.pending_webhooks() == []
+    receiver.refusing = False
+    with serving.live_server(tmp_path, engine_factory=slow_factory(SlowRunner()),
+                             **settings) as live:
+        assert live.app.state.ctx.jobs.store.get(job_id).webhook_state == WEBHOOK_FAILED
+    assert len(receiver.posts_for(job_id)) == 3
+
+
+def test_a_replica_resumes_deliveries_of_dead_replicas_but_not_of_live_ones(
+        tmp_path: Any, receiver: Receiver) -> None:
+    """Redis: the watch loop (not only the start) claims what a dead replica left pending."""
+    receiver.refusing = False
+    with redis_store() as store:
+        redis_url = f"redis://127.0.0.1:6379/{store.r.connection_pool.connection_kwargs['db']}"
+        with serving.live_server(tmp_path, engine_factory=slow_factory(SlowRunner()),
+                                 redis_url=redis_url, redis_prefix=store.prefix,
+                                 webhook_allow="127.0.0.1") as live:
+            extra = {"scope": "anonymous/ep", "payload": {"input": {"prompt": "x"}},
+                     "status": FAILED, "error": "boom", "webhook": receiver.url}
+            # Written after the server started: only its watch loop can find them.
+            store.heartbeat("alive", 600)
+            finished(store, "busy", **extra, **webhook_claim("alive", 3600))
+            finished(store, "orphan", **extra, **webhook_claim("dead-replica", 3600))
+            posts = wait_for("the dead replica's webhook, resumed by the watch loop",
+                             lambda: receiver.posts_for("orphan"))
+            assert posts[0]["status"] == "FAILED" and posts[0]["error"] == "boom"
+            wait_for("the resumed delivery recorded as sent",
+                     lambda: store.get("orphan").webhook_state == WEBHOOK_SENT)
+            assert store.get("orphan").webhook_owner == live.app.state.ctx.jobs.worker_id
+            busy = store.get("busy")
+            assert (busy.webhook_state, busy.webhook_owner) == (WEBHOOK_PENDING, "alive")
+            assert receiver.posts_for("busy") == []
