@@ -19,7 +19,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -549,18 +549,17 @@ def webhook_claim(worker_id: str, lease_s: float, rounds: int = 1) -> dict[str, 
             "webhook_rounds": rounds}
 
 
-def webhook_claimable(store: TaskStore, job: Job, now: float, dead: Collection[str] = ()
-                      ) -> bool:
+def webhook_claimable(job: Job, now: float, alive: Callable[[str], bool],
+                      dead: Collection[str] = ()) -> bool:
     """Whether a final job's pending webhook may be claimed: no live server is sending it.
 
-    Unclaimed, claimed by a server now dead (its heartbeat gone, or listed in ``dead``), or
-    claimed for longer than the claim's lease (a sender whose last write was lost).
+    Unclaimed, claimed for longer than the claim's lease (a sender whose last write was lost),
+    or claimed by a server now dead (listed in ``dead``, or not ``alive``: heartbeat gone).
     """
     if job.webhook_state != WEBHOOK_PENDING or job.status not in FINISHED or job.webhook is None:
         return False
     owner = job.webhook_owner
-    return (owner is None or owner in dead or job.webhook_until <= now
-            or not store.worker_alive(owner))
+    return owner is None or owner in dead or job.webhook_until <= now or not alive(owner)
 
 
 def claim_webhooks(store: TaskStore, worker_id: str, lease_s: float, dead: Collection[str] = (),
@@ -576,10 +575,18 @@ def claim_webhooks(store: TaskStore, worker_id: str, lease_s: float, dead: Colle
     now = time.time()
     claimed: list[Job] = []
     given_up: list[Job] = []
+    # One liveness read per owner and pass: many deliveries in flight have few owners.
+    seen: dict[str, bool] = {}
+
+    def alive(owner: str) -> bool:
+        if owner not in seen:
+            seen[owner] = store.worker_alive(owner)
+        return seen[owner]
+
     for job in store.pending_webhooks(limit):
         if dialects is not None and job.dialect not in dialects:
             continue
-        if not webhook_claimable(store, job, now, dead):
+        if not webhook_claimable(job, now, alive, dead):
             continue
         where = {"webhook_state": WEBHOOK_PENDING, "webhook_owner": job.webhook_owner,
                  "webhook_rounds": job.webhook_rounds, "finished_at": job.finished_at}
