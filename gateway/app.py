@@ -160,6 +160,7 @@ def create_app(
         stores.tasks, engine, worker_id=settings.replica_id,
         concurrency=settings.job_concurrency, sweep_interval_s=settings.job_sweep_interval_s,
         on_success=ctx.record_job_usage, data_dir=settings.data_path, port=settings.port,
+        on_webhook=lambda job, outcome: metrics.webhooks.labels(job.dialect, outcome).inc(),
     )
     dialects = [cls(ctx) for cls in discover()]
     router = DialectRouter(dialects)

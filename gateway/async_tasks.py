@@ -25,7 +25,8 @@ How a new async dialect plugs in:
    ``async prepare(job) -> GenerationRequest`` instead (raise to fail the job:
    ``error_message`` turns the exception into the job's error text). Add ``async
    webhook_body(job) -> bytes`` when the API has webhooks (sent once the job is final, with
-   retries, through the SSRF-safe sender).
+   retries, through the SSRF-safe sender; at least once: a delivery cut off by a stop or a
+   crash is sent again by the next server, see :mod:`gateway.outbox`).
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ class TaskService:
                                       retry_delay_s=s.webhook_retry_delay_s)
         self.jobs = ctx.jobs
         self.jobs.register(dialect, handler)
+        # A claim on a delivery must outlast its attempts, or another server would send it too.
+        self.jobs.outbox.cover(self.webhooks.longest_s)
         # Jobs whose images are being copied to /media now: concurrent readers share one copy.
         self._copying: dict[str, asyncio.Future[list[str]]] = {}
 
@@ -331,7 +334,11 @@ class TaskService:
     # -- webhooks --------------------------------------------------------------------------
 
     def send_webhook(self, job: Job) -> None:
-        """Render and deliver the job's webhook in the background (no-op without one)."""
+        """Render and deliver the job's webhook in the background (no-op without one).
+
+        ``job`` is as claimed for this server (the runner's final write, or the outbox's
+        resume); the outbox records how the delivery ended.
+        """
         if not job.webhook:
             return
         url = job.webhook
@@ -343,7 +350,8 @@ class TaskService:
                 logger.warning("webhook of job %s not sent: %s", job.id, exc)
                 return None
 
-        self.webhooks.send_rendered(url, render)
+        self.webhooks.send_rendered(url, render,
+                                    lambda sent: self.jobs.outbox.settle(job, sent))
 
 
 class AsyncTaskDialect(Dialect):
@@ -379,5 +387,9 @@ class AsyncTaskDialect(Dialect):
         return None
 
     def finished(self, job: Job) -> None:
-        """Runner hook: a job reached a final state."""
+        """Runner hook: a job reached a final state (its webhook is claimed for this server)."""
+        self.tasks.send_webhook(job)
+
+    def send_webhook(self, job: Job) -> None:
+        """Outbox hook: deliver a final job's webhook again (claimed for this server)."""
         self.tasks.send_webhook(job)

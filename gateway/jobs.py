@@ -34,6 +34,7 @@ import msgspec
 
 from gateway import datadir
 from gateway.errors import is_store_outage
+from gateway.outbox import WebhookHandler, WebhookOutbox
 from gateway.task_store_async import AsyncTaskStore
 from inference import Engine, EngineState, GenerationRequest, GenerationResult
 from inference import errors as ie
@@ -64,8 +65,8 @@ STORE_RETRY_S = 0.5
 STORE_RETRY_MAX_S = 10.0
 
 
-class JobHandler(Protocol):
-    """What a task dialect provides to the runner."""
+class JobHandler(WebhookHandler, Protocol):
+    """What a task dialect provides to the runner (and its webhook outbox)."""
 
     async def prepare(self, job: Job) -> GenerationRequest:
         """The canonical request for ``job`` (may fetch inputs); raise to fail the job."""
@@ -95,6 +96,7 @@ class JobRunner:
         data_dir: Path | None = None,
         port: int | None = None,
         heartbeat_s: float = 2.0,
+        on_webhook: Callable[[Job, str], None] | None = None,
     ) -> None:
         # The synchronous store, for code that runs off the loop; everything on the loop uses
         # ``db``, which runs the same calls on worker threads.
@@ -113,6 +115,10 @@ class JobRunner:
         # Called with each completed job's request and result (the usage ledger).
         self.on_success = on_success
         self.handlers: dict[str, JobHandler] = {}
+        # Webhook deliveries: claimed with a job's final write, resumed after a stop, settled.
+        # ``on_webhook``: called with each delivery's job and outcome (metrics).
+        self.outbox = WebhookOutbox(self.db, self.worker_id, self.handlers,
+                                    on_outcome=on_webhook)
         self._active: dict[str, asyncio.Task[None]] = {}
         # Every job task until it ends, recording included (``_active`` forgets a job before
         # its final write), so close() can wait for those writes before closing the store.
@@ -174,6 +180,12 @@ class JobRunner:
         # Nothing runs here yet, so a job "running" under this worker id was left by an earlier
         # run of this server under the same (fixed) --replica-id: reclaim it, heartbeat or not.
         await self._reclaim(dead=(self.worker_id,))
+        # Webhooks left pending by a stopped server (this one's previous run included) are sent
+        # again; a store that fails here is tried again by the loops.
+        try:
+            await self.outbox.resume(dead=(self.worker_id,), at_start=True)
+        except Exception as exc:  # noqa: BLE001 - logged there; the loops retry
+            self._store_failed("webhook outbox", exc)
         self._wake = asyncio.Event()
         self._closing = False
         self._waiters_released = False
@@ -263,7 +275,9 @@ class JobRunner:
         started = self._started.get(job_id)
         if waiting_only and started is not None:
             return None
-        changes: dict[str, Any] = {"status": CANCELLED, "finished_at": time.time()}
+        # The webhook (if any) is claimed for this server, which sends it (:meth:`_finish`).
+        changes: dict[str, Any] = {"status": CANCELLED, "finished_at": time.time(),
+                                   **self.outbox.claim()}
         if started is not None:
             changes["started_at"] = started  # its own write may still be on the way
         job = await self.db.update(job_id, (RUNNING,) if waiting_only else ACTIVE,
@@ -438,7 +452,7 @@ class JobRunner:
         loop = asyncio.get_running_loop()
         budget = job.execution_timeout_s
         began = loop.time()
-        async with asyncio.timeout(began + budget) as deadline:
+        async with asyncio.timeout_at(began + budget) as deadline:
             request = await handler.prepare(job)
             left = budget - (loop.time() - began)
             if left <= 0:  # preparing (fetching inputs) spent the budget
@@ -501,6 +515,9 @@ class JobRunner:
         self._kick()
 
     async def _write_end(self, job: Job, changes: dict[str, Any]) -> Job | None:
+        if job.webhook and changes.get("status") in FINISHED:
+            # Claimed in the final write itself: this server sends it (:meth:`_finish`).
+            changes = {**changes, **self.outbox.claim()}
         return await self._persist(job, "record the outcome of", lambda: self.db.update(
             job.id, (RUNNING,), owner=self.worker_id, **changes))
 
@@ -593,6 +610,7 @@ class JobRunner:
                     if job is None or job.status != RUNNING or job.worker_id != self.worker_id:
                         self._cancelling.add(job_id)
                         task.cancel()
+                await self.outbox.resume()  # webhooks of dead servers (or lost claims)
                 self._kick()
             except Exception as exc:  # noqa: BLE001 - logged there; the loop goes on
                 self._store_failed("job watch", exc)
@@ -619,6 +637,14 @@ class JobRunner:
                 await self.sweep()
             except Exception:
                 logger.exception("job expiry sweep failed")
+            if not getattr(self.store, "shared", False):
+                # Shared stores resume webhooks in the watch loop, every heartbeat.
+                try:
+                    await self.outbox.resume()
+                except Exception as exc:  # noqa: BLE001 - logged there; the loop goes on
+                    self._store_failed("webhook outbox", exc)
+                else:
+                    self._store_answered("webhook outbox")
 
     async def sweep(self) -> int:
         """Delete expired jobs (cancelling any still running) and their files."""

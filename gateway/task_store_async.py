@@ -21,7 +21,16 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from inference.tasks import INTERRUPTED_REASON, MAX_REQUEUES, Job, StoredImage, TaskStore
+from inference.tasks import (
+    INTERRUPTED_REASON,
+    MAX_REQUEUES,
+    MAX_WEBHOOK_ROUNDS,
+    Job,
+    StoredImage,
+    TaskStore,
+    claim_webhooks,
+    settle_webhook,
+)
 
 T = TypeVar("T")
 
@@ -144,6 +153,20 @@ class AsyncTaskStore:
                       dead: Collection[str] = ()) -> tuple[int, int]:
         """Re-queue (or fail) running jobs of dead workers; (requeued, failed)."""
         return await self._call(self.store.reclaim, max_requeues, reason, dead)
+
+    # -- webhook outbox --------------------------------------------------------------------
+
+    async def claim_webhooks(self, worker_id: str, lease_s: float, dead: Collection[str] = (),
+                             max_rounds: int = MAX_WEBHOOK_ROUNDS,
+                             dialects: Collection[str] | None = None
+                             ) -> tuple[list[Job], list[Job]]:
+        """Claim pending webhooks no live server sends (:func:`inference.tasks.claim_webhooks`)."""
+        return await self._call(claim_webhooks, self.store, worker_id, lease_s, dead,
+                                max_rounds, dialects)
+
+    async def settle_webhook(self, job: Job, worker_id: str, sent: bool) -> Job | None:
+        """Record the end of a claimed delivery (:func:`inference.tasks.settle_webhook`)."""
+        return await self._call(settle_webhook, self.store, job, worker_id, sent)
 
     # -- results ---------------------------------------------------------------------------
 

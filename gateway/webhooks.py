@@ -3,6 +3,10 @@
 Each delivery is its own asyncio task, so it never holds up job execution. A delivery that
 does not get a 2xx answer is retried (RunPod: twice, 10 s apart). The SSRF rules of
 :mod:`gateway.fetch` apply to webhook URLs, with their own operator allow-list.
+
+This module only sends; :mod:`gateway.outbox` makes a delivery survive the process (a
+``settle`` callback hears how each one ended; a delivery cut off by shutdown never calls it, so
+it stays pending for the next server).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from gateway.fetch import AddressRefused, FetchPolicy, FetchRefused, post_json
 
@@ -32,13 +37,26 @@ class WebhookSender:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def send_rendered(self, url: str, render: Callable[[], Awaitable[bytes | None]]
+    @property
+    def longest_s(self) -> float:
+        """The longest one delivery's attempts can take (each at most the policy's timeout)."""
+        return (self.retries + 1) * self.policy.timeout_s + self.retries * self.retry_delay_s
+
+    def send_rendered(self, url: str, render: Callable[[], Awaitable[bytes | None]],
+                      settle: Callable[[bool], Awaitable[Any]] | None = None
                       ) -> asyncio.Task[bool]:
-        """Like :meth:`send`, with the body rendered first in the same task (off the caller)."""
+        """Like :meth:`send`, with the body rendered first in the same task (off the caller).
+
+        ``settle(arrived)`` is awaited once the delivery ends (a body rendered as ``None`` has
+        not arrived); not when the task is cancelled.
+        """
 
         async def run() -> bool:
             body = await render()
-            return body is not None and await self.deliver(url, body)
+            arrived = body is not None and await self.deliver(url, body)
+            if settle is not None:
+                await settle(arrived)
+            return arrived
 
         task = asyncio.create_task(run(), name="imagegate-webhook")
         self._tasks.add(task)

@@ -19,7 +19,7 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,6 +33,18 @@ CANCELLED = "cancelled"
 TIMED_OUT = "timed_out"
 ACTIVE = (QUEUED, RUNNING)
 FINISHED = (COMPLETED, FAILED, CANCELLED, TIMED_OUT)
+
+WEBHOOK_PENDING = "pending"
+WEBHOOK_SENT = "sent"
+WEBHOOK_FAILED = "failed"
+# A delivery is claimed (and sent with the sender's own retries) at most this many times: the
+# first by the server that finished the job, the others after that server stopped or its claim
+# ran out. Past it the delivery is marked failed.
+MAX_WEBHOOK_ROUNDS = 3
+# Final jobs with a pending webhook read per look for deliveries to resume.
+WEBHOOK_SCAN = 500
+_WEBHOOK_RESET: dict[str, Any] = {"webhook_state": None, "webhook_owner": None,
+                                  "webhook_until": 0.0, "webhook_rounds": 0}
 
 INTERRUPTED_REASON = ("the server running this job stopped before it finished, and the job "
                       "was already re-queued once after such a stop; retry it")
@@ -93,6 +105,15 @@ class Job(msgspec.Struct, kw_only=True):
     # Names of the job's images in the media store (URL-mode dialects) and when they were put.
     media: list[str] = []
     media_at: float = 0.0
+    # The webhook outbox (jobs with a ``webhook`` only): PENDING from the write that makes the
+    # job final until a server's delivery ends (WEBHOOK_SENT / WEBHOOK_FAILED). A pending
+    # delivery is claimed by one server at a time (``webhook_owner``, a worker id, until
+    # ``webhook_until``); ``webhook_rounds`` counts the claims, so a delivery interrupted by
+    # one restart after another is given up (see :func:`claim_webhooks`).
+    webhook_state: str | None = None
+    webhook_owner: str | None = None
+    webhook_until: float = 0.0
+    webhook_rounds: int = 0
 
 
 def client_status(job: Job) -> str:
@@ -188,6 +209,13 @@ class TaskStore(Protocol):
         """
         ...
 
+    def pending_webhooks(self, limit: int = WEBHOOK_SCAN) -> list[Job]:
+        """Unexpired final jobs whose webhook is :data:`WEBHOOK_PENDING`, claimed or not.
+
+        Those whose claim ran out come first where the store can order them (SQLite).
+        """
+        ...
+
     def save_images(self, job_id: str, images: Sequence[tuple[bytes, str, int, int, int]],
                     expires_at: float | None = None) -> list[StoredImage]:
         """Write result images (data, media type, seed, width, height).
@@ -225,6 +253,8 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created_at);
 CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires_at);
 CREATE INDEX IF NOT EXISTS jobs_scope ON jobs (dialect, scope, status);
+CREATE INDEX IF NOT EXISTS jobs_webhook ON jobs (expires_at)
+    WHERE json_extract(CAST(doc AS TEXT), '$.webhook_state') = 'pending';
 """
 # client_status() in SQL: the start time lives in the JSON doc, read only for running rows.
 _CLIENT_STATUS = (f"(CASE WHEN status = '{RUNNING}' AND json_extract(CAST(doc AS TEXT), "
@@ -309,7 +339,7 @@ class SqliteTaskStore:
                 if not matches(job, expect, owner, where):
                     conn.execute("ROLLBACK")
                     return None
-                job = msgspec.structs.replace(job, **changes)
+                job = apply_changes(job, changes)
                 conn.execute(
                     "UPDATE jobs SET status = ?, expires_at = ?, retries = ?, doc = ? WHERE id = ?",
                     (job.status, job.expires_at, job.retries, msgspec.json.encode(job), job_id),
@@ -432,6 +462,17 @@ class SqliteTaskStore:
         return reclaim_jobs(self, [msgspec.json.decode(r[0], type=Job) for r in rows],
                             max_requeues, reason, dead)
 
+    def pending_webhooks(self, limit: int = WEBHOOK_SCAN) -> list[Job]:
+        """Unexpired final jobs with a pending webhook, unclaimed and stale claims first."""
+        with self._lock:
+            rows = self.conn.execute(
+                "SELECT doc FROM jobs WHERE json_extract(CAST(doc AS TEXT), '$.webhook_state') "
+                "= 'pending' AND expires_at > ? ORDER BY json_extract(CAST(doc AS TEXT), "
+                "'$.webhook_until') LIMIT ?", (time.time(), limit),
+            ).fetchall()
+        jobs = [msgspec.json.decode(r[0], type=Job) for r in rows]
+        return [job for job in jobs if job.status in FINISHED]
+
     # -- results ---------------------------------------------------------------------------
 
     def save_images(self, job_id: str, images: Sequence[tuple[bytes, str, int, int, int]],
@@ -479,6 +520,100 @@ def matches(job: Job, expect: Sequence[str] | None, owner: str | None,
     return ((expect is None or job.status in expect)
             and (owner is None or job.worker_id == owner)
             and all(getattr(job, name) == value for name, value in (where or {}).items()))
+
+
+def apply_changes(job: Job, changes: Mapping[str, Any]) -> Job:
+    """``job`` with ``changes``, as both stores' :meth:`TaskStore.update` write it.
+
+    The webhook outbox lives here so no writer can skip it: the write that makes a job final
+    (the runner's outcome, a cancel, a reclaim that fails it) also makes its webhook pending,
+    so a crash right after it leaves a delivery to resume, never a lost one. Claim fields given
+    with that write (the runner claims the delivery it is about to make) are kept. A job that
+    leaves its final state (a client's retry) starts its outbox afresh; so does any job
+    without a webhook, which has no outbox at all.
+    """
+    new = msgspec.structs.replace(job, **changes)
+    entering = new.status in FINISHED and job.status not in FINISHED
+    if new.webhook is None or new.status not in FINISHED:
+        if new.webhook_state is not None or new.webhook_owner is not None:
+            new = msgspec.structs.replace(new, **_WEBHOOK_RESET)
+    elif entering:
+        fresh = {**_WEBHOOK_RESET, "webhook_state": WEBHOOK_PENDING}
+        new = msgspec.structs.replace(new, **{k: v for k, v in fresh.items() if k not in changes})
+    return new
+
+
+def webhook_claim(worker_id: str, lease_s: float, rounds: int = 1) -> dict[str, Any]:
+    """The changes that make ``worker_id`` the sender of a job's pending webhook for ``lease_s``."""
+    return {"webhook_owner": worker_id, "webhook_until": time.time() + lease_s,
+            "webhook_rounds": rounds}
+
+
+def webhook_claimable(job: Job, now: float, alive: Callable[[str], bool],
+                      dead: Collection[str] = ()) -> bool:
+    """Whether a final job's pending webhook may be claimed: no live server is sending it.
+
+    Unclaimed, claimed for longer than the claim's lease (a sender whose last write was lost),
+    or claimed by a server now dead (listed in ``dead``, or not ``alive``: heartbeat gone).
+    """
+    if job.webhook_state != WEBHOOK_PENDING or job.status not in FINISHED or job.webhook is None:
+        return False
+    owner = job.webhook_owner
+    return owner is None or owner in dead or job.webhook_until <= now or not alive(owner)
+
+
+def claim_webhooks(store: TaskStore, worker_id: str, lease_s: float, dead: Collection[str] = (),
+                   max_rounds: int = MAX_WEBHOOK_ROUNDS, dialects: Collection[str] | None = None,
+                   limit: int = WEBHOOK_SCAN) -> tuple[list[Job], list[Job]]:
+    """Claim, for ``worker_id``, the pending webhooks no live server is sending.
+
+    Each claim is a compare-and-set on the delivery as it was read (owner, round, outcome), so
+    of two servers that read the same delivery only one claims it. A delivery already claimed
+    ``max_rounds`` times is marked failed instead. ``dialects``: only jobs of these (the ones
+    this server can render). Returns (claimed, given up), the jobs as written.
+    """
+    now = time.time()
+    claimed: list[Job] = []
+    given_up: list[Job] = []
+    # One liveness read per owner and pass: many deliveries in flight have few owners.
+    seen: dict[str, bool] = {}
+
+    def alive(owner: str) -> bool:
+        if owner not in seen:
+            seen[owner] = store.worker_alive(owner)
+        return seen[owner]
+
+    for job in store.pending_webhooks(limit):
+        if dialects is not None and job.dialect not in dialects:
+            continue
+        if not webhook_claimable(job, now, alive, dead):
+            continue
+        where = {"webhook_state": WEBHOOK_PENDING, "webhook_owner": job.webhook_owner,
+                 "webhook_rounds": job.webhook_rounds, "finished_at": job.finished_at}
+        if job.webhook_rounds >= max_rounds:
+            done = store.update(job.id, FINISHED, where=where, webhook_state=WEBHOOK_FAILED,
+                                webhook_owner=None, webhook_until=0.0)
+            if done is not None:
+                given_up.append(done)
+            continue
+        done = store.update(job.id, FINISHED, where=where,
+                            **webhook_claim(worker_id, lease_s, job.webhook_rounds + 1))
+        if done is not None:
+            claimed.append(done)
+    return claimed, given_up
+
+
+def settle_webhook(store: TaskStore, job: Job, worker_id: str, sent: bool) -> Job | None:
+    """Record the end of ``worker_id``'s delivery of ``job``'s webhook (as claimed in ``job``).
+
+    Only while the delivery is still this claim's: a job retried, re-claimed after the lease,
+    or given up meanwhile is left as it is. ``None`` when nothing was written.
+    """
+    where = {"webhook_state": WEBHOOK_PENDING, "webhook_owner": worker_id,
+             "webhook_rounds": job.webhook_rounds, "finished_at": job.finished_at}
+    return store.update(job.id, FINISHED, where=where,
+                        webhook_state=WEBHOOK_SENT if sent else WEBHOOK_FAILED,
+                        webhook_until=0.0)
 
 
 def check_list_args(payload_match: Mapping[str, str] | None, offset: int, limit: int) -> None:

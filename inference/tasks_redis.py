@@ -7,7 +7,8 @@ Same protocol as :class:`inference.tasks.SqliteTaskStore`. Keys, all under one p
   any replica serves any job's result; no shared volume needed).
 - ``P:queued`` (sorted set by creation time), ``P:running`` (set), ``P:expiry`` (sorted set by
   ``expires_at``), ``P:scope:<dialect>:<scope>`` (set) and ``P:scopet:<dialect>:<scope>``
-  (sorted set by creation time, for task lists): indexes; stale members are dropped when read.
+  (sorted set by creation time, for task lists), ``P:webhooks`` (set: final jobs whose webhook
+  is pending, the outbox): indexes; stale members are dropped when read.
 - ``P:worker:<id>``: a replica's heartbeat, with a TTL. A running job whose worker's heartbeat
   is gone is reclaimed by another replica (:func:`inference.tasks.reclaim_jobs`).
 
@@ -31,8 +32,11 @@ from inference.tasks import (
     MAX_REQUEUES,
     QUEUED,
     RUNNING,
+    WEBHOOK_PENDING,
+    WEBHOOK_SCAN,
     Job,
     StoredImage,
+    apply_changes,
     check_list_args,
     client_status,
     matches,
@@ -46,13 +50,13 @@ _EXT = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 GRACE_S = 3600
 # Jobs read per round trip when a filtered task list walks its window.
 LIST_CHUNK = 500
-# Drop a status index entry unless the job (read again, inside Redis) has that status now: the
-# job may have come back to it since it was read (re-queued, re-claimed), and an unconditional
-# ZREM/SREM would then drop a live entry and stall the job. KEYS: index, job; ARGV: member,
-# status, "z" for a sorted set or "s" for a set.
+# Drop an index entry unless the job (read again, inside Redis) has that value now: the job may
+# have come back to it since it was read (re-queued, re-claimed), and an unconditional ZREM/SREM
+# would then drop a live entry and stall the job. KEYS: index, job; ARGV: member, value, "z"
+# for a sorted set or "s" for a set, the job's field (status, webhook_state).
 _UNINDEX_UNLESS = """
 local doc = redis.call('GET', KEYS[2])
-if doc and cjson.decode(doc)['status'] == ARGV[2] then return 0 end
+if doc and cjson.decode(doc)[ARGV[4]] == ARGV[2] then return 0 end
 if ARGV[3] == 'z' then return redis.call('ZREM', KEYS[1], ARGV[1]) end
 return redis.call('SREM', KEYS[1], ARGV[1])
 """
@@ -112,6 +116,8 @@ class RedisTaskStore:
         pipe.sadd(self._scope_key(job.dialect, job.scope), job.id)
         pipe.zadd(self._time_key(job.dialect, job.scope), {job.id: job.created_at})
         pipe.zadd(self._k("expiry"), {job.id: job.expires_at})
+        if job.webhook_state == WEBHOOK_PENDING:
+            pipe.sadd(self._k("webhooks"), job.id)
         pipe.execute()
 
     def _index(self, pipe: Any, job: Job, old_status: str | None) -> None:
@@ -142,9 +148,13 @@ class RedisTaskStore:
         """Compare-and-set: apply ``changes`` if status, worker and ``where``'s fields match."""
 
         def write(pipe: Any, job: Job) -> Job:
-            new = msgspec.structs.replace(job, **changes)
+            new = apply_changes(job, changes)
             pipe.set(self._k("job", job_id), msgspec.json.encode(new), keepttl=True)
             self._index(pipe, new, job.status)
+            if new.webhook_state == WEBHOOK_PENDING:
+                pipe.sadd(self._k("webhooks"), job_id)
+            elif job.webhook_state == WEBHOOK_PENDING:
+                pipe.srem(self._k("webhooks"), job_id)
             if new.created_at != job.created_at:  # a retry is listed as new
                 pipe.zadd(self._time_key(new.dialect, new.scope), {new.id: new.created_at})
             return new
@@ -182,9 +192,10 @@ class RedisTaskStore:
         raws = self.r.mget([self._k("job", i) for i in names])
         return [(name, self._load(raw)) for name, raw in zip(names, raws, strict=True)]
 
-    def _unindex_unless(self, index: str, job_id: str, status: str, kind: str) -> None:
-        """Remove ``job_id`` from ``index`` unless its job has ``status`` at this moment."""
-        self._unindex(keys=[index, self._k("job", job_id)], args=[job_id, status, kind])
+    def _unindex_unless(self, index: str, job_id: str, status: str, kind: str,
+                        field: str = "status") -> None:
+        """Remove ``job_id`` from ``index`` unless its job's ``field`` is ``status`` now."""
+        self._unindex(keys=[index, self._k("job", job_id)], args=[job_id, status, kind, field])
 
     def queued(self, limit: int) -> list[Job]:
         """The oldest queued, unexpired jobs, oldest first."""
@@ -327,6 +338,7 @@ class RedisTaskStore:
         pipe.zrem(self._k("queued"), job.id)
         pipe.srem(self._k("running"), job.id)
         pipe.zrem(self._k("expiry"), job.id)
+        pipe.srem(self._k("webhooks"), job.id)
         pipe.srem(self._scope_key(job.dialect, job.scope), job.id)
         pipe.zrem(self._time_key(job.dialect, job.scope), job.id)
 
@@ -350,6 +362,19 @@ class RedisTaskStore:
             else:
                 running.append(job)
         return reclaim_jobs(self, running, max_requeues, reason, dead)
+
+    def pending_webhooks(self, limit: int = WEBHOOK_SCAN) -> list[Job]:
+        """Unexpired final jobs with a pending webhook (the outbox set), stale claims first."""
+        key = self._k("webhooks")
+        now = time.time()
+        out: list[Job] = []
+        for job_id, job in self._jobs(list(self.r.smembers(key))):
+            if job is None or job.webhook_state != WEBHOOK_PENDING:
+                self._unindex_unless(key, job_id, WEBHOOK_PENDING, "s", "webhook_state")
+            elif job.expires_at > now and job.status in FINISHED:
+                out.append(job)
+        out.sort(key=lambda job: job.webhook_until)
+        return out[:limit]
 
     # -- results ---------------------------------------------------------------------------
 
@@ -398,4 +423,5 @@ class RedisTaskStore:
         else:
             pipe.delete(self._k("job", job_id))
             pipe.zrem(self._k("expiry"), job_id)
+            pipe.srem(self._k("webhooks"), job_id)
         pipe.execute()

@@ -133,6 +133,13 @@ class Metrics:
             "(running: taken by a replica, waiting in its engine or generating).",
             ["dialect", "status"], registry=r,
         )
+        self.webhooks = Counter(
+            "imagegate_webhook_deliveries",
+            "Webhook deliveries by dialect and outcome: sent (a 2xx), failed (every attempt "
+            "refused or unanswered), abandoned (cut off by too many server stops). A delivery "
+            "cut off by a stop is sent again by the next server, so one webhook may count twice.",
+            ["dialect", "outcome"], registry=r,
+        )
         self.info = Gauge(
             "imagegate_build_info", "Always 1; labels say what this process serves.",
             ["version", "model", "device", "compiled"], registry=r,
