@@ -58,6 +58,8 @@ class Site:
     def __init__(self) -> None:
         self.posts: list[dict[str, Any]] = []
         self.fail_posts = 0
+        # /slow.png answers once this is set (or after a minute).
+        self.slow = threading.Event()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -92,6 +94,9 @@ class Site:
                     self._send(200, b"not an image at all", "image/png")
                 elif self.path == "/huge.png":
                     self._send(200, png_bytes((400, 400)), "image/png")
+                elif self.path == "/slow.png":
+                    outer.slow.wait(60)
+                    self._send(200, png_bytes(), "image/png")
                 else:
                     self._send(404, b"no", "text/plain")
 
@@ -240,6 +245,22 @@ def test_img2img_from_data_uri_and_local_server(rp: serving.LiveServer, site: Si
                             "refiner_inference_steps": 4, "seed": 1})
         assert body["status"] == "COMPLETED", body
         assert decode(body["output"]["images"][0]).size == (64, 64)
+
+
+def test_fetching_inputs_counts_against_the_execution_timeout(rp: serving.LiveServer,
+                                                              site: Site) -> None:
+    """An image_url slower than the job's 5 s execution timeout times the job out (the fetch
+    itself would wait 15 s)."""
+    site.slow.clear()
+    try:
+        r = httpx.post(f"{rp.url}/v2/ep/run", headers=AUTH, timeout=120, json={
+            "input": {"image_url": f"{site.url}/slow.png", "width": 64, "height": 64},
+            "policy": {"executionTimeout": 5_000}})
+        body = wait_status(rp, r.json()["id"], ("TIMED_OUT", "FAILED", "COMPLETED"))
+    finally:
+        site.slow.set()
+    assert body["status"] == "TIMED_OUT", body
+    assert "execution timeout of 5s" in body["error"]
 
 
 @pytest.mark.parametrize(("path", "reason"), [
