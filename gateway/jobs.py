@@ -414,8 +414,6 @@ class JobRunner:
                 changes = {"status": TIMED_OUT, "error": (
                     f"the job did not finish within its execution timeout of "
                     f"{job.execution_timeout_s:g}s")}
-            except ie.DeadlineExceeded as exc:
-                changes = {"status": TIMED_OUT, "error": exc.message}
             except ie.ShuttingDown:
                 changes = self._requeue(job)  # this server drains: another one runs it
             else:
