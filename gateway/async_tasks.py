@@ -105,7 +105,7 @@ class TaskService:
         self.jobs = ctx.jobs
         self.jobs.register(dialect, handler)
         # A claim on a delivery must outlast its attempts, or another server would send it too.
-        self.jobs.outbox.cover(self.webhooks.longest_s)
+        self.jobs.outbox.cover(self.webhooks)
         # Jobs whose images are being copied to /media now: concurrent readers share one copy.
         self._copying: dict[str, asyncio.Future[list[str]]] = {}
 

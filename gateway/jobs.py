@@ -213,6 +213,9 @@ class JobRunner:
         for task in self._active.values():
             task.cancel()
         await asyncio.gather(*self._tasks, *self._writes, return_exceptions=True)
+        # Before the store closes: a delivery still in flight (or waiting for a retry) would
+        # record its end in a closed store. Cut off, it stays pending for the next server.
+        await self.outbox.stop_senders()
         await self.db.close()
         if self.data_dir is not None:
             datadir.release(self.data_dir)
@@ -513,11 +516,16 @@ class JobRunner:
         self._kick()
 
     async def _write_end(self, job: Job, changes: dict[str, Any]) -> Job | None:
-        if job.webhook and changes.get("status") in FINISHED:
-            # Claimed in the final write itself: this server sends it (:meth:`_finish`).
-            changes = {**changes, **self.outbox.claim()}
-        return await self._persist(job, "record the outcome of", lambda: self.db.update(
-            job.id, (RUNNING,), owner=self.worker_id, **changes))
+        claim = bool(job.webhook) and changes.get("status") in FINISHED
+
+        def write() -> Awaitable[Job | None]:
+            # Claimed in the final write itself: this server sends it (:meth:`_finish`). Made
+            # at each try: a write held up by an outage must not land with a lease already run
+            # out, or another server would send the same webhook at once.
+            return self.db.update(job.id, (RUNNING,), owner=self.worker_id,
+                                  **{**changes, **(self.outbox.claim() if claim else {})})
+
+        return await self._persist(job, "record the outcome of", write)
 
     async def _persist(self, job: Job, what: str, write: Callable[[], Awaitable[T]]) -> T:
         """``write()``, retried while the store is unreachable (a Redis outage).

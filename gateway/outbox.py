@@ -23,6 +23,7 @@ from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol
 
 from gateway.task_store_async import AsyncTaskStore
+from gateway.webhooks import WebhookSender
 from inference.tasks import MAX_WEBHOOK_ROUNDS, Job, webhook_claim
 
 logger = logging.getLogger(__name__)
@@ -63,10 +64,20 @@ class WebhookOutbox:
         self.max_rounds = max_rounds
         # Called with each delivery's job and how it ended: SENT, FAILED or ABANDONED (metrics).
         self.on_outcome = on_outcome
+        self._senders: list[WebhookSender] = []
 
-    def cover(self, delivery_s: float) -> None:
-        """Make claims outlast a delivery that may take up to ``delivery_s`` (all attempts)."""
-        self.lease_s = max(self.lease_s, delivery_s + LEASE_SLACK_S)
+    def cover(self, sender: WebhookSender) -> None:
+        """Make claims outlast ``sender``'s longest delivery; stop it with the others at close."""
+        self.lease_s = max(self.lease_s, sender.longest_s + LEASE_SLACK_S)
+        self._senders.append(sender)
+
+    async def stop_senders(self) -> None:
+        """Cut off every delivery still in flight (shutdown, before the store closes).
+
+        A delivery cut off records nothing, so it stays pending and the next server sends it.
+        """
+        for sender in self._senders:
+            await sender.close()
 
     def claim(self) -> dict[str, Any]:
         """Changes that claim a job's delivery for this server, given with its final write."""

@@ -307,7 +307,22 @@ def test_the_next_server_delivers_what_a_stopped_server_left_pending(
         job = store.get(job_id)
         assert job.status == COMPLETED and job.webhook_state == WEBHOOK_PENDING, job
         assert job.webhook_owner == live.app.state.ctx.jobs.worker_id
+        # At the stop, deliveries are cut off before the store closes (one finishing later
+        # would record its end in a closed store).
+        runner = live.app.state.ctx.jobs
+        sender = runner.handlers["runpod"].tasks.webhooks
+        closed: list[str] = []
+        for name, obj in (("deliveries", sender), ("store", runner.db)):
+            real_close = obj.close
+
+            async def close(real_close: Any = real_close, name: str = name) -> None:
+                closed.append(name)
+                await real_close()
+
+            obj.close = close
     assert len(receiver.posts_for(job_id)) == 1
+    assert closed == ["deliveries", "store"], closed
+    assert not sender._tasks, "a webhook delivery outlived its server's stop"
     # A job whose final write landed just before a crash: pending, its delivery never started.
     store = job_store(tmp_path / "data")
     store.open()
@@ -392,3 +407,39 @@ def test_a_replica_resumes_deliveries_of_dead_replicas_but_not_of_live_ones(
             busy = store.get("busy")
             assert (busy.webhook_state, busy.webhook_owner) == (WEBHOOK_PENDING, "alive")
             assert receiver.posts_for("busy") == []
+
+
+def test_a_final_write_held_up_by_an_outage_lands_with_a_fresh_claim(
+        tmp_path: Any, receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The claim in the final write is made when the write lands, not when it was first tried:
+    else a write held up past the lease would land already claimable, and be sent twice."""
+    import sqlite3
+
+    receiver.refusing = False
+    inp = {"prompt": "x", "width": 64, "height": 64, "refiner_inference_steps": 4}
+    with serving.live_server(tmp_path, engine_factory=slow_factory(SlowRunner()),
+                             webhook_allow="127.0.0.1") as live:
+        runner = live.app.state.ctx.jobs
+        runner.outbox.lease_s = 0.3
+        real = runner.store.update
+        landed: list[float] = []
+        refusals = [0]
+
+        def update(job_id: str, expect: Any = None, **kw: Any) -> Any:
+            if kw.get("status") == COMPLETED and refusals[0] < 3:
+                refusals[0] += 1  # about 1.5 s of retries: five times the lease
+                raise sqlite3.OperationalError("database is locked")
+            job = real(job_id, expect, **kw)
+            if kw.get("status") == COMPLETED:
+                landed.append(time.time())
+            return job
+
+        monkeypatch.setattr(runner.store, "update", update)
+        r = httpx.post(f"{live.url}/v2/ep/run", json={"input": inp, "webhook": receiver.url},
+                       timeout=DEADLINE_S)
+        job_id = r.json()["id"]
+        wait_for("the final write, after the outage", lambda: landed)
+        job = runner.store.get(job_id)
+        assert refusals[0] == 3
+        assert job.webhook_until > landed[0], (job.webhook_until, landed[0])
+        wait_for("the webhook", lambda: receiver.posts_for(job_id))
