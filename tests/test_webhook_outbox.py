@@ -242,6 +242,34 @@ def test_jobs_stored_without_the_outbox_fields_still_decode(store: Any) -> None:
     assert pending_ids(store) == {"old"}
 
 
+def test_a_sqlite_store_made_before_the_outbox_gains_its_column(tmp_path: Any) -> None:
+    import sqlite3
+
+    path = tmp_path / "data" / "tasks.sqlite3"
+    path.parent.mkdir(parents=True)
+    now = time.time()
+    job = Job(id="old", dialect="runpod", scope="s", payload={}, status=RUNNING, created_at=now,
+              expires_at=now + 3600, webhook=HOOK, worker_id="runner")
+    with sqlite3.connect(path) as conn:  # the schema of the last release, without the column
+        conn.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, dialect TEXT NOT NULL, scope TEXT "
+                     "NOT NULL, status TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL "
+                     "NOT NULL, retries INTEGER NOT NULL DEFAULT 0, doc BLOB NOT NULL)")
+        conn.execute("INSERT INTO jobs VALUES ('old', 'runpod', 's', ?, ?, ?, 0, ?)",
+                     (RUNNING, now, now + 3600, msgspec.json.encode(job)))
+    store = job_store(tmp_path / "data")
+    store.open()
+    try:
+        done = store.update("old", (RUNNING,), owner="runner", status=COMPLETED, finished_at=now)
+        assert done.webhook_state == WEBHOOK_PENDING
+        assert pending_ids(store) == {"old"}
+        plan = " ".join(str(row) for row in store.conn.execute(
+            "EXPLAIN QUERY PLAN SELECT doc FROM jobs WHERE webhook_state = 'pending' "
+            "AND expires_at > 0"))
+        assert "jobs_webhook_state" in plan, plan
+    finally:
+        store.close()
+
+
 def test_redis_drops_stale_outbox_entries() -> None:
     with redis_store() as store:
         finished(store, "w")
