@@ -616,7 +616,6 @@ class JobRunner:
                     if job is None or job.status != RUNNING or job.worker_id != self.worker_id:
                         self._cancelling.add(job_id)
                         task.cancel()
-                await self.outbox.resume()  # webhooks of dead servers (or lost claims)
                 self._kick()
             except Exception as exc:  # noqa: BLE001 - logged there; the loop goes on
                 self._store_failed("job watch", exc)
@@ -643,14 +642,14 @@ class JobRunner:
                 await self.sweep()
             except Exception:
                 logger.exception("job expiry sweep failed")
-            if not getattr(self.store, "shared", False):
-                # Shared stores resume webhooks in the watch loop, every heartbeat.
-                try:
-                    await self.outbox.resume()
-                except Exception as exc:  # noqa: BLE001 - logged there; the loop goes on
-                    self._store_failed("webhook outbox", exc)
-                else:
-                    self._store_answered("webhook outbox")
+            # Webhooks of dead servers (or lost claims). Here, not in the watch loop: a pass
+            # reads every pending delivery's job, and the heartbeat must not wait for it.
+            try:
+                await self.outbox.resume()
+            except Exception as exc:  # noqa: BLE001 - logged there; the loop goes on
+                self._store_failed("webhook outbox", exc)
+            else:
+                self._store_answered("webhook outbox")
 
     async def sweep(self) -> int:
         """Delete expired jobs (cancelling any still running) and their files."""

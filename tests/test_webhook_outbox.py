@@ -413,20 +413,20 @@ def test_a_delivery_whose_every_attempt_failed_is_failed_and_not_resent(
 
 def test_a_replica_resumes_deliveries_of_dead_replicas_but_not_of_live_ones(
         tmp_path: Any, receiver: Receiver) -> None:
-    """Redis: the watch loop (not only the start) claims what a dead replica left pending."""
+    """Redis: the sweep loop (not only the start) claims what a dead replica left pending."""
     receiver.refusing = False
     with redis_store() as store:
         redis_url = f"redis://127.0.0.1:6379/{store.r.connection_pool.connection_kwargs['db']}"
         with serving.live_server(tmp_path, engine_factory=slow_factory(SlowRunner()),
                                  redis_url=redis_url, redis_prefix=store.prefix,
-                                 webhook_allow="127.0.0.1") as live:
+                                 webhook_allow="127.0.0.1", job_sweep_interval_s=0.2) as live:
             extra = {"scope": "anonymous/ep", "payload": {"input": {"prompt": "x"}},
                      "status": FAILED, "error": "boom", "webhook": receiver.url}
-            # Written after the server started: only its watch loop can find them.
+            # Written after the server started: only its sweep loop can find them.
             store.heartbeat("alive", 600)
             finished(store, "busy", **extra, **webhook_claim("alive", 3600))
             finished(store, "orphan", **extra, **webhook_claim("dead-replica", 3600))
-            posts = wait_for("the dead replica's webhook, resumed by the watch loop",
+            posts = wait_for("the dead replica's webhook, resumed by the sweep loop",
                              lambda: receiver.posts_for("orphan"))
             assert posts[0]["status"] == "FAILED" and posts[0]["error"] == "boom"
             wait_for("the resumed delivery recorded as sent",
