@@ -10,10 +10,10 @@ A job taken by the runner is ``running`` in the store (so no other replica takes
 only when the engine starts its first batch: that moment is its ``started_at`` and arms its
 execution timeout. Until then it waits, and every view shows it as queued
 (:func:`inference.tasks.client_status`). The engine's request deadline (``--request-timeout-s``)
-is for synchronous requests: a job gets its own limit instead (what is left of its execution
-timeout, for admission; the timing is done here). What bounds the wait: the work ahead of it
-in the engine's queue (at most ``concurrency`` jobs are handed over at once), and the job's
-ttl, when the expiry sweep cancels and deletes it.
+is for synchronous requests: a job gets its own execution timeout instead (the engine admits
+it against that; the timing, from the start, is done here). What bounds the wait: the work
+ahead of it in the engine's queue (at most ``concurrency`` jobs are handed over at once), and
+the job's ttl, when the expiry sweep cancels and deletes it.
 
 The store is synchronous (SQLite or Redis); every call goes through :class:`~gateway.
 task_store_async.AsyncTaskStore` (``self.db``), so a slow store never blocks the event loop.
