@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -41,3 +42,21 @@ def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[serving.L
     """A live server that requires the API key ``test-key``."""
     with serving.live_server(tmp_path_factory.mktemp("keyed"), api_keys="test-key") as live:
         yield live
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Any]:
+    """Each task store, empty: SQLite in ``tmp_path``, Redis under a prefix of its own."""
+    from gateway.jobs import job_store
+    from tests.test_task_store_async import redis_store
+
+    if request.param == "redis":
+        with redis_store() as store:
+            yield store
+        return
+    store = job_store(tmp_path / "data")
+    store.open()
+    try:
+        yield store
+    finally:
+        store.close()

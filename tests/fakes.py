@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import numpy as np
@@ -81,3 +83,34 @@ def engine_factory(runner: FakeRunner, *, model_id: str = "fake", **config: Any
         return fake_engine(runner, metrics, model_id=model_id, **overrides)
 
     return build
+
+
+class WebhookReceiver:
+    """A webhook receiver on a loopback port: records every POST; answers 500 while ``refusing``."""
+
+    def __init__(self, *, refusing: bool = False) -> None:
+        self.posts: list[dict[str, Any]] = []
+        self.refusing = refusing
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                outer.posts.append(json.loads(body))
+                self.send_response(500 if outer.refusing else 200)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def posts_for(self, job_id: str) -> list[dict[str, Any]]:
+        """The bodies posted for the job ``job_id``."""
+        return [p for p in self.posts if p.get("id") == job_id]
+
+    def close(self) -> None:
+        self.httpd.shutdown()

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from inference import GenerationRequest
+from inference import Engine, GenerationRequest
 from inference.batch import Batch, Slot
 from inference.buckets import BatchBuckets
 from inference.compile import CompileWatch
@@ -444,22 +444,34 @@ def test_cost_model_recovers_per_call_pixel_and_step_costs():
     assert per_unit == pytest.approx(3.0, abs=1e-6)
 
 
-async def test_admission_refuses_what_cannot_finish_inside_the_request_timeout():
+async def _costly_engine() -> tuple[CostlyRunner, Engine]:
+    """An engine with a fitted cost model and a 30 s request timeout (one image per batch)."""
     runner = CostlyRunner()
     engine = fake_engine(runner, max_batch_images=1, request_timeout_s=30.0,
                          warmup_sizes=((64, 64), (128, 128)), warmup_batch_sizes=(1,))
     await engine.start()
-    assert engine._scheduler.cost.known
-    # Alone: 1024², 150 steps, n=4 ≈ 2 s × 24 units ≈ 48 s > 30 s.
-    with pytest.raises(InvalidRequest) as err:
-        await engine.generate(req(width=1024, height=1024, steps=150, n=4))
-    assert "request timeout" in err.value.message and err.value.field == "n"
-    # Behind a queue: each of these costs ~8 s; the fourth would finish after 30 s.
+    return runner, engine
+
+
+async def _queue_behind_one_running(runner: CostlyRunner, engine: Engine) -> list[asyncio.Task]:
+    """Three requests of ~8 s each: one held running, two queued (~24 s of work ahead)."""
     runner.hold()
     queued = [asyncio.create_task(engine.generate(req(f"q{i}", width=1024, height=1024,
                                                       steps=100))) for i in range(3)]
     await wait_until(lambda: runner.entered.is_set() and engine.queued_images == 2,
                      "one running, two queued")
+    return queued
+
+
+async def test_admission_refuses_what_cannot_finish_inside_the_request_timeout():
+    runner, engine = await _costly_engine()
+    assert engine._scheduler.cost.known
+    # Alone: 1024², 150 steps, n=4 ≈ 2 s × 24 units ≈ 48 s > 30 s.
+    with pytest.raises(InvalidRequest) as err:
+        await engine.generate(req(width=1024, height=1024, steps=150, n=4))
+    assert "request timeout" in err.value.message and err.value.field == "n"
+    # Behind a queue: the fourth ~8 s request would finish after 30 s.
+    queued = await _queue_behind_one_running(runner, engine)
     with pytest.raises(QueueFull) as full:
         await engine.generate(req("late", width=1024, height=1024, steps=100))
     assert full.value.retry_after > 1.0
@@ -470,21 +482,14 @@ async def test_admission_refuses_what_cannot_finish_inside_the_request_timeout()
 
 async def test_a_caller_with_its_own_time_limit_is_admitted_against_it_and_not_timed_out():
     """Async jobs: their execution timeout, not --request-timeout-s, bounds them (jobs.py)."""
-    runner = CostlyRunner()
-    engine = fake_engine(runner, max_batch_images=1, request_timeout_s=30.0,
-                         warmup_sizes=((64, 64), (128, 128)), warmup_batch_sizes=(1,))
-    await engine.start()
+    runner, engine = await _costly_engine()
     big = req(width=1024, height=1024, steps=150, n=4)  # ≈ 48 s alone: over the 30 s timeout
     with pytest.raises(InvalidRequest) as err:
         await engine.generate(big, time_limit_s=20.0)
     assert "20s execution timeout" in err.value.message and err.value.field == "n"
     # Behind a queue that a synchronous request could not wait out, a job is admitted: its
     # limit counts from its own start.
-    runner.hold()
-    queued = [asyncio.create_task(engine.generate(req(f"q{i}", width=1024, height=1024,
-                                                      steps=100))) for i in range(3)]
-    await wait_until(lambda: runner.entered.is_set() and engine.queued_images == 2,
-                     "one running, two queued")
+    queued = await _queue_behind_one_running(runner, engine)
     job = asyncio.create_task(engine.generate(req("job", width=1024, height=1024, steps=100),
                                               time_limit_s=20.0))
     await wait_until(lambda: engine.queued_images == 3, "the job queued behind the others")

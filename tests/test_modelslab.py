@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import re
 import threading
 import time
@@ -39,32 +38,10 @@ from inference import GenerationRequest
 from inference.request import Lora
 from inference.samplers import SamplerRegistry
 from tests import fakes, serving
+from tests.fakes import WebhookReceiver
 
 KEY = "test-key"
 SMALL: dict[str, Any] = {"width": 64, "height": 64, "num_inference_steps": 2}
-
-
-class Hooks:
-    """A local receiver that records webhook POSTs."""
-
-    def __init__(self) -> None:
-        self.posts: list[dict[str, Any]] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                outer.posts.append(json.loads(body))
-                self.send_response(200)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
 
 def png(size: tuple[int, int] = (64, 64), color: tuple[int, int, int] = (200, 40, 40)) -> bytes:
@@ -130,10 +107,10 @@ class Images:
 
 
 @pytest.fixture(scope="module")
-def hooks() -> Iterator[Hooks]:
-    h = Hooks()
+def hooks() -> Iterator[WebhookReceiver]:
+    h = WebhookReceiver()
     yield h
-    h.httpd.shutdown()
+    h.close()
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +228,7 @@ def test_enterprise_paths(ml: serving.LiveServer) -> None:
         assert out["status"] == "success", out
 
 
-def test_webhook_with_track_id(ml: serving.LiveServer, hooks: Hooks) -> None:
+def test_webhook_with_track_id(ml: serving.LiveServer, hooks: WebhookReceiver) -> None:
     out = post(ml, "/api/v6/images/text2img", {
         "key": KEY, "prompt": "a lamp", "webhook": hooks.url, "track_id": "t-42",
         "instant_response": True, **SMALL}).json()
@@ -455,7 +432,7 @@ def test_inline_images_with_base64(ml: serving.LiveServer, images: Images) -> No
     assert images.total() == hits, "nothing was fetched"
 
 
-def test_image_webhook_with_track_id(ml: serving.LiveServer, hooks: Hooks,
+def test_image_webhook_with_track_id(ml: serving.LiveServer, hooks: WebhookReceiver,
                                      images: Images) -> None:
     out = post(ml, "/api/v6/images/img2img", {
         "key": KEY, "prompt": "a lamp", "init_image": images.url("/red.png"),

@@ -209,21 +209,6 @@ def test_redis_images_expire_with_the_job_without_reading_it_back() -> None:
         assert store.read_image("j", stored[0]) == b"x"
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def any_store(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Any]:
-    """Each task store, empty: SQLite in ``tmp_path``, Redis under a prefix of its own."""
-    if request.param == "redis":
-        with redis_store() as store:
-            yield store
-        return
-    store = job_store(tmp_path / "data")
-    store.open()
-    try:
-        yield store
-    finally:
-        store.close()
-
-
 def test_list_jobs_newest_first_filtered_and_paged(any_store: Any) -> None:
     import time
 

@@ -15,7 +15,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
@@ -38,6 +37,7 @@ from inference.tasks import (
     webhook_claim,
 )
 from tests import serving
+from tests.fakes import WebhookReceiver
 from tests.test_runpod import SlowRunner, slow_factory
 from tests.test_task_store_async import redis_store
 
@@ -56,19 +56,10 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = DEADLINE_S) -
         time.sleep(0.02)
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def store(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[Any]:
-    """Each task store, empty: SQLite in ``tmp_path``, Redis under a prefix of its own."""
-    if request.param == "redis":
-        with redis_store() as s:
-            yield s
-        return
-    s = job_store(tmp_path / "data")
-    s.open()
-    try:
-        yield s
-    finally:
-        s.close()
+@pytest.fixture
+def store(any_store: Any) -> Any:
+    """Each task store, empty (conftest's ``any_store``)."""
+    return any_store
 
 
 def finished(store: Any, job_id: str, *, webhook: str | None = HOOK, status: str = COMPLETED,
@@ -283,43 +274,15 @@ def test_redis_drops_stale_outbox_entries() -> None:
 # -- over a real socket: the next server delivers -----------------------------------------------
 
 
-class Receiver:
-    """A webhook receiver on a loopback port: answers 500 while ``refusing``, records posts."""
-
-    def __init__(self) -> None:
-        self.posts: list[dict[str, Any]] = []
-        self.refusing = True
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                outer.posts.append(json.loads(body))
-                status = 500 if outer.refusing else 200
-                self.send_response(status)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/hook"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def posts_for(self, job_id: str) -> list[dict[str, Any]]:
-        return [p for p in self.posts if p.get("id") == job_id]
-
-
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    r = Receiver()
+def receiver() -> Iterator[WebhookReceiver]:
+    r = WebhookReceiver(refusing=True)
     yield r
-    r.httpd.shutdown()
+    r.close()
 
 
 def test_the_next_server_delivers_what_a_stopped_server_left_pending(
-        tmp_path: Any, receiver: Receiver, caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Any, receiver: WebhookReceiver, caplog: pytest.LogCaptureFixture) -> None:
     inp = {"prompt": "x", "width": 64, "height": 64, "refiner_inference_steps": 4}
     # A retry an hour away: only the next server can deliver this webhook.
     settings = {"webhook_allow": "127.0.0.1", "webhook_retry_delay_s": 3600,
@@ -388,7 +351,7 @@ def test_the_next_server_delivers_what_a_stopped_server_left_pending(
 
 
 def test_a_delivery_whose_every_attempt_failed_is_failed_and_not_resent(
-        tmp_path: Any, receiver: Receiver) -> None:
+        tmp_path: Any, receiver: WebhookReceiver) -> None:
     inp = {"prompt": "x", "width": 64, "height": 64, "refiner_inference_steps": 4}
     settings = {"webhook_allow": "127.0.0.1", "webhook_retry_delay_s": 0.05,
                 "webhook_timeout_s": 5}
@@ -412,7 +375,7 @@ def test_a_delivery_whose_every_attempt_failed_is_failed_and_not_resent(
 
 
 def test_a_replica_resumes_deliveries_of_dead_replicas_but_not_of_live_ones(
-        tmp_path: Any, receiver: Receiver) -> None:
+        tmp_path: Any, receiver: WebhookReceiver) -> None:
     """Redis: the sweep loop (not only the start) claims what a dead replica left pending."""
     receiver.refusing = False
     with redis_store() as store:
@@ -438,7 +401,7 @@ def test_a_replica_resumes_deliveries_of_dead_replicas_but_not_of_live_ones(
 
 
 def test_a_final_write_held_up_by_an_outage_lands_with_a_fresh_claim(
-        tmp_path: Any, receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Any, receiver: WebhookReceiver, monkeypatch: pytest.MonkeyPatch) -> None:
     """The claim in the final write is made when the write lands, not when it was first tried:
     else a write held up past the lease would land already claimable, and be sent twice."""
     import sqlite3
