@@ -14,8 +14,6 @@ from pathlib import Path
 from gateway.settings import Settings, add_settings_arguments
 
 logger = logging.getLogger("imagegate")
-# How long `serve` waits for --redis-url to answer before giving up (it may start beside us).
-REDIS_WAIT_S = 10.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,7 +248,7 @@ def _listen(settings: Settings) -> socket.socket | None:
 def _reach_redis(settings: Settings) -> bool:
     """With ``--redis-url``: True once Redis answers, else False after printing one line.
 
-    Waits up to ``REDIS_WAIT_S``: Redis may be starting beside this server.
+    Waits up to ``--redis-wait-s``: Redis may be starting beside this server.
     """
     if not settings.redis_url:
         return True
@@ -258,7 +256,7 @@ def _reach_redis(settings: Settings) -> bool:
 
     shown = re.sub(r"//[^@/]*@", "//***@", settings.redis_url)  # no password in logs
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=2)
-    deadline = time.monotonic() + REDIS_WAIT_S
+    deadline = time.monotonic() + settings.redis_wait_s
     try:
         while True:
             try:

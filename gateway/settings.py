@@ -158,6 +158,7 @@ class Settings(msgspec.Struct, kw_only=True):
     lora_dir: Annotated[str | None, Meta(description="Folder of <name>.safetensors LoRA files (diffusers or kohya format) that requests may name; tiny-sdxl falls back to its own folder with tiny-lora.")] = None
     # Replicas sharing Redis (docs/replicas.md).
     redis_url: Annotated[str | None, Meta(description="Redis URL (redis://host:6379/0): async jobs, their images, URL-mode images, quota counters and the usage ledger live there, shared by every replica given the same URL and prefix.")] = None
+    redis_wait_s: Annotated[float, Meta(ge=0, le=3600, description="How long a start with --redis-url waits for Redis to answer (it may be starting beside this server) before exiting with status 2.")] = 10.0
     redis_prefix: Annotated[str, Meta(description="Prefix of every Redis key this server writes (replicas of one deployment share it).")] = "imagegate"
     replica_id: Annotated[str | None, Meta(description="Name of this replica in job records (RunPod workerId) and logs (default: random per start). Must be unique among live replicas: a start re-queues the jobs left running under its id.")] = None
     # Async task dialects (Alibaba SCC, DashScope, ModelsLab).

@@ -169,7 +169,8 @@ def test_unreachable_redis_stops_the_start_with_one_line(tmp_path):
     no password from the URL."""
     from tests.serving import free_port
 
-    res = run_cli("serve", "--redis-url", "redis://user:s3cret@127.0.0.1:1/0", "--port",
+    res = run_cli("serve", "--redis-url", "redis://user:s3cret@127.0.0.1:1/0",
+                  "--redis-wait-s", "1", "--port",
                   str(free_port()), "--data-dir", str(tmp_path / "data"))
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr and "s3cret" not in res.stderr
