@@ -48,11 +48,19 @@ class WebhookSender:
         """Like :meth:`send`, with the body rendered first in the same task (off the caller).
 
         ``settle(arrived)`` is awaited once the delivery ends (a body rendered as ``None`` has
-        not arrived); not when the task is cancelled.
+        not arrived); not when the task is cancelled, nor when rendering fails (a store or disk
+        fault): that is logged and the delivery left unsettled, so the outbox sends it again
+        once its claim runs out, as after a crash.
         """
 
         async def run() -> bool:
-            body = await render()
+            try:
+                body = await render()
+            except Exception as exc:  # noqa: BLE001 - the outbox resumes it; never a lost task
+                logger.warning("webhook %s: could not render its body (%s: %s); it is sent "
+                               "again once its claim runs out", _safe(url), type(exc).__name__,
+                               exc)
+                return False
             arrived = body is not None and await self.deliver(url, body)
             if settle is not None:
                 await settle(arrived)

@@ -116,6 +116,28 @@ class Job(msgspec.Struct, kw_only=True):
     webhook_rounds: int = 0
 
 
+class WebhookHead(msgspec.Struct, frozen=True, kw_only=True):
+    """A pending delivery as the outbox looks for work: its job's outbox fields, not its document.
+
+    Stores index these beside the job (SQLite columns, a Redis hash) so that a look for
+    deliveries to resume never reads, let alone parses, every pending job's document: a job's
+    payload can be a 20 MB data URL, and a receiver that is down keeps many pending at once.
+    """
+
+    id: str
+    dialect: str
+    owner: str | None = None
+    until: float = 0.0
+    rounds: int = 0
+    expires_at: float = 0.0
+
+    @classmethod
+    def of(cls, job: Job) -> WebhookHead:
+        """``job``'s head (whatever its webhook state)."""
+        return cls(id=job.id, dialect=job.dialect, owner=job.webhook_owner,
+                   until=job.webhook_until, rounds=job.webhook_rounds, expires_at=job.expires_at)
+
+
 def client_status(job: Job) -> str:
     """``job``'s status as clients see it: a ``running`` job not started yet is ``queued``.
 
@@ -209,10 +231,10 @@ class TaskStore(Protocol):
         """
         ...
 
-    def pending_webhooks(self, limit: int = WEBHOOK_SCAN) -> list[Job]:
-        """Unexpired final jobs whose webhook is :data:`WEBHOOK_PENDING`, claimed or not.
+    def pending_webhooks(self, limit: int = WEBHOOK_SCAN) -> list[WebhookHead]:
+        """The heads of unexpired final jobs whose webhook is :data:`WEBHOOK_PENDING`.
 
-        Those whose claim ran out come first where the store can order them (SQLite).
+        Claimed or not, the earliest claim's end first; no job document is read for them.
         """
         ...
 
@@ -254,11 +276,36 @@ CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, created_at);
 CREATE INDEX IF NOT EXISTS jobs_expiry ON jobs (expires_at);
 CREATE INDEX IF NOT EXISTS jobs_scope ON jobs (dialect, scope, status);
 """
-# The webhook outbox's state is a column (added to stores made before it), not read from the
-# JSON doc: a partial index over json_extract(doc) made every write of a large job (a 20 MB
-# data: URL payload) parse its document twice more, under the store's lock.
-_OUTBOX_INDEX = ("CREATE INDEX IF NOT EXISTS jobs_webhook_state ON jobs (expires_at) "
+# The webhook outbox's fields are columns (added to stores made before them), copies of the
+# JSON doc's: a partial index over json_extract(doc) made every write of a large job (a 20 MB
+# data: URL payload) parse its document twice more, under the store's lock, and a look for
+# deliveries to resume that read the documents parsed every pending one (WebhookHead).
+_OUTBOX_COLUMNS = {"webhook_state": "TEXT", "webhook_owner": "TEXT", "webhook_until": "REAL",
+                   "webhook_rounds": "INTEGER"}
+# Covering: the look reads the index alone. A row's columns after its document (the ones added
+# to older stores) are reached only through the document's overflow pages.
+_OUTBOX_INDEX = ("CREATE INDEX IF NOT EXISTS jobs_webhook_heads ON jobs (webhook_until, "
+                 "expires_at, id, dialect, webhook_owner, webhook_rounds, webhook_state) "
                  f"WHERE webhook_state = '{WEBHOOK_PENDING}'")
+_OUTBOX_OLD_INDEX = "DROP INDEX IF EXISTS jobs_webhook_state"
+# Pending deliveries written before the owner/until/rounds columns existed: filled in once.
+_OUTBOX_BACKFILL = (
+    "UPDATE jobs SET " + ", ".join(
+        f"{name} = json_extract(CAST(doc AS TEXT), '$.{name}')"
+        for name in ("webhook_owner", "webhook_until", "webhook_rounds"))
+    + f" WHERE webhook_state = '{WEBHOOK_PENDING}' AND webhook_until IS NULL")
+# The columns an update may change (a retry gives a job a new creation time, as the Redis
+# store's lists see it), and with them the ones a job is created with.
+_CHANGING = ("status", "created_at", "expires_at", "retries", *_OUTBOX_COLUMNS, "doc")
+_COLUMNS = ("id", "dialect", "scope", *_CHANGING)
+_INSERT = f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+_UPDATE = f"UPDATE jobs SET {', '.join(f'{c} = ?' for c in _CHANGING)} WHERE id = ?"
+
+
+def _changing(job: Job) -> tuple[Any, ...]:
+    """``job``'s values for :data:`_CHANGING`."""
+    return (job.status, job.created_at, job.expires_at, job.retries, job.webhook_state,
+            job.webhook_owner, job.webhook_until, job.webhook_rounds, msgspec.json.encode(job))
 # client_status() in SQL: the start time lives in the JSON doc, read only for running rows.
 _CLIENT_STATUS = (f"(CASE WHEN status = '{RUNNING}' AND json_extract(CAST(doc AS TEXT), "
                   f"'$.started_at') IS NULL THEN '{QUEUED}' ELSE status END)")
@@ -287,9 +334,13 @@ class SqliteTaskStore:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.executescript(_SCHEMA)
-        if "webhook_state" not in {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}:
-            conn.execute("ALTER TABLE jobs ADD COLUMN webhook_state TEXT")
+        have = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+        for name, kind in _OUTBOX_COLUMNS.items():
+            if name not in have:
+                conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+        conn.execute(_OUTBOX_OLD_INDEX)
         conn.execute(_OUTBOX_INDEX)
+        conn.execute(_OUTBOX_BACKFILL)
         self._conn = conn
 
     def close(self) -> None:
@@ -311,12 +362,7 @@ class SqliteTaskStore:
     def create(self, job: Job) -> None:
         """Insert a new job."""
         with self._lock:
-            self.conn.execute(
-                "INSERT INTO jobs (id, dialect, scope, status, created_at, expires_at, retries, "
-                "webhook_state, doc) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job.id, job.dialect, job.scope, job.status, job.created_at, job.expires_at,
-                 job.retries, job.webhook_state, msgspec.json.encode(job)),
-            )
+            self.conn.execute(_INSERT, (job.id, job.dialect, job.scope, *_changing(job)))
 
     def get(self, job_id: str, now: float | None = None) -> Job | None:
         """The job, or ``None`` when unknown or expired."""
@@ -346,12 +392,7 @@ class SqliteTaskStore:
                     conn.execute("ROLLBACK")
                     return None
                 job = apply_changes(job, changes)
-                conn.execute(
-                    "UPDATE jobs SET status = ?, expires_at = ?, retries = ?, webhook_state = ?, "
-                    "doc = ? WHERE id = ?",
-                    (job.status, job.expires_at, job.retries, job.webhook_state,
-                     msgspec.json.encode(job), job_id),
-                )
+                conn.execute(_UPDATE, (*_changing(job), job_id))
                 conn.execute("COMMIT")
             except BaseException:
                 # A failed COMMIT (disk full, I/O error) has already rolled back: a ROLLBACK
@@ -470,16 +511,16 @@ class SqliteTaskStore:
         return reclaim_jobs(self, [msgspec.json.decode(r[0], type=Job) for r in rows],
                             max_requeues, reason, dead)
 
-    def pending_webhooks(self, limit: int = WEBHOOK_SCAN) -> list[Job]:
-        """Unexpired final jobs with a pending webhook, unclaimed and stale claims first."""
+    def pending_webhooks(self, limit: int = WEBHOOK_SCAN) -> list[WebhookHead]:
+        """Heads of unexpired jobs with a pending webhook, earliest claim end first."""
         with self._lock:
             rows = self.conn.execute(
-                f"SELECT doc FROM jobs WHERE webhook_state = '{WEBHOOK_PENDING}' AND "
-                "expires_at > ? ORDER BY json_extract(CAST(doc AS TEXT), '$.webhook_until') "
-                "LIMIT ?", (time.time(), limit),
+                "SELECT id, dialect, webhook_owner, webhook_until, webhook_rounds, expires_at "
+                f"FROM jobs WHERE webhook_state = '{WEBHOOK_PENDING}' AND expires_at > ? "
+                "ORDER BY webhook_until LIMIT ?", (time.time(), limit),
             ).fetchall()
-        jobs = [msgspec.json.decode(r[0], type=Job) for r in rows]
-        return [job for job in jobs if job.status in FINISHED]
+        return [WebhookHead(id=r[0], dialect=r[1], owner=r[2], until=r[3] or 0.0,
+                            rounds=r[4] or 0, expires_at=r[5]) for r in rows]
 
     # -- results ---------------------------------------------------------------------------
 
@@ -557,17 +598,23 @@ def webhook_claim(worker_id: str, lease_s: float, rounds: int = 1) -> dict[str, 
             "webhook_rounds": rounds}
 
 
-def webhook_claimable(job: Job, now: float, alive: Callable[[str], bool],
+def webhook_unclaimed(head: WebhookHead, now: float, alive: Callable[[str], bool],
                       dead: Collection[str] = ()) -> bool:
-    """Whether a final job's pending webhook may be claimed: no live server is sending it.
+    """Whether no live server is sending the delivery ``head`` describes.
 
     Unclaimed, claimed for longer than the claim's lease (a sender whose last write was lost),
     or claimed by a server now dead (listed in ``dead``, or not ``alive``: heartbeat gone).
     """
+    owner = head.owner
+    return owner is None or owner in dead or head.until <= now or not alive(owner)
+
+
+def webhook_claimable(job: Job, now: float, alive: Callable[[str], bool],
+                      dead: Collection[str] = ()) -> bool:
+    """Whether a final job's pending webhook may be claimed (:func:`webhook_unclaimed`)."""
     if job.webhook_state != WEBHOOK_PENDING or job.status not in FINISHED or job.webhook is None:
         return False
-    owner = job.webhook_owner
-    return owner is None or owner in dead or job.webhook_until <= now or not alive(owner)
+    return webhook_unclaimed(WebhookHead.of(job), now, alive, dead)
 
 
 def claim_webhooks(store: TaskStore, worker_id: str, lease_s: float, dead: Collection[str] = (),
@@ -575,10 +622,12 @@ def claim_webhooks(store: TaskStore, worker_id: str, lease_s: float, dead: Colle
                    limit: int = WEBHOOK_SCAN) -> tuple[list[Job], list[Job]]:
     """Claim, for ``worker_id``, the pending webhooks no live server is sending.
 
-    Each claim is a compare-and-set on the delivery as it was read (owner, round, outcome), so
-    of two servers that read the same delivery only one claims it. A delivery already claimed
-    ``max_rounds`` times is marked failed instead. ``dialects``: only jobs of these (the ones
-    this server can render). Returns (claimed, given up), the jobs as written.
+    Picked by their heads (:meth:`TaskStore.pending_webhooks`); only a delivery that looks
+    claimable has its job read, and checked again. Each claim is a compare-and-set on the
+    delivery as that read found it (owner, round, outcome), so of two servers that read the
+    same delivery only one claims it. A delivery already claimed ``max_rounds`` times is marked
+    failed instead. ``dialects``: only jobs of these (the ones this server can render).
+    Returns (claimed, given up), the jobs as written.
     """
     now = time.time()
     claimed: list[Job] = []
@@ -591,10 +640,13 @@ def claim_webhooks(store: TaskStore, worker_id: str, lease_s: float, dead: Colle
             seen[owner] = store.worker_alive(owner)
         return seen[owner]
 
-    for job in store.pending_webhooks(limit):
-        if dialects is not None and job.dialect not in dialects:
+    for head in store.pending_webhooks(limit):
+        if dialects is not None and head.dialect not in dialects:
             continue
-        if not webhook_claimable(job, now, alive, dead):
+        if not webhook_unclaimed(head, now, alive, dead):
+            continue
+        job = store.get(head.id, now)
+        if job is None or not webhook_claimable(job, now, alive, dead):
             continue
         where = {"webhook_state": WEBHOOK_PENDING, "webhook_owner": job.webhook_owner,
                  "webhook_rounds": job.webhook_rounds, "finished_at": job.finished_at}

@@ -9,6 +9,8 @@ Same protocol as :class:`inference.tasks.SqliteTaskStore`. Keys, all under one p
   ``expires_at``), ``P:scope:<dialect>:<scope>`` (set) and ``P:scopet:<dialect>:<scope>``
   (sorted set by creation time, for task lists), ``P:webhooks`` (set: final jobs whose webhook
   is pending, the outbox): indexes; stale members are dropped when read.
+- ``P:webhook_heads`` (hash): each pending delivery's :class:`~inference.tasks.WebhookHead`,
+  written with its ``P:webhooks`` entry, so a look for deliveries to resume reads no job.
 - ``P:worker:<id>``: a replica's heartbeat, with a TTL. A running job whose worker's heartbeat
   is gone is reclaimed by another replica (:func:`inference.tasks.reclaim_jobs`).
 
@@ -36,6 +38,7 @@ from inference.tasks import (
     WEBHOOK_SCAN,
     Job,
     StoredImage,
+    WebhookHead,
     apply_changes,
     check_list_args,
     client_status,
@@ -116,9 +119,19 @@ class RedisTaskStore:
         pipe.sadd(self._scope_key(job.dialect, job.scope), job.id)
         pipe.zadd(self._time_key(job.dialect, job.scope), {job.id: job.created_at})
         pipe.zadd(self._k("expiry"), {job.id: job.expires_at})
+        self._index_webhook(pipe, job, None)
+        pipe.execute()
+
+    def _index_webhook(self, pipe: Any, job: Job, old: Job | None) -> None:
         if job.webhook_state == WEBHOOK_PENDING:
             pipe.sadd(self._k("webhooks"), job.id)
-        pipe.execute()
+            pipe.hset(self._k("webhook_heads"), job.id, msgspec.json.encode(WebhookHead.of(job)))
+        elif old is not None and old.webhook_state == WEBHOOK_PENDING:
+            self._unindex_webhook(pipe, job.id)
+
+    def _unindex_webhook(self, pipe: Any, job_id: str) -> None:
+        pipe.srem(self._k("webhooks"), job_id)
+        pipe.hdel(self._k("webhook_heads"), job_id)
 
     def _index(self, pipe: Any, job: Job, old_status: str | None) -> None:
         if old_status == job.status:
@@ -151,10 +164,7 @@ class RedisTaskStore:
             new = apply_changes(job, changes)
             pipe.set(self._k("job", job_id), msgspec.json.encode(new), keepttl=True)
             self._index(pipe, new, job.status)
-            if new.webhook_state == WEBHOOK_PENDING:
-                pipe.sadd(self._k("webhooks"), job_id)
-            elif job.webhook_state == WEBHOOK_PENDING:
-                pipe.srem(self._k("webhooks"), job_id)
+            self._index_webhook(pipe, new, job)
             if new.created_at != job.created_at:  # a retry is listed as new
                 pipe.zadd(self._time_key(new.dialect, new.scope), {new.id: new.created_at})
             return new
@@ -338,7 +348,7 @@ class RedisTaskStore:
         pipe.zrem(self._k("queued"), job.id)
         pipe.srem(self._k("running"), job.id)
         pipe.zrem(self._k("expiry"), job.id)
-        pipe.srem(self._k("webhooks"), job.id)
+        self._unindex_webhook(pipe, job.id)
         pipe.srem(self._scope_key(job.dialect, job.scope), job.id)
         pipe.zrem(self._time_key(job.dialect, job.scope), job.id)
 
@@ -363,18 +373,29 @@ class RedisTaskStore:
                 running.append(job)
         return reclaim_jobs(self, running, max_requeues, reason, dead)
 
-    def pending_webhooks(self, limit: int = WEBHOOK_SCAN) -> list[Job]:
-        """Unexpired final jobs with a pending webhook (the outbox set), stale claims first."""
+    def pending_webhooks(self, limit: int = WEBHOOK_SCAN) -> list[WebhookHead]:
+        """Heads of unexpired jobs with a pending webhook (the outbox), earliest claim end first.
+
+        Read from ``P:webhook_heads``; an entry of ``P:webhooks`` without a head (written by a
+        server from before heads existed) is read from its job, and dropped if stale.
+        """
         key = self._k("webhooks")
-        now = time.time()
-        out: list[Job] = []
-        for job_id, job in self._jobs(list(self.r.smembers(key))):
+        ids = [i.decode() for i in self.r.smembers(key)]
+        raws = self.r.hmget(self._k("webhook_heads"), ids) if ids else []
+        heads: list[WebhookHead] = []
+        headless: list[str] = []
+        for job_id, raw in zip(ids, raws, strict=True):
+            if raw is None:
+                headless.append(job_id)
+            else:
+                heads.append(msgspec.json.decode(raw, type=WebhookHead))
+        for job_id, job in self._jobs(headless):
             if job is None or job.webhook_state != WEBHOOK_PENDING:
                 self._unindex_unless(key, job_id, WEBHOOK_PENDING, "s", "webhook_state")
-            elif job.expires_at > now and job.status in FINISHED:
-                out.append(job)
-        out.sort(key=lambda job: job.webhook_until)
-        return out[:limit]
+            elif job.status in FINISHED:
+                heads.append(WebhookHead.of(job))
+        now = time.time()
+        return sorted((h for h in heads if h.expires_at > now), key=lambda h: h.until)[:limit]
 
     # -- results ---------------------------------------------------------------------------
 
@@ -423,5 +444,5 @@ class RedisTaskStore:
         else:
             pipe.delete(self._k("job", job_id))
             pipe.zrem(self._k("expiry"), job_id)
-            pipe.srem(self._k("webhooks"), job_id)
+            self._unindex_webhook(pipe, job_id)
         pipe.execute()

@@ -254,11 +254,85 @@ def test_a_sqlite_store_made_before_the_outbox_gains_its_column(tmp_path: Any) -
         assert done.webhook_state == WEBHOOK_PENDING
         assert pending_ids(store) == {"old"}
         plan = " ".join(str(row) for row in store.conn.execute(
-            "EXPLAIN QUERY PLAN SELECT doc FROM jobs WHERE webhook_state = 'pending' "
-            "AND expires_at > 0"))
-        assert "jobs_webhook_state" in plan, plan
+            "EXPLAIN QUERY PLAN SELECT id, dialect, webhook_owner, webhook_until, webhook_rounds, "
+            "expires_at FROM jobs WHERE webhook_state = 'pending' AND expires_at > 0 "
+            "ORDER BY webhook_until"))
+        assert "COVERING INDEX jobs_webhook_heads" in plan, plan
     finally:
         store.close()
+
+
+def test_a_sqlite_store_with_only_the_state_column_gains_the_claim_columns(tmp_path: Any) -> None:
+    import sqlite3
+
+    path = tmp_path / "data" / "tasks.sqlite3"
+    path.parent.mkdir(parents=True)
+    now = time.time()
+    job = Job(id="claimed", dialect="runpod", scope="s", payload={}, status=COMPLETED,
+              created_at=now, expires_at=now + 3600, finished_at=now, webhook=HOOK,
+              webhook_state=WEBHOOK_PENDING, webhook_owner="gone", webhook_until=now + 60,
+              webhook_rounds=2)
+    with sqlite3.connect(path) as conn:  # the release with the outbox's state column only
+        conn.execute("CREATE TABLE jobs (id TEXT PRIMARY KEY, dialect TEXT NOT NULL, scope TEXT "
+                     "NOT NULL, status TEXT NOT NULL, created_at REAL NOT NULL, expires_at REAL "
+                     "NOT NULL, retries INTEGER NOT NULL DEFAULT 0, doc BLOB NOT NULL, "
+                     "webhook_state TEXT)")
+        conn.execute("INSERT INTO jobs VALUES ('claimed', 'runpod', 's', ?, ?, ?, 0, ?, ?)",
+                     (COMPLETED, now, now + 3600, msgspec.json.encode(job), WEBHOOK_PENDING))
+    store = job_store(tmp_path / "data")
+    store.open()
+    try:
+        [head] = store.pending_webhooks()
+        assert (head.id, head.owner, head.until, head.rounds) == ("claimed", "gone", now + 60, 2)
+        claimed, _ = claim_webhooks(store, "B", 60)
+        assert [(j.id, j.webhook_owner, j.webhook_rounds) for j in claimed] == [
+            ("claimed", "B", 3)]
+    finally:
+        store.close()
+
+
+def _spoil_document(store: Any, job_id: str) -> None:
+    """Make ``job_id``'s stored document unreadable: any read of it now raises."""
+    if hasattr(store, "conn"):
+        store.conn.execute("UPDATE jobs SET doc = x'00' WHERE id = ?", (job_id,))
+    else:
+        store.r.set(store._k("job", job_id), b"\x00", keepttl=True)
+
+
+def test_looking_for_deliveries_to_resume_reads_no_job_document(store: Any) -> None:
+    # A job's payload can be a 20 MB data URL, and a receiver that is down keeps many
+    # deliveries pending: the periodic look must not read (and parse) every one of them.
+    store.heartbeat("A", 60)
+    store.heartbeat("B", 60)
+    for i in range(3):
+        job = finished(store, f"busy{i}", payload={"input": {"image": "x" * 10_000}},
+                       **webhook_claim("A", 60))
+        assert job.webhook_owner == "A"
+        _spoil_document(store, f"busy{i}")
+    finished(store, "free")
+    heads = store.pending_webhooks()
+    assert heads[0].id == "free", heads  # unclaimed (until 0) first
+    assert {h.id: (h.owner, h.rounds) for h in heads} == {
+        "free": (None, 0), **{f"busy{i}": ("A", 1) for i in range(3)}}
+    assert all(h.dialect == "runpod" and h.expires_at > time.time() for h in heads)
+    # B reads only the one delivery it can claim; A's live claims stay A's.
+    claimed, given_up = claim_webhooks(store, "B", 60)
+    assert [(j.id, j.webhook_owner) for j in claimed] == [("free", "B")] and given_up == []
+    assert {h.id: h.owner for h in store.pending_webhooks()}["free"] == "B"
+
+
+def test_redis_reads_a_delivery_indexed_without_its_head_from_its_job() -> None:
+    # An entry an older server wrote (the set only): read from the job, claimed as before.
+    with redis_store() as store:
+        finished(store, "w")
+        store.r.hdel(store._k("webhook_heads"), "w")
+        assert [(h.id, h.owner) for h in store.pending_webhooks()] == [("w", None)]
+        claimed, _ = claim_webhooks(store, "B", 60)
+        assert [j.id for j in claimed] == ["w"]
+        assert [(h.id, h.owner) for h in store.pending_webhooks()] == [("w", "B")]
+        settle_webhook(store, claimed[0], "B", True)
+        assert store.pending_webhooks() == []
+        assert store.r.hlen(store._k("webhook_heads")) == 0
 
 
 def test_redis_drops_stale_outbox_entries() -> None:
@@ -269,6 +343,34 @@ def test_redis_drops_stale_outbox_entries() -> None:
         assert store.r.smembers(store._k("webhooks")) == {b"w"}
         store.delete("w")
         assert store.r.smembers(store._k("webhooks")) == set()
+        assert store.r.hlen(store._k("webhook_heads")) == 0
+
+
+async def test_a_body_that_fails_to_render_is_left_to_the_outbox(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A disk or store fault while rendering (ModelsLab copies images to /media): logged, not
+    # settled (the outbox sends it again once the claim runs out), and no orphaned exception.
+    from gateway.fetch import FetchPolicy
+    from gateway.webhooks import WebhookSender
+
+    settled: list[bool] = []
+
+    async def render() -> bytes:
+        raise OSError(28, "No space left on device")
+
+    async def settle(arrived: bool) -> None:
+        settled.append(arrived)
+
+    caplog.set_level(logging.WARNING, logger="gateway.webhooks")
+    sender = WebhookSender(FetchPolicy(), retries=0)
+    task = sender.send_rendered("http://127.0.0.1:9/hook?token=secret", render, settle)
+    assert await task is False
+    assert settled == []
+    [record] = [r for r in caplog.records if r.name == "gateway.webhooks"]
+    message = record.getMessage()
+    assert "could not render" in message and "No space left" in message, message
+    assert "secret" not in message
+    await sender.close()
 
 
 # -- over a real socket: the next server delivers -----------------------------------------------
