@@ -26,8 +26,10 @@ def field_of(error: msgspec.ValidationError) -> tuple[str, str | None]:
     if m:
         text = text[: m.start()]
         raw = m.group("path")
-        parts = [p for p in re.split(r"\.|\[", raw) if p]
-        path = ".".join(p.rstrip("]") for p in parts) or None
+        # A value inside a mapping is at `[...]` (msgspec does not say which key): name the
+        # mapping.
+        parts = [p.rstrip("]") for p in re.split(r"\.|\[", raw.replace("[...]", "")) if p]
+        path = ".".join(parts) or None
     for pattern in (_UNKNOWN, _MISSING):
         m2 = pattern.search(text)
         if m2:
@@ -36,15 +38,29 @@ def field_of(error: msgspec.ValidationError) -> tuple[str, str | None]:
     return text, path
 
 
-def decode_json(body: bytes, type_: type[T]) -> T:
+# RFC 8259 lets a parser ignore one; Python's json (so every FastAPI server) does, and some
+# Windows tools write it.
+_BOM = b"\xef\xbb\xbf"
+
+
+def decode_json(body: bytes, type_: type[T], *, lax: bool = False) -> T:
     """Decode ``body`` as ``type_``; raise a 400 :class:`ApiError` naming the bad field.
 
     Whole-number floats (``"n": 1.0``) are accepted where an integer is expected, as the JSON
-    encoders of some clients write every number as a float.
+    encoders of some clients write every number as a float; so is a leading byte-order mark.
+    ``lax``: read the body as a pydantic-1 API (AUTOMATIC1111's FastAPI) does: a top-level
+    ``null`` is the field's default (its fields are all optional there), and numbers and
+    booleans may come as strings (``"steps": "20"``).
     """
+    body = body.removeprefix(_BOM)
     if not body.strip():
         raise invalid("request body is empty; expected a JSON object")
     try:
+        if lax:
+            data = msgspec.json.decode(body)
+            if isinstance(data, dict):
+                data = {k: v for k, v in data.items() if v is not None}
+            return msgspec.convert(data, type_, strict=False)  # whole floats included
         try:
             return msgspec.json.decode(body, type=type_)
         except msgspec.ValidationError as exc:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from inference.request import GenerationRequest, InitImage, Lora, Refine
+from inference.request import GenerationRequest, InitImage, Lora, Refine, image_seed
 
 if TYPE_CHECKING:
     from inference.progress import Progress
@@ -129,8 +129,8 @@ class Slot:
 
     @property
     def seed(self) -> int:
-        """Image ``i`` of a request with seed ``s`` uses ``s + i``."""
-        return self.ticket.seed + self.index
+        """Image ``i`` of a request with seed ``s`` uses ``s + i`` (:func:`image_seed`)."""
+        return image_seed(self.ticket.seed, self.index)
 
 
 @dataclass(eq=False)

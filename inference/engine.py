@@ -35,7 +35,7 @@ from inference.executor import Executor
 from inference.images import check_image_header
 from inference.lora import LoraLibrary
 from inference.progress import ObservedRunner, Progress, ProgressHub, ProgressSnapshot
-from inference.request import GenerationRequest, GenerationResult
+from inference.request import MAX_SEED, GenerationRequest, GenerationResult
 from inference.runner import BatchRunner
 from inference.samplers import SamplerRegistry
 from inference.scheduler import Scheduler
@@ -45,7 +45,6 @@ from observability.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 
-MAX_SEED = 2**32 - 1
 # Bounds on the per-request feature fields (each costs compute or memory).
 MAX_PARTIAL_IMAGES = 10
 MAX_CONTROL_UNITS = 3

@@ -11,6 +11,17 @@ from typing import Literal
 import msgspec
 
 OutputFormat = Literal["png", "jpeg", "webp"]
+#: Seeds are 32-bit: what every API with a documented seed range accepts.
+MAX_SEED = 2**32 - 1
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of image ``index`` of a request seeded ``seed``: ``seed + index``, wrapped.
+
+    Wrapped to 32 bits so that every seed a result reports is one a request may give back
+    (seed 4294967295 with two images: 4294967295 and 0).
+    """
+    return (seed + index) % (MAX_SEED + 1)
 
 
 class InitImage(msgspec.Struct, frozen=True, kw_only=True):
@@ -80,8 +91,8 @@ class Lora(msgspec.Struct, frozen=True, kw_only=True):
 class GenerationRequest(msgspec.Struct, frozen=True, kw_only=True):
     """One generation, as every dialect describes it to the engine.
 
-    ``seed`` is the seed of image 0; image ``i`` uses ``seed + i``. ``None`` means the engine
-    draws one and reports it in the result.
+    ``seed`` is the seed of image 0; image ``i`` uses ``seed + i`` (:func:`image_seed`). ``None``
+    means the engine draws one and reports it in the result.
     """
 
     prompt: str

@@ -35,7 +35,7 @@ from inference.cost import CostModel, image_megapixels, image_units
 from inference.encoder import EncoderPool
 from inference.errors import InferenceError, InvalidRequest, QueueFull, ShuttingDown
 from inference.executor import BatchOutcome, Executor
-from inference.request import GenerationResult, Timings
+from inference.request import GenerationResult, Timings, image_seed
 from observability.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -407,7 +407,7 @@ class Scheduler:
         for ticket, index in work:
             req = ticket.request
             item = (ticket.outputs.pop(index), req.output_format, req.output_compression,
-                    ticket.seed + index, req.want_base64)
+                    image_seed(ticket.seed, index), req.want_base64)
             future = self.encoder.submit_many([item])
             self._encoding.add(future)
             future.add_done_callback(

@@ -13,6 +13,7 @@ import types
 
 import httpx
 import msgspec
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -59,6 +60,38 @@ def test_txt2img_batch_info_and_parameters(server):
     assert data["parameters"]["prompt"] == "a lighthouse"
     assert data["parameters"]["n_iter"] == 1
     assert "some_extension_field" not in data["parameters"]
+
+
+def test_nulls_and_numbers_in_strings_are_read_as_a1111_reads_them(server):
+    # A1111's API models are pydantic 1 with every field optional: null is the default, "2" is 2
+    # (clients generated from its OpenAPI document send null for unset fields).
+    body = {"prompt": "x", "width": "64", "height": 64.0, "steps": "2", "cfg_scale": "6.5",
+            "seed": None, "subseed": None, "styles": None, "override_settings": None,
+            "script_args": None, "alwayson_scripts": None, "negative_prompt": None,
+            "send_images": None, "batch_size": "1"}
+    resp = sd(server, "txt2img", body)
+    assert resp.status_code == 200, resp.text
+    info = json.loads(resp.json()["info"])
+    assert (info["width"], info["steps"], info["cfg_scale"]) == (64, 2, 6.5)
+    assert 0 <= info["seed"] <= 2**32 - 1 and info["negative_prompt"] == ""
+    assert len(resp.json()["images"]) == 1
+    assert validation_loc(sd(server, "txt2img", {"prompt": "x", "steps": "two"})) == [
+        "body", "steps"]
+
+
+def test_every_reported_seed_can_be_sent_back(server):
+    # Image i of seed s uses s + i, wrapped to 32 bits: the last seed's next is 0.
+    resp = sd(server, "txt2img", {"prompt": "x", **FAST, "batch_size": 2, "seed": 2**32 - 1})
+    assert resp.status_code == 200, resp.text
+    info = json.loads(resp.json()["info"])
+    assert info["all_seeds"] == [2**32 - 1, 0]
+    again = sd(server, "txt2img", {"prompt": "x", **FAST, "seed": info["all_seeds"][1]})
+    assert again.status_code == 200, again.text
+    # The same image, but for batched arithmetic's last bits; another seed's is far off.
+    second, replay, first = (np.asarray(decode(b), dtype=int) for b in (
+        resp.json()["images"][1], again.json()["images"][0], resp.json()["images"][0]))
+    assert np.abs(second - replay).max() <= 2
+    assert np.abs(second - first).mean() > 10
 
 
 def test_scheduler_format_and_clip_skip_settings(server):

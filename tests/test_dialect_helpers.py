@@ -53,6 +53,24 @@ def test_parse_size(text: str, kwargs: dict[str, Any], expected: tuple[int, int]
     assert parse_size(text, **kwargs) == expected
 
 
+def test_errors_inside_a_mapping_name_the_mapping() -> None:
+    import msgspec
+
+    from gateway.wire import decode_json
+
+    class Body(msgspec.Struct):
+        input: dict[str, Any]
+        sizes: dict[str, list[int]] = {}
+
+    with pytest.raises(ApiError) as err:
+        decode_json(b'{"input": {"guidance_scale": 1e309}}', Body)
+    failure = err.value.failure
+    assert failure.field == "input" and "'input'" in failure.message, failure.message
+    with pytest.raises(ApiError) as err:
+        decode_json(b'{"input": {}, "sizes": {"a": [1, "x"]}}', Body)
+    assert err.value.failure.field == "sizes.1", err.value.failure
+
+
 def test_a1111_sampler_names() -> None:
     assert a1111_sampler("k_dpmpp_2m", None) == "DPM++ 2M"
     assert a1111_sampler(" K_EULER_A ", "automatic") == "Euler a"

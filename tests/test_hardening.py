@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -46,6 +47,17 @@ def test_hostile_bodies_never_get_a_5xx(server, kind):
                 if route == SD_XL:
                     assert r.status_code == 200
                     assert r.json()["error_code"] in (336002, 336003), (kind, ctype, r.text)
+
+
+def test_a_body_with_a_byte_order_mark_is_read_like_one_without(server):
+    # Python's json (so every FastAPI server) skips a leading UTF-8 BOM; some Windows tools
+    # write one.
+    body = b"\xef\xbb\xbf" + json.dumps({"prompt": "x", "size": "64x64", "n": 1,
+                                          "response_format": "b64_json"}).encode()
+    r = httpx.post(server.url + "/v1/images/generations", content=body,
+                   headers={"content-type": "application/json"}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["data"]) == 1
 
 
 def test_405_names_the_allowed_methods(server):

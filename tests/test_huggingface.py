@@ -149,6 +149,15 @@ def test_the_client_raises_with_the_server_message(server):
 def test_unsupported_accept_is_406(server):
     resp = httpx.post(server.url + "/", json={"inputs": "x"}, headers={"accept": "image/tiff"})
     assert resp.status_code == 406 and "Accept" in resp.json()["error"]
+    anything_json = httpx.post(server.url + "/", json={"inputs": "x", "parameters": FAST},
+                               headers={"accept": "application/*"}, timeout=120)
+    assert anything_json.status_code == 200, anything_json.text
+    assert set(anything_json.json()) == {"image"}
+
+
+def test_a_wrong_method_on_the_custom_handler_route_is_answered_in_hf_shape(server):
+    resp = httpx.get(server.url + "/predict")
+    assert resp.status_code == 405 and set(resp.json()) == {"error"}, resp.text
 
 
 def test_openai_routes_keep_their_envelope(server):

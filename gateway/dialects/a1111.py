@@ -384,7 +384,7 @@ class A1111Dialect(Dialect):
                    "summary": "AUTOMATIC1111 settings: confirms the served checkpoint"})
         async def set_options(request: Request) -> Response:
             self.authenticate(request)
-            update = decode_json(await request.body(), OptionsUpdate)
+            update = decode_json(await request.body(), OptionsUpdate, lax=True)
             if update.sd_model_checkpoint is not None:
                 self.check_checkpoint(update.sd_model_checkpoint, "sd_model_checkpoint")
             return json_response(None)
@@ -438,7 +438,7 @@ class A1111Dialect(Dialect):
         without quota cannot make this server fetch URLs.
         """
         principal = self.authenticate(request)
-        body = decode_json(await request.body(), schema)
+        body = decode_json(await request.body(), schema, lax=True)
         img = body if isinstance(body, Img2ImgRequest) else None
         canonical, sampler = self.to_canonical(body, principal.id)
         if img is not None:

@@ -105,7 +105,7 @@ class LoadingBody(msgspec.Struct, kw_only=True):
 
 _ACCEPTED: dict[str, str] = {
     "image/png": "png", "image/*": "png", "image/jpeg": "jpeg", "image/jpg": "jpeg",
-    "image/webp": "webp", "application/json": "json",
+    "image/webp": "webp", "application/json": "json", "application/*": "json",
 }
 _PARAMETER_FIELDS = tuple(f.name for f in msgspec.structs.fields(TextToImageParameters))
 
@@ -155,9 +155,10 @@ class HuggingFaceDialect(Dialect):
     """Hugging Face Inference API / Inference Endpoints, text-to-image task."""
 
     name = "hf"
-    # No path prefix: "/" would claim every unknown path, and /models is OpenAI's for GET. The
-    # routes' opt["dialect"] picks this envelope for everything raised inside them.
-    prefixes = ()
+    # Not "/", which would claim every unknown path, nor /models, OpenAI's for GET: the routes'
+    # opt["dialect"] picks this envelope for everything raised inside them. /predict is ours
+    # alone, so a wrong method there is answered in this envelope too.
+    prefixes = ("/predict",)
     field_names: ClassVar[dict[str, str]] = {
         "prompt": "inputs", "steps": "num_inference_steps", "guidance": "guidance_scale",
         "sampler": "scheduler",
