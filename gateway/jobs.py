@@ -465,7 +465,8 @@ class JobRunner:
                     return
                 deadline.reschedule(loop.time() + left)
 
-            result = await self._generate(request, job, on_start, budget)
+            # Admission measures the job against what preparing left of its budget.
+            result = await self._generate(request, job, on_start, left)
         return request, result
 
     def _requeue(self, job: Job) -> dict[str, Any]:
@@ -568,9 +569,9 @@ class JobRunner:
 
         When the engine starts the job (its ``started`` report): the start time is recorded
         (here at once, in the store in the background) and ``on_start`` is called. The engine
-        gets the job's own execution timeout for admission (a job that could not finish in it
-        even alone fails at once), not the server's request timeout: a job may run longer than
-        a synchronous request. What is left of the budget is enforced here, from the start.
+        gets what preparing left of the job's own execution timeout for admission (a job that
+        could not finish in it even alone fails at once), not the server's request timeout: a
+        job may run longer than a synchronous request. That rest is enforced here, from the start.
         """
 
         def on_progress(progress: Progress) -> None:
