@@ -377,14 +377,23 @@ class RedisTaskStore:
         """Heads of unexpired jobs with a pending webhook (the outbox), earliest claim end first.
 
         Read from ``P:webhook_heads``; an entry of ``P:webhooks`` without a head (written by a
-        server from before heads existed) is read from its job, and dropped if stale.
+        server from before heads existed) is read from its job, and dropped if stale. A head
+        without an entry (its delivery ended on such a server, which removes the entry alone)
+        is deleted.
         """
-        key = self._k("webhooks")
-        ids = [i.decode() for i in self.r.smembers(key)]
-        raws = self.r.hmget(self._k("webhook_heads"), ids) if ids else []
+        key, heads_key = self._k("webhooks"), self._k("webhook_heads")
+        pipe = self.r.pipeline(transaction=True)  # one snapshot of both
+        pipe.smembers(key)
+        pipe.hgetall(heads_key)
+        members, stored = pipe.execute()
+        ids = {i.decode() for i in members}
+        orphans = [name for name in stored if name.decode() not in ids]
+        if orphans:
+            self.r.hdel(heads_key, *orphans)
         heads: list[WebhookHead] = []
         headless: list[str] = []
-        for job_id, raw in zip(ids, raws, strict=True):
+        for job_id in ids:
+            raw = stored.get(job_id.encode())
             if raw is None:
                 headless.append(job_id)
             else:
@@ -429,8 +438,11 @@ class RedisTaskStore:
         ids = self.r.zrangebyscore(self._k("expiry"), "-inf", time.time() if now is None else now)
         out = []
         for job_id, job in self._jobs(list(ids)):
-            if job is None:
-                self.r.zrem(self._k("expiry"), job_id)
+            if job is None:  # its key outlived by GRACE_S (no sweep for that long) or evicted
+                pipe = self.r.pipeline(transaction=True)
+                pipe.zrem(self._k("expiry"), job_id)
+                self._unindex_webhook(pipe, job_id)
+                pipe.execute()
             else:
                 out.append(job)
         return out

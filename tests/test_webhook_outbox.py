@@ -344,6 +344,19 @@ def test_redis_drops_stale_outbox_entries() -> None:
         store.delete("w")
         assert store.r.smembers(store._k("webhooks")) == set()
         assert store.r.hlen(store._k("webhook_heads")) == 0
+        # A head whose entry an older server removed alone (it knows no heads) is deleted.
+        finished(store, "settled-by-old")
+        store.r.srem(store._k("webhooks"), "settled-by-old")
+        assert pending_ids(store) == set()
+        assert store.r.hlen(store._k("webhook_heads")) == 0
+        # A pending delivery whose job key is gone (evicted, or no sweep for an hour past its
+        # expiry) leaves the outbox with the sweep.
+        gone = finished(store, "vanished", expires_in=0.05)
+        store.r.delete(store._k("job", "vanished"))
+        wait_for("the job's expiry", lambda: time.time() > gone.expires_at)
+        assert store.expired() == []
+        assert store.r.smembers(store._k("webhooks")) == set()
+        assert store.r.hlen(store._k("webhook_heads")) == 0
 
 
 async def test_a_body_that_fails_to_render_is_left_to_the_outbox(
