@@ -486,7 +486,7 @@ async def test_a_caller_with_its_own_time_limit_is_admitted_against_it_and_not_t
     big = req(width=1024, height=1024, steps=150, n=4)  # ≈ 48 s alone: over the 30 s timeout
     with pytest.raises(InvalidRequest) as err:
         await engine.generate(big, time_limit_s=20.0)
-    assert "20s execution timeout" in err.value.message and err.value.field == "n"
+    assert "20s left of its execution timeout" in err.value.message and err.value.field == "n"
     # Behind a queue that a synchronous request could not wait out, a job is admitted: its
     # limit counts from its own start.
     queued = await _queue_behind_one_running(runner, engine)
