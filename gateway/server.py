@@ -76,6 +76,54 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
+def header_deadline_protocol(timeout_s: float) -> type[asyncio.Protocol]:
+    """The HTTP protocol of uvicorn, closing a connection whose request headers are too slow.
+
+    uvicorn has no such deadline: its keep-alive timer is cancelled by any byte, so a client
+    sending a header byte now and then holds a connection (and a file descriptor) for ever. The
+    deadline runs from the connection's opening and from each response's end until the next
+    request's headers are in (uvicorn then makes a request cycle, the app is called, and
+    :mod:`gateway.body_deadline` bounds the body). It relies on uvicorn's ``cycle`` and
+    ``on_response_complete``, shared by its httptools and h11 protocols.
+    """
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as Base
+    except ImportError:  # no httptools: uvicorn's own fallback
+        from uvicorn.protocols.http.h11_impl import H11Protocol as Base  # type: ignore[assignment]
+
+    class HeaderDeadlineProtocol(Base):  # type: ignore[misc, valid-type]
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
+            super().connection_made(transport)  # type: ignore[arg-type]
+            self._arm_header_deadline()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm_header_deadline()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_header_deadline(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            self._header_timer = self.loop.call_later(timeout_s, self._header_deadline_passed)
+
+        def _header_deadline_passed(self) -> None:
+            cycle = getattr(self, "cycle", None)
+            if cycle is not None and not cycle.response_complete:
+                return  # headers are in and a request is running: not this deadline's business
+            if not self.transport.is_closing():
+                logger.info("closing a connection from %s: no request headers within %gs",
+                            (self.client or ("?",))[0], timeout_s)
+                self.transport.close()
+
+    return HeaderDeadlineProtocol
+
+
 def bind(host: str, port: int) -> socket.socket:
     """A listening socket on ``host:port``, or ``OSError`` (e.g. address in use).
 
@@ -105,6 +153,7 @@ def run(settings: Settings, app: Litestar, sock: socket.socket | None = None) ->
         server_header=False,
         timeout_graceful_shutdown=5,
         lifespan="on",
+        http=header_deadline_protocol(settings.header_timeout_s),
     )
     server = DrainingServer(config, app, settings.drain_timeout_s)
     server.run(sockets=[sock] if sock is not None else None)

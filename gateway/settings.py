@@ -116,6 +116,7 @@ class Settings(msgspec.Struct, kw_only=True):
     public_url: Annotated[str | None, Meta(description="Base URL clients reach this server at, used in image URLs (default: from the request).")] = None
     url_ttl_s: Annotated[int, Meta(ge=1, description="How long URL-mode images stay downloadable, in seconds.")] = 3600
     max_body_bytes: Annotated[int, Meta(ge=1, description="Largest accepted request body, in bytes.")] = 25 * 1024 * 1024
+    header_timeout_s: Annotated[float, Meta(gt=0, le=86400, description="How long a connection may take to send a request's headers (from its opening, or from the previous response); a slower client's connection is closed.")] = 60.0
     body_timeout_s: Annotated[float, Meta(gt=0, le=86400, description="How long a request body may take to arrive, from its headers; a slower client gets a 408.")] = 120.0
     default_steps: Annotated[int, Meta(ge=1, description="Steps when a request does not say (OpenAI quality=auto).")] = 25
     quality_steps: Annotated[str, Meta(description="Steps for OpenAI quality levels, as name=steps pairs.")] = "low=15,medium=25,high=40,standard=25,hd=40"

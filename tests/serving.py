@@ -20,6 +20,7 @@ from litestar import Litestar
 
 from auth.keys import KeyStore
 from gateway.app import create_app
+from gateway.server import header_deadline_protocol
 from gateway.settings import Settings
 from inference import Engine
 from observability.metrics import Metrics
@@ -80,7 +81,8 @@ def live_server(
     engine = engine_factory(settings, metrics) if engine_factory else None
     app = create_app(settings, engine=engine, metrics=metrics, keys=keys)
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
-                            server_header=False, lifespan="on", timeout_graceful_shutdown=2)
+                            server_header=False, lifespan="on", timeout_graceful_shutdown=2,
+                            http=header_deadline_protocol(settings.header_timeout_s))
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
     thread.start()

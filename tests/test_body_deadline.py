@@ -1,9 +1,11 @@
-"""A request body that trickles in is cut off at --body-timeout-s, in the dialect's envelope."""
+"""A request body that trickles in is cut off at --body-timeout-s, in the dialect's envelope;
+request headers that trickle in close the connection at --header-timeout-s."""
 
 from __future__ import annotations
 
 import json
 import socket
+import time
 
 import httpx
 import openai
@@ -41,7 +43,7 @@ def _length(raw: bytes) -> int:
 
 @pytest.fixture(scope="module")
 def strict(tmp_path_factory):
-    with live_server(tmp_path_factory.mktemp("strict"), body_timeout_s=1,
+    with live_server(tmp_path_factory.mktemp("strict"), body_timeout_s=1, header_timeout_s=1,
                      engine_factory=engine_factory(FakeRunner(delay=3.0))) as live:
         yield live
 
@@ -80,3 +82,40 @@ def test_requests_whose_body_was_read_keep_their_connection(strict):
     assert health.status_code == 200 and made.status_code == 200, made.text
     assert "close" not in health.headers.get("connection", "")
     assert "close" not in made.headers.get("connection", "")
+
+
+def _trickle_headers_until_closed(sock: socket.socket, limit_s: float = 60) -> float:
+    """Send a header byte every 0.2 s until the server closes; seconds it took (fails at limit)."""
+    began = time.monotonic()
+    sock.settimeout(0.2)
+    while time.monotonic() - began < limit_s:
+        try:
+            sock.sendall(b"X")
+            if sock.recv(65536) == b"":
+                return time.monotonic() - began
+        except TimeoutError:
+            continue
+        except OSError:  # reset by the close
+            return time.monotonic() - began
+    raise AssertionError(f"the connection was still open after {limit_s:g}s of trickled headers")
+
+
+def test_headers_that_trickle_in_close_the_connection(strict):
+    host, port = strict.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        assert _trickle_headers_until_closed(sock) >= 0.9  # the 1 s deadline, not before
+
+
+def test_a_kept_alive_connection_has_the_same_deadline_for_its_next_headers(strict):
+    host, port = strict.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        raw = b""
+        while b"\r\n\r\n" not in raw or len(raw.partition(b"\r\n\r\n")[2]) < _length(raw):
+            chunk = sock.recv(65536)
+            assert chunk, f"closed before the first answer: {raw!r}"
+            raw += chunk
+        assert raw.startswith(b"HTTP/1.1 200"), raw
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        assert _trickle_headers_until_closed(sock) >= 0.9
