@@ -177,14 +177,14 @@ class Scheduler:
         batches = math.ceil(n / self.max_batch_images)
         own = self.cost.seconds(megapixels, units, batches) if self.cost.known else 0.0
         # A job's limit is what its preparation (fetching inputs) left of its execution timeout.
-        limit, limit_name = ((self.request_timeout_s, f"{self.request_timeout_s:g}s request timeout")
+        limit, limit_text = ((self.request_timeout_s, f"{self.request_timeout_s:g}s request timeout")
                              if ticket.time_limit_s is None
                              else (ticket.time_limit_s,
                                    f"{ticket.time_limit_s:.4g}s left of its execution timeout"))
         if own > limit:
             raise InvalidRequest(
                 f"this request would take about {own:.0f}s on this server, more than the "
-                f"{limit_name}; ask for fewer or smaller images "
+                f"{limit_text}; ask for fewer or smaller images "
                 "or fewer steps", field="n" if n > 1 else "steps")
         if not self.has_room(n):
             raise QueueFull(
