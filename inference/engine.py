@@ -71,6 +71,8 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     quantize: str = "none"
     # Preferred SDPA kernel (inference.attention); "auto" keeps torch's order.
     attention_backend: str = "auto"
+    # cuDNN's convolution autotuner (inference.convolution); CUDA only.
+    cudnn_benchmark: bool = False
     allow_download: bool = False
     single_file_config: str | None = None
     max_batch_images: int = 8
@@ -133,6 +135,7 @@ def diffusers_runner_factory(config: EngineConfig) -> tuple[BatchRunner, ModelIn
     from inference import loader
     from inference.attention import prefer_attention_backend
     from inference.controlnet import load_controlnets
+    from inference.convolution import enable_conv_autotune
     from inference.quantize import check_fp8
     from inference.runner import DiffusersRunner
 
@@ -140,6 +143,8 @@ def diffusers_runner_factory(config: EngineConfig) -> tuple[BatchRunner, ModelIn
     choice = loader.choose_device(config.device, config.dtype)
     # First: a refusal costs no model load, and traced graphs bake in the kernel chosen.
     prefer_attention_backend(config.attention_backend, choice.device)
+    if config.cudnn_benchmark:
+        enable_conv_autotune(choice.device)
     if config.quantize != "none":
         check_fp8(choice.device)
     source = loader.resolve(config.model, cache_dir=config.cache_dir,
@@ -211,7 +216,9 @@ def compile_key_extras(config: EngineConfig, refiner: str | None) -> dict[str, A
     """The engine settings, beyond the compile options, that compiled artifacts depend on."""
     return {"quantize": config.quantize, "torchao": _torchao_version(config.quantize),
             "refiner": str(refiner),
-            "attention": config.attention_backend, "shapes": warmup_shape_set(config)}
+            "attention": config.attention_backend, "shapes": warmup_shape_set(config),
+            # Only when on: caches made before the setting existed stay valid.
+            **({"cudnn_benchmark": True} if config.cudnn_benchmark else {})}
 
 
 def _torchao_version(quantize: str) -> str | None:

@@ -77,3 +77,31 @@ def test_the_engine_sets_the_preference_before_it_serves(sdp_order, tmp_path):
     with pytest.raises(AttentionUnavailable, match="cudnn is a CUDA kernel"):
         diffusers_runner_factory(EngineConfig(cache_dir=serving.CACHE_DIR,
                                               attention_backend="cudnn"))
+
+
+def test_the_convolution_autotuner_is_refused_off_cuda_and_set_on_it(monkeypatch):
+    from inference.convolution import ConvAutotuneUnavailable, enable_conv_autotune
+
+    with pytest.raises(ConvAutotuneUnavailable, match=r"--cudnn-benchmark .* runs on cpu"):
+        enable_conv_autotune("cpu")
+    # On a CUDA device it is torch's process-wide switch (flipped back by monkeypatch).
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    monkeypatch.setattr(torch.backends.cudnn, "is_available", lambda: True)
+    enable_conv_autotune("cuda:0")
+    assert torch.backends.cudnn.benchmark is True
+
+
+def test_the_engine_refuses_the_autotuner_on_the_cpu_before_loading():
+    from gateway.settings import Settings
+    from inference import EngineConfig
+    from inference.convolution import ConvAutotuneUnavailable
+    from inference.engine import compile_key_extras, diffusers_runner_factory
+    from tests import serving
+
+    settings = Settings.from_sources(environ={"IMAGEGATE_CUDNN_BENCHMARK": "true"})
+    assert settings.engine_config().cudnn_benchmark is True
+    with pytest.raises(ConvAutotuneUnavailable, match="Leave it off"):
+        diffusers_runner_factory(EngineConfig(cache_dir=serving.CACHE_DIR, cudnn_benchmark=True))
+    plain = compile_key_extras(EngineConfig(), None)
+    assert "cudnn_benchmark" not in plain  # existing compile caches stay valid
+    assert compile_key_extras(EngineConfig(cudnn_benchmark=True), None)["cudnn_benchmark"]
