@@ -349,7 +349,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser, *, skip: Sequence[st
         help_text = _help_for(name)
         env = ENV_PREFIX + name.upper()
         default = getattr(Settings(), name)
-        shown = f" [env {env}; default {default}]"
+        # argparse %-formats help: a literal percent sign in a description must be doubled.
+        shown = f" [env {env}; default {default}]".replace("%", "%%")
+        help_text = help_text.replace("%", "%%")
         if annotation.startswith("Annotated[bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                                 help=help_text + shown)
