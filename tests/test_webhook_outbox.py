@@ -43,6 +43,7 @@ from tests.test_task_store_async import redis_store
 
 DEADLINE_S = 120
 HOOK = "http://127.0.0.1:9/hook"
+SMALL_INPUT = {"prompt": "x", "width": 64, "height": 64, "refiner_inference_steps": 4}
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = DEADLINE_S) -> Any:
@@ -396,18 +397,26 @@ def receiver() -> Iterator[WebhookReceiver]:
     r.close()
 
 
+def _outbox_server(tmp_path: Any, retry_delay_s: float) -> Any:
+    """A server whose webhooks may go to the loopback receiver, retried ``retry_delay_s`` apart."""
+    return serving.live_server(tmp_path, engine_factory=slow_factory(SlowRunner()),
+                               webhook_allow="127.0.0.1", webhook_retry_delay_s=retry_delay_s,
+                               webhook_timeout_s=5)
+
+
+def _run_with_webhook(live: serving.LiveServer, receiver: WebhookReceiver) -> str:
+    """Submit a small RunPod job whose webhook goes to ``receiver``; its id."""
+    r = httpx.post(f"{live.url}/v2/ep/run", json={"input": SMALL_INPUT, "webhook": receiver.url},
+                   timeout=DEADLINE_S)
+    assert r.status_code == 200, r.text
+    return r.json()["id"]
+
+
 def test_the_next_server_delivers_what_a_stopped_server_left_pending(
         tmp_path: Any, receiver: WebhookReceiver, caplog: pytest.LogCaptureFixture) -> None:
-    inp = {"prompt": "x", "width": 64, "height": 64, "refiner_inference_steps": 4}
     # A retry an hour away: only the next server can deliver this webhook.
-    settings = {"webhook_allow": "127.0.0.1", "webhook_retry_delay_s": 3600,
-                "webhook_timeout_s": 5}
-    with serving.live_server(tmp_path, engine_factory=slow_factory(SlowRunner()),
-                             **settings) as live:
-        r = httpx.post(f"{live.url}/v2/ep/run", json={"input": inp, "webhook": receiver.url},
-                       timeout=DEADLINE_S)
-        assert r.status_code == 200, r.text
-        job_id = r.json()["id"]
+    with _outbox_server(tmp_path, 3600) as live:
+        job_id = _run_with_webhook(live, receiver)
         wait_for("the first (refused) webhook attempt", lambda: receiver.posts_for(job_id))
         store = live.app.state.ctx.jobs.store
         job = store.get(job_id)
@@ -434,7 +443,7 @@ def test_the_next_server_delivers_what_a_stopped_server_left_pending(
     store.open()
     try:
         crashed = finished(store, "crashed", webhook=receiver.url, status=FAILED,
-                           scope="anonymous/ep", payload={"input": inp}, error="boom",
+                           scope="anonymous/ep", payload={"input": SMALL_INPUT}, error="boom",
                            **webhook_claim("crashed-server", 3600))
         assert crashed.webhook_state == WEBHOOK_PENDING
         assert store.get(job_id).webhook_state == WEBHOOK_PENDING
@@ -442,8 +451,7 @@ def test_the_next_server_delivers_what_a_stopped_server_left_pending(
         store.close()
     receiver.refusing = False
     caplog.set_level(logging.WARNING, logger="gateway.outbox")
-    with serving.live_server(tmp_path, engine_factory=slow_factory(SlowRunner()),
-                             **settings) as live:
+    with _outbox_server(tmp_path, 3600) as live:
         posts = wait_for("the resumed webhook of the stopped server's job",
                          lambda: receiver.posts_for(job_id)[1:])
         assert posts[0]["status"] == "COMPLETED" and posts[0]["output"]["images"], posts
@@ -459,22 +467,15 @@ def test_the_next_server_delivers_what_a_stopped_server_left_pending(
         assert any("resuming 2 pending webhook deliveries left by a stopped server"
                    in rec.getMessage() for rec in caplog.records), caplog.text
     # Sent once each by the second server: not again by a third.
-    with serving.live_server(tmp_path, engine_factory=slow_factory(SlowRunner()),
-                             **settings) as live:
+    with _outbox_server(tmp_path, 3600) as live:
         assert live.app.state.ctx.jobs.store.pending_webhooks() == []
     assert len(receiver.posts_for(job_id)) == 2 and len(receiver.posts_for("crashed")) == 1
 
 
 def test_a_delivery_whose_every_attempt_failed_is_failed_and_not_resent(
         tmp_path: Any, receiver: WebhookReceiver) -> None:
-    inp = {"prompt": "x", "width": 64, "height": 64, "refiner_inference_steps": 4}
-    settings = {"webhook_allow": "127.0.0.1", "webhook_retry_delay_s": 0.05,
-                "webhook_timeout_s": 5}
-    with serving.live_server(tmp_path, engine_factory=slow_factory(SlowRunner()),
-                             **settings) as live:
-        r = httpx.post(f"{live.url}/v2/ep/run", json={"input": inp, "webhook": receiver.url},
-                       timeout=DEADLINE_S)
-        job_id = r.json()["id"]
+    with _outbox_server(tmp_path, 0.05) as live:
+        job_id = _run_with_webhook(live, receiver)
         store = live.app.state.ctx.jobs.store
         wait_for("the delivery recorded as failed after its 3 refused attempts",
                  lambda: store.get(job_id).webhook_state == WEBHOOK_FAILED)
@@ -483,8 +484,7 @@ def test_a_delivery_whose_every_attempt_failed_is_failed_and_not_resent(
                            {"dialect": "runpod", "outcome": "failed"}) == 1
         assert store.pending_webhooks() == []
     receiver.refusing = False
-    with serving.live_server(tmp_path, engine_factory=slow_factory(SlowRunner()),
-                             **settings) as live:
+    with _outbox_server(tmp_path, 0.05) as live:
         assert live.app.state.ctx.jobs.store.get(job_id).webhook_state == WEBHOOK_FAILED
     assert len(receiver.posts_for(job_id)) == 3
 
@@ -522,7 +522,6 @@ def test_a_final_write_held_up_by_an_outage_lands_with_a_fresh_claim(
     import sqlite3
 
     receiver.refusing = False
-    inp = {"prompt": "x", "width": 64, "height": 64, "refiner_inference_steps": 4}
     with serving.live_server(tmp_path, engine_factory=slow_factory(SlowRunner()),
                              webhook_allow="127.0.0.1") as live:
         runner = live.app.state.ctx.jobs
@@ -541,9 +540,7 @@ def test_a_final_write_held_up_by_an_outage_lands_with_a_fresh_claim(
             return job
 
         monkeypatch.setattr(runner.store, "update", update)
-        r = httpx.post(f"{live.url}/v2/ep/run", json={"input": inp, "webhook": receiver.url},
-                       timeout=DEADLINE_S)
-        job_id = r.json()["id"]
+        job_id = _run_with_webhook(live, receiver)
         wait_for("the final write, after the outage", lambda: landed)
         job = runner.store.get(job_id)
         assert refusals[0] == 3
