@@ -11,6 +11,9 @@ Same protocol as :class:`inference.tasks.SqliteTaskStore`. Keys, all under one p
   is pending, the outbox): indexes; stale members are dropped when read.
 - ``P:webhook_heads`` (hash): each pending delivery's :class:`~inference.tasks.WebhookHead`,
   written with its ``P:webhooks`` entry, so a look for deliveries to resume reads no job.
+- ``P:heads:<dialect>:<scope>`` (hash): each of the scope's jobs' :class:`StatusHead`, written
+  by the same transaction as the job, so counts (RunPod ``/health``), status-filtered task lists
+  and purges read no finished job's document (a payload can be a 20 MB data URL).
 - ``P:worker:<id>``: a replica's heartbeat, with a TTL. A running job whose worker's heartbeat
   is gone is reclaimed by another replica (:func:`inference.tasks.reclaim_jobs`).
 
@@ -47,6 +50,25 @@ from inference.tasks import (
 )
 
 T = TypeVar("T")
+
+
+class StatusHead(msgspec.Struct, frozen=True, kw_only=True):
+    """What counting and filtering a scope's jobs need of one job: not its document."""
+
+    status: str
+    started: bool = False
+    retried: bool = False
+    expires_at: float = 0.0
+
+    @classmethod
+    def of(cls, job: Job) -> StatusHead:
+        """``job``'s head."""
+        return cls(status=job.status, started=job.started_at is not None,
+                   retried=job.retries > 0, expires_at=job.expires_at)
+
+    def client_status(self) -> str:
+        """As :func:`~inference.tasks.client_status` says of the job."""
+        return QUEUED if self.status == RUNNING and not self.started else self.status
 
 _EXT = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
 # Job keys outlive expires_at a little so the sweeper still sees what to clean up.
@@ -108,6 +130,13 @@ class RedisTaskStore:
         # The same jobs as the scope set, scored by creation time: task lists read one page.
         return self._k("scopet", dialect, scope)
 
+    def _heads_key(self, dialect: str, scope: str) -> str:
+        return self._k("heads", dialect, scope)
+
+    def _put_head(self, pipe: Any, job: Job) -> None:
+        pipe.hset(self._heads_key(job.dialect, job.scope), job.id,
+                  msgspec.json.encode(StatusHead.of(job)))
+
     # -- jobs ------------------------------------------------------------------------------
 
     def create(self, job: Job) -> None:
@@ -117,6 +146,7 @@ class RedisTaskStore:
         pipe.set(self._k("job", job.id), msgspec.json.encode(job), pxat=expire_ms)
         self._index(pipe, job, None)
         pipe.sadd(self._scope_key(job.dialect, job.scope), job.id)
+        self._put_head(pipe, job)
         pipe.zadd(self._time_key(job.dialect, job.scope), {job.id: job.created_at})
         pipe.zadd(self._k("expiry"), {job.id: job.expires_at})
         self._index_webhook(pipe, job, None)
@@ -165,6 +195,7 @@ class RedisTaskStore:
             pipe.set(self._k("job", job_id), msgspec.json.encode(new), keepttl=True)
             self._index(pipe, new, job.status)
             self._index_webhook(pipe, new, job)
+            self._put_head(pipe, new)
             if new.created_at != job.created_at:  # a retry is listed as new
                 pipe.zadd(self._time_key(new.dialect, new.scope), {new.id: new.created_at})
             return new
@@ -223,12 +254,12 @@ class RedisTaskStore:
         """How many unexpired jobs are in ``statuses``."""
         if dialect is None and scope is None and tuple(statuses) == (QUEUED,):
             return int(self.r.zcard(self._k("queued")))
-        if dialect is not None and scope is not None:
-            ids = list(self.r.smembers(self._scope_key(dialect, scope)))
-        else:
-            ids = list(self.r.zrange(self._k("queued"), 0, -1)) + \
-                list(self.r.smembers(self._k("running")))
         now = time.time()
+        if dialect is not None and scope is not None:
+            return sum(1 for head in self._heads(dialect, scope).values()
+                       if head.status in statuses and head.expires_at > now)
+        ids = list(self.r.zrange(self._k("queued"), 0, -1)) + \
+            list(self.r.smembers(self._k("running")))
         return sum(1 for _, job in self._jobs(ids)
                    if job is not None and job.status in statuses and job.expires_at > now
                    and (dialect is None or job.dialect == dialect))
@@ -249,24 +280,16 @@ class RedisTaskStore:
         out = dict.fromkeys((*ACTIVE, *FINISHED), 0)
         out["retried"] = 0
         now = time.time()
-        key = self._scope_key(dialect, scope)
-        for job_id, job in self._jobs(list(self.r.smembers(key))):
-            if job is None:
-                self.r.srem(key, job_id)
-                continue
-            if job.expires_at <= now:
-                continue
-            out[client_status(job)] += 1
-            out["retried"] += 1 if job.retries > 0 else 0
+        for head in self._heads(dialect, scope).values():
+            if head.expires_at > now:
+                out[head.client_status()] += 1
+                out["retried"] += head.retried
         return out
 
     def purge_queued(self, dialect: str, scope: str) -> list[str]:
         """Delete the queued jobs of one dialect and scope; return their ids."""
-        removed = []
-        for job_id, job in self._jobs(list(self.r.smembers(self._scope_key(dialect, scope)))):
-            if job is not None and job.status == QUEUED and self._delete_if_queued(job_id):
-                removed.append(job_id)
-        return removed
+        return [job_id for job_id, head in self._heads(dialect, scope).items()
+                if head.status == QUEUED and self._delete_if_queued(job_id)]
 
     def list_jobs(self, dialect: str, scope: str, *, statuses: Sequence[str] | None = None,
                   since: float | None = None, until: float | None = None,
@@ -275,9 +298,10 @@ class RedisTaskStore:
         """One page of one dialect and scope's unexpired jobs, newest first, and the total.
 
         The scope's time index gives the ids in the window, newest first (equal times: id
-        descending, as the SQLite store orders them), and the expiry index the expired ones; without status or payload filters only the page's jobs are read. With them, the
-        window's jobs are read in chunks (a scope holds only its jobs of the last
-        ``--job-ttl-s``).
+        descending, as the SQLite store orders them), and the expiry index the expired ones.
+        A status filter goes by the scope's heads (:meth:`_heads`), so without a payload filter
+        only the page's jobs are read; with one, the jobs that pass the rest are read in chunks
+        (a scope holds only its jobs of the last ``--job-ttl-s``).
         """
         check_list_args(payload_match, offset, limit)
         tkey = self._time_key(dialect, scope)
@@ -289,7 +313,11 @@ class RedisTaskStore:
         ids = [i for i in (b.decode() for b in self.r.zrevrangebyscore(tkey, high, low))
                if i not in expired]
         match = dict(payload_match or {})
-        if statuses is None and not match:
+        if statuses is not None:
+            heads = self._heads(dialect, scope)
+            ids = [i for i in ids if (head := heads.get(i)) is not None
+                   and head.expires_at > now and head.client_status() in statuses]
+        if not match:
             page = []
             for job_id, job in self._jobs(ids[offset:offset + limit]):
                 if job is None:
@@ -332,7 +360,47 @@ class RedisTaskStore:
         pipe = self.r.pipeline(transaction=False)
         pipe.srem(self._scope_key(dialect, scope), job_id)
         pipe.zrem(self._time_key(dialect, scope), job_id)
+        pipe.hdel(self._heads_key(dialect, scope), job_id)
         pipe.execute()
+
+    def _heads(self, dialect: str, scope: str) -> dict[str, StatusHead]:
+        """Every job of the scope and its head, reading only the jobs a head cannot vouch for.
+
+        A finished job's head is what this server's kind last wrote with the job, so it is
+        taken as is. A queued or running job's head is checked against the job (an older
+        server, which writes no heads, may have moved it on since: there are only as many of
+        those as the queue holds), and so is a job without a head (stored by an older server).
+        Heads of jobs no longer in the scope (unlinked by an older server), and members whose
+        job key must be gone (past its expiry and grace) or is, are dropped.
+        """
+        skey, hkey = self._scope_key(dialect, scope), self._heads_key(dialect, scope)
+        pipe = self.r.pipeline(transaction=True)  # one snapshot of both
+        pipe.smembers(skey)
+        pipe.hgetall(hkey)
+        members, stored = pipe.execute()
+        ids = {i.decode() for i in members}
+        orphans = [name for name in stored if name.decode() not in ids]
+        if orphans:
+            self.r.hdel(hkey, *orphans)
+        gone_before = time.time() - GRACE_S
+        heads: dict[str, StatusHead] = {}
+        check: list[str] = []
+        for job_id in ids:
+            raw = stored.get(job_id.encode())
+            head = None if raw is None else msgspec.json.decode(raw, type=StatusHead)
+            if head is not None and head.expires_at < gone_before:
+                self._drop_stale(dialect, scope, job_id)
+            elif head is None or head.status in ACTIVE:
+                check.append(job_id)
+            else:
+                heads[job_id] = head
+        for start in range(0, len(check), LIST_CHUNK):
+            for job_id, job in self._jobs(check[start:start + LIST_CHUNK]):
+                if job is None:
+                    self._drop_stale(dialect, scope, job_id)
+                else:
+                    heads[job_id] = StatusHead.of(job)
+        return heads
 
     def _delete_if_queued(self, job_id: str) -> bool:
         def unlink(pipe: Any, job: Job) -> bool:
@@ -351,6 +419,7 @@ class RedisTaskStore:
         self._unindex_webhook(pipe, job.id)
         pipe.srem(self._scope_key(job.dialect, job.scope), job.id)
         pipe.zrem(self._time_key(job.dialect, job.scope), job.id)
+        pipe.hdel(self._heads_key(job.dialect, job.scope), job.id)
 
     # -- replicas --------------------------------------------------------------------------
 

@@ -172,6 +172,14 @@ async def test_async_store_runs_calls_off_the_loop_thread(tmp_path: Any) -> None
         await store.close()
 
 
+def spoil_document(store: Any, job_id: str) -> None:
+    """Make ``job_id``'s stored document unreadable (either store): any read of it now raises."""
+    if hasattr(store, "conn"):
+        store.conn.execute("UPDATE jobs SET doc = x'00' WHERE id = ?", (job_id,))
+    else:
+        store.r.set(store._k("job", job_id), b"\x00", keepttl=True)
+
+
 @contextmanager
 def redis_store() -> Iterator[Any]:
     """A Redis task store under a key prefix of its own (database 7), deleted afterwards."""
@@ -381,3 +389,76 @@ def test_active_counts_are_by_dialect_and_stored_status_in_one_pass(any_store: A
                              worker_id="w" if status == "running" else None))
     assert any_store.active_counts() == {("x", "queued"): 1, ("x", "running"): 2,
                                          ("y", "queued"): 1}
+
+
+def _scope_of_every_kind(store: Any) -> dict[str, int]:
+    """Jobs of one scope in every state, finished ones with large payloads; their stats."""
+    import time
+
+    from inference.tasks import COMPLETED, FAILED, QUEUED, RUNNING
+
+    now = time.time()
+    for i, (job_id, status, started, retries) in enumerate((
+            ("q1", QUEUED, None, 0), ("q2", QUEUED, None, 1), ("taken", RUNNING, None, 0),
+            ("going", RUNNING, now, 0), ("c1", COMPLETED, now, 0), ("c2", COMPLETED, now, 1),
+            ("f1", FAILED, now, 0))):
+        store.create(Job(id=job_id, dialect="runpod", scope="s", status=status,
+                         payload={"input": {"image": "x" * 10_000}}, created_at=now + i,
+                         started_at=started, retries=retries, expires_at=now + 3600,
+                         worker_id="w" if status == RUNNING else None))
+    return store.stats("runpod", "s")
+
+
+def test_counts_lists_and_purges_read_no_finished_job_document(any_store: Any) -> None:
+    """RunPod's /health, status-filtered task lists and a purge go by status, not documents.
+
+    A finished job's payload can be a 20 MB data URL and a scope keeps its jobs for
+    ``--job-ttl-s``: reading them all on every /health would move gigabytes.
+    """
+    from inference.tasks import COMPLETED, FAILED, QUEUED, RUNNING
+
+    before = _scope_of_every_kind(any_store)
+    assert {k: before[k] for k in (QUEUED, RUNNING, COMPLETED, FAILED, "retried")} == {
+        QUEUED: 3, RUNNING: 1, COMPLETED: 2, FAILED: 1, "retried": 2}, before
+    for job_id in ("c1", "c2", "f1"):
+        spoil_document(any_store, job_id)
+    assert any_store.stats("runpod", "s") == before
+    assert any_store.count((COMPLETED, FAILED), "runpod", "s") == 3
+    jobs, total = any_store.list_jobs("runpod", "s", statuses=(QUEUED,))
+    assert ([j.id for j in jobs], total) == (["taken", "q2", "q1"], 3)
+    assert sorted(any_store.purge_queued("runpod", "s")) == ["q1", "q2"]
+    after = any_store.stats("runpod", "s")
+    assert (after[QUEUED], after[RUNNING], after[COMPLETED]) == (1, 1, 2), after
+
+
+def test_redis_scope_heads_defer_to_jobs_an_older_server_wrote_or_moved() -> None:
+    """During a rolling upgrade older servers write jobs without heads, and move jobs on
+    without touching them: counts read those jobs; heads nobody needs are dropped."""
+    import time
+
+    import msgspec
+
+    from inference.tasks import COMPLETED, QUEUED
+
+    with redis_store() as store:
+        before = _scope_of_every_kind(store)
+        heads = store._heads_key("runpod", "s")
+        store.r.hdel(heads, "q1")  # stored by an older server: no head
+        moved = msgspec.json.decode(store.r.get(store._k("job", "q2")), type=Job)
+        moved.status, moved.started_at, moved.finished_at = COMPLETED, 1.0, 2.0
+        store.r.set(store._k("job", "q2"), msgspec.json.encode(moved), keepttl=True)
+        store.r.hset(heads, "ghost", b'{"status":"completed","expires_at":4e9}')
+        stats = store.stats("runpod", "s")
+        assert (stats[QUEUED], stats[COMPLETED]) == (before[QUEUED] - 1, before[COMPLETED] + 1)
+        assert store.r.hget(heads, "ghost") is None, "a head with no job in the scope stayed"
+        # A job whose key is gone for good (past its expiry and Redis's grace) leaves the scope.
+        now = time.time()
+        store.create(Job(id="long-gone", dialect="runpod", scope="s", payload={},
+                         status=COMPLETED, created_at=now, expires_at=now - 2 * 3600))
+        store.r.delete(store._k("job", "long-gone"))
+        store.stats("runpod", "s")
+        assert not store.r.sismember(store._scope_key("runpod", "s"), "long-gone")
+        assert store.r.hget(heads, "long-gone") is None
+        # Deleting a job drops its head with it.
+        store.delete("c1")
+        assert store.r.hget(heads, "c1") is None

@@ -39,7 +39,7 @@ from inference.tasks import (
 from tests import serving
 from tests.fakes import WebhookReceiver
 from tests.test_runpod import SlowRunner, slow_factory
-from tests.test_task_store_async import redis_store
+from tests.test_task_store_async import redis_store, spoil_document
 
 DEADLINE_S = 120
 HOOK = "http://127.0.0.1:9/hook"
@@ -292,14 +292,6 @@ def test_a_sqlite_store_with_only_the_state_column_gains_the_claim_columns(tmp_p
         store.close()
 
 
-def _spoil_document(store: Any, job_id: str) -> None:
-    """Make ``job_id``'s stored document unreadable: any read of it now raises."""
-    if hasattr(store, "conn"):
-        store.conn.execute("UPDATE jobs SET doc = x'00' WHERE id = ?", (job_id,))
-    else:
-        store.r.set(store._k("job", job_id), b"\x00", keepttl=True)
-
-
 def test_looking_for_deliveries_to_resume_reads_no_job_document(store: Any) -> None:
     # A job's payload can be a 20 MB data URL, and a receiver that is down keeps many
     # deliveries pending: the periodic look must not read (and parse) every one of them.
@@ -309,7 +301,7 @@ def test_looking_for_deliveries_to_resume_reads_no_job_document(store: Any) -> N
         job = finished(store, f"busy{i}", payload={"input": {"image": "x" * 10_000}},
                        **webhook_claim("A", 60))
         assert job.webhook_owner == "A"
-        _spoil_document(store, f"busy{i}")
+        spoil_document(store, f"busy{i}")
     finished(store, "free")
     heads = store.pending_webhooks()
     assert heads[0].id == "free", heads  # unclaimed (until 0) first
