@@ -89,7 +89,7 @@ async def run(scope: str, shapes: str, cache: Path) -> None:
 def main() -> None:
     """Parse arguments and run."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scope", default="full", choices=("blocks", "full"))
+    ap.add_argument("--scope", default="full", choices=("blocks", "unet", "full"))
     ap.add_argument("--shapes", default="batch", choices=("dynamic", "static", "batch"))
     ap.add_argument("--cache-dir", default="/tmp/imagegate-compile-features")
     a = ap.parse_args()

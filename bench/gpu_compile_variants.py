@@ -16,6 +16,8 @@ Variants (``--variants``, comma-separated; default: all but the slow max-autotun
   fusion (the rest of the PyTorch team's SDXL recipe; not a server setting yet);
 - ``full-batch``: ``--compile-scope full --compile-shapes batch`` (only the batch dimension
   dynamic: one graph per size for every batch from 2 up, no padding);
+- ``unet-batch``: ``--compile-scope unet --compile-shapes batch`` (the same for the UNet; the
+  VAE decoder stays eager, so a cold start compiles no decoder graph);
 - ``full-batch-graphs``: the same with CUDA graphs (``--compile-mode reduce-overhead``; one
   graph recorded per batch size met);
 - ``full-static-graphs``: static shapes with CUDA graphs (``--compile-mode reduce-overhead``);
@@ -52,6 +54,7 @@ VARIANTS: dict[str, dict[str, str] | None] = {
     "full-static": {"scope": "full", "shapes": "static"},
     "full-batch": {"scope": "full", "shapes": "batch"},
     "full-batch-cudnn": {"scope": "full", "shapes": "batch", "attention": "cudnn"},
+    "unet-batch": {"scope": "unet", "shapes": "batch"},
     "full-batch-graphs": {"scope": "full", "shapes": "batch", "mode": "reduce-overhead"},
     "full-static-cdt": {"scope": "full", "shapes": "static", "tuning": "cdt"},
     "full-static-graphs": {"scope": "full", "shapes": "static", "mode": "reduce-overhead"},

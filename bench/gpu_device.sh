@@ -34,11 +34,11 @@ case "${1:-}" in
     ;;
   session)
     # One device call that fits a whole session (15 min of device time, start-up included, at
-    # most 10 min per call): plan item ${2:-0c}, then, in the seconds left of ${3:-575}, whether
+    # most 10 min per call): plan item ${2:-0u}, then, in the seconds left of ${3:-575}, whether
     # CUDA graphs bring batch 1 under 0.8 s (results in $OUT/extra). Measured with item 0 on
     # 2026-11-26 (docs/benchmarks.md §4.7): 523 s of the call; the extra did not fit then.
     end=$(( $(date +%s) + ${3:-575} ))
-    timeout $(( end - $(date +%s) )) sh "$0" plan "${2:-0c}" || echo "item ${2:-0c} ended with $?"
+    timeout $(( end - $(date +%s) )) sh "$0" plan "${2:-0u}" || echo "item ${2:-0u} ended with $?"
     left=$(( end - $(date +%s) ))
     echo "left ${left}s for the extra"
     [ "$left" -gt 150 ] || exit 0
@@ -49,7 +49,12 @@ case "${1:-}" in
     # The measurements of docs/benchmarks.md §4.4 by number, so a short device session types
     # no long command lines: sh bench/gpu_device.sh plan 1 (then plan 1b at once, same machine).
     full='--compile-scope full --compile-shapes batch'
+    unet='--compile-scope unet --compile-shapes batch'
     case "${2:-}" in
+      # Whether the whole UNet compiled with an eager decoder starts within the 240 s that
+      # ../shared/gpu/measure_e2e.py waits for /ready, cold, and within 60 s warm, and what the
+      # eager decoder costs against full's 1.493 images/s (§4.7): which decides the default.
+      0u) set -- python3 -m bench.gpu_e2e --phases served,warm --sizes 1024 --serve-args "$unet" ;;
       # One call for a session that may get only one: eager with and without cuDNN attention and
       # cuDNN's convolution autotuner, then item 1 at one size and item 1b (a warm restart).
       0) set -- python3 -m bench.gpu_e2e --phases bare,served,warm --sizes 1024 \
@@ -68,7 +73,7 @@ case "${1:-}" in
       # bf16 images to compare with (its quality was measured with the regional recipe, §4.1).
       3) set -- python3 -m bench.gpu_e2e --phases fp8 --sizes 1024 --serve-args "$full" ;;
       4) set -- python3 -m bench.compile_features --scope full --shapes batch ;;
-      *) echo "plan items: 0 0c 1 1b 2 2b 3 4 (docs/benchmarks.md §4.4)" >&2; exit 2 ;;
+      *) echo "plan items: 0u 0 0c 1 1b 2 2b 3 4 (docs/benchmarks.md §4.4, §4.7)" >&2; exit 2 ;;
     esac
     exec sh "$0" run "$@"
     ;;

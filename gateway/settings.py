@@ -101,8 +101,8 @@ class Settings(msgspec.Struct, kw_only=True):
     dtype: Annotated[Literal["auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32", "half"], Meta(description="auto (CUDA: bf16 or fp16; CPU: fp32), bfloat16, float16 or float32.")] = "auto"
     compile: Annotated[bool | None, Meta(description="torch.compile the UNet and VAE decoder (default: on for CUDA, off for CPU).")] = None
     compile_mode: Annotated[str, Meta(description="torch.compile mode.")] = "default"
-    compile_scope: Annotated[Literal["blocks", "full"], Meta(description="What torch.compile compiles: blocks (the UNet's repeated transformer blocks; fast cold start) or full (the whole UNet and VAE decoder).")] = "blocks"
-    compile_shapes: Annotated[Literal["dynamic", "static", "batch"], Meta(description="dynamic: one shape-generic graph serves every batch size and resolution. static: one graph per batch bucket and warm-up size (needed for CUDA graphs); batches are padded up to a bucket. batch (with --compile-scope full): only the batch dimension is dynamic, one graph per warm-up size, no padding.")] = "dynamic"
+    compile_scope: Annotated[Literal["blocks", "unet", "full"], Meta(description="What torch.compile compiles: blocks (the UNet's repeated transformer blocks; fast cold start), unet (the whole UNet; the VAE decoder stays eager) or full (the whole UNet and VAE decoder).")] = "blocks"
+    compile_shapes: Annotated[Literal["dynamic", "static", "batch"], Meta(description="dynamic: one shape-generic graph serves every batch size and resolution. static: one graph per batch bucket and warm-up size (needed for CUDA graphs); batches are padded up to a bucket. batch (with --compile-scope unet or full): only the batch dimension is dynamic, one graph per warm-up size, no padding.")] = "dynamic"
     batch_buckets: Annotated[str | None, Meta(description="With --compile-shapes static: the batch sizes compiled, comma-separated (default: 1,2,4,… up to --max-batch-images, which is always one).")] = None
     attention_backend: Annotated[Literal["auto", "cudnn", "flash", "efficient", "math"], Meta(description="Preferred attention kernel (a preference: others stay as fallbacks). auto keeps torch's order (FlashAttention first); cudnn puts cuDNN's kernels first, reported faster on Hopper. CUDA kernels are refused on the CPU.")] = "auto"
     cudnn_benchmark: Annotated[bool, Meta(description="Let cuDNN time its convolution algorithms for each new input shape and keep the fastest (warm-up pays it for warmed sizes). Eager on an H200: one batch-1 image 12.5% faster, batch 8 1.7% (one sample); not measured served. CUDA only.")] = False
@@ -264,9 +264,9 @@ class Settings(msgspec.Struct, kw_only=True):
             except ValueError:
                 problems.append(f"{src(name)}: expected batch sizes from 1 to max-batch-images "
                                 f"({self.max_batch_images}) separated by commas, got {text!r}")
-        if self.compile_shapes == "batch" and self.compile_scope != "full":
-            problems.append(f"{src('compile_shapes')}: batch needs --compile-scope full (regional "
-                            "compilation cannot mark the blocks' batch dimension)")
+        if self.compile_shapes == "batch" and self.compile_scope == "blocks":
+            problems.append(f"{src('compile_shapes')}: batch needs --compile-scope unet or full "
+                            "(regional compilation cannot mark the blocks' batch dimension)")
         if self.public_url and not self.public_url.startswith(("http://", "https://")):
             problems.append(f"{src('public_url')}: must start with http:// or https://, got "
                             f"{self.public_url!r}")

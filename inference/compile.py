@@ -6,7 +6,12 @@ The design (issue 9), and why:
   ``BasicTransformerBlock`` s are compiled (diffusers' ``compile_repeated_blocks``). Those blocks
   hold most of SDXL's FLOPs, every instance of a block shape shares one compiled graph, and a cold
   compile costs a fraction of compiling the whole UNet. ``scope="full"`` compiles the whole UNet
-  and the VAE decoder instead: slower to start, a little faster per step.
+  and the VAE decoder instead: slower to start, faster per image (+25% served on an H200,
+  docs/benchmarks.md §4.7). ``scope="unet"`` compiles the whole UNet and leaves the decoder
+  eager: the decoder runs once per batch (compiled, about 0.3 s of a 5.4 s batch of eight on an
+  H200), but its graphs were three of the four that a ``full`` cold start compiled (about 40 s
+  each there), so this start should cost about one UNet graph per warm-up size. Not yet
+  measured on a GPU.
 - **Shape-generic graphs** (``dynamic=True``): batch size, and the latent height and width, are
   symbolic, so one compile serves every batch size and resolution. No padding to buckets, no
   wasted slots, and no per-shape compile. Warm-up still runs every configured (size × batch) shape
@@ -17,8 +22,8 @@ The design (issue 9), and why:
   (``mode="reduce-overhead"``) need. Warm-up compiles every batch bucket at every warm-up size
   and the executor pads each batch up to a bucket (:mod:`inference.buckets`); the price is a
   compile per bucket and size at a cold start, and padded slots' compute.
-- **Or a dynamic batch only** (``shapes="batch"``, with ``scope="full"``, opt-in): the batch
-  dimension of the UNet's and the VAE decoder's inputs is marked dynamic and everything else stays
+- **Or a dynamic batch only** (``shapes="batch"``, with ``scope="full"`` or ``"unet"``, opt-in):
+  the batch dimension of the UNet's and the VAE decoder's inputs is marked dynamic and everything else stays
   static, with dynamo's automatic dynamic shapes off. One graph per warm-up size serves every
   batch size from 2 up (batch 1 gets its own specialisation, as dynamo always gives size-1
   dimensions), so there is no padding and a cold start compiles once per size instead of once per
@@ -54,7 +59,7 @@ import msgspec
 
 logger = logging.getLogger(__name__)
 
-Scope = Literal["blocks", "full"]
+Scope = Literal["blocks", "unet", "full"]
 Shapes = Literal["dynamic", "static", "batch"]
 ARTIFACTS = "artifacts.bin"
 # Static (or batch-dynamic) graphs: one per (bucket × warm-up size × distinct block shape);
@@ -168,7 +173,7 @@ def prepare_for_compile(pipe: Any, options: CompileOptions) -> None:
     """
     import torch
 
-    if options.scope != "full":
+    if options.scope == "blocks":
         return
     if options.fuse_qkv:
         # diffusers loads LoRA weights onto the unfused to_q/to_k/to_v, which fused attention
@@ -179,19 +184,20 @@ def prepare_for_compile(pipe: Any, options: CompileOptions) -> None:
             logger.warning("could not fuse QKV projections: %s", exc)
     if options.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
-        pipe.vae.to(memory_format=torch.channels_last)
+        if options.scope == "full":
+            # Only the compiled decoder was measured with it; an eager one keeps its layout.
+            pipe.vae.to(memory_format=torch.channels_last)
 
 
 def apply_compile(pipe: Any, options: CompileOptions) -> None:
     """Compile ``pipe`` in place according to ``options`` (nothing runs yet; warm-up traces)."""
-    import torch
     import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
     # From the PyTorch SDXL recipe: 1×1 convolutions as matmuls fuse better.
     inductor_config.conv_1x1_as_mm = True
-    if options.shapes == "batch" and options.scope != "full":
-        raise ValueError("a dynamic batch only (shapes='batch') needs scope='full'")
+    if options.shapes == "batch" and options.scope == "blocks":
+        raise ValueError("a dynamic batch only (shapes='batch') needs scope='full' or 'unet'")
     if options.shapes != "dynamic":
         limit_name = ("recompile_limit" if hasattr(dynamo_config, "recompile_limit")
                       else "cache_size_limit")
@@ -209,23 +215,33 @@ def apply_compile(pipe: Any, options: CompileOptions) -> None:
         # In place (nn.Module.compile), not a torch.compile wrapper: the pipeline's UNet must
         # stay a diffusers model, or its LoRA loading finds no adapters on it.
         pipe.unet.compile(**kwargs)
-        decode = torch.compile(pipe.vae.decode, **kwargs)
         if options.shapes == "batch":
             # Marks must be made before dynamo sees the inputs: around the compiled call.
             pipe.unet._compiled_call_impl = _marking_batch(pipe.unet._compiled_call_impl)
-            decode = _marking_batch(decode)
         if uses_cuda_graphs(options.mode):
             # A CUDA graph's outputs live in its memory pool and the next replay overwrites
             # them; a sampler that keeps the UNet's raw output across steps (PNDM/PLMS without
             # CFG keeps its history in ``ets``) would then read garbage or fail. A latent-sized
             # copy per call is cheap.
             pipe.unet._compiled_call_impl = _cloning_outputs(pipe.unet._compiled_call_impl)
-            decode = _cloning_outputs(decode)
-        if options.shapes != "static":
-            decode = _decoding_in_chunks(decode, pipe.vae)
-        pipe.vae.decode = decode
+        if options.scope == "full":
+            pipe.vae.decode = _compiled_decoder(pipe.vae, options, kwargs)
     logger.info("torch.compile armed (scope=%s, mode=%s, %s shapes)", options.scope,
                 options.mode, options.shapes)
+
+
+def _compiled_decoder(vae: Any, options: CompileOptions, kwargs: dict[str, Any]) -> Any:
+    """``vae.decode`` compiled as :func:`apply_compile` compiles the UNet, plus what that needs."""
+    import torch
+
+    decode = torch.compile(vae.decode, **kwargs)
+    if options.shapes == "batch":
+        decode = _marking_batch(decode)
+    if uses_cuda_graphs(options.mode):
+        decode = _cloning_outputs(decode)
+    if options.shapes != "static":
+        decode = _decoding_in_chunks(decode, vae)
+    return decode
 
 
 # Inductor indexes a kernel's tensors with 32-bit integers where it can prove they fit, and for a

@@ -262,8 +262,44 @@ def test_compile_cache_key_changes_with_the_model_options_and_shape_set(tmp_path
 def test_batch_shapes_refuse_regional_compilation():
     from inference.compile import CompileOptions, apply_compile
 
-    with pytest.raises(ValueError, match="scope='full'"):
+    with pytest.raises(ValueError, match="scope='full' or 'unet'"):
         apply_compile(object(), CompileOptions(scope="blocks", shapes="batch"))
+
+
+def test_unet_scope_compiles_the_whole_unet_and_leaves_the_decoder_eager(monkeypatch):
+    """``--compile-scope unet``: the UNet's graphs as under ``full``, none for the decoder."""
+    import functools
+    import types
+
+    import torch._dynamo.config as dynamo_config
+
+    from inference.compile import CompileOptions, apply_compile, prepare_for_compile
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    unet, vae = _StandInUNet(), _StandInVAE()
+    pipe = types.SimpleNamespace(unet=unet, vae=vae)
+    eager_decode = vae.decode
+    with dynamo_config.patch(automatic_dynamic_shapes=True):
+        options = CompileOptions(scope="unet", shapes="batch", fuse_qkv=False)
+        prepare_for_compile(pipe, options)
+        apply_compile(pipe, options)
+        assert pipe.unet is unet
+        assert pipe.vae.decode == eager_decode, "the decoder was wrapped"
+        assert unet.conv.weight.is_contiguous(memory_format=torch.channels_last)
+        watch = CompileWatch(enabled=True)
+        before = watch.count()
+        for batch in (2, 4, 6):
+            pipe.unet(torch.randn(batch, 4, 8, 8), torch.tensor(3.0),
+                      encoder_hidden_states=torch.randn(batch, 7, 8),
+                      added_cond_kwargs={"text_embeds": torch.randn(batch, 4)})
+        assert watch.count() - before == 1, "the UNet's batch should be dynamic"
+        before = watch.count()
+        for batch in (1, 2, 8):
+            out = pipe.vae.decode(torch.randn(batch, 4, 8, 8), return_dict=False)[0]
+            assert out.shape == (batch, 4, 16, 16)
+        assert watch.count() == before, "the decoder compiled"
+    torch._dynamo.reset()
 
 
 # -- static shapes: batch buckets -----------------------------------------------------------
