@@ -59,12 +59,15 @@ class StatusHead(msgspec.Struct, frozen=True, kw_only=True):
     started: bool = False
     retried: bool = False
     expires_at: float = 0.0
+    # The job's creation time, which a retry renews: what tells a head a retry passed it by.
+    created_at: float = 0.0
 
     @classmethod
     def of(cls, job: Job) -> StatusHead:
         """``job``'s head."""
         return cls(status=job.status, started=job.started_at is not None,
-                   retried=job.retries > 0, expires_at=job.expires_at)
+                   retried=job.retries > 0, expires_at=job.expires_at,
+                   created_at=job.created_at)
 
     def client_status(self) -> str:
         """As :func:`~inference.tasks.client_status` says of the job."""
@@ -322,7 +325,9 @@ class RedisTaskStore:
             for job_id, job in self._jobs(ids[offset:offset + limit]):
                 if job is None:
                     self._drop_stale(dialect, scope, job_id)
-                elif job.expires_at > now:
+                elif job.expires_at > now and (statuses is None
+                                               or client_status(job) in statuses):
+                    # (A job can move on between its head's read and its own.)
                     page.append(job)
             return page, len(ids)
         found: list[Job] = []
@@ -367,17 +372,21 @@ class RedisTaskStore:
         """Every job of the scope and its head, reading only the jobs a head cannot vouch for.
 
         A finished job's head is what this server's kind last wrote with the job, so it is
-        taken as is. A queued or running job's head is checked against the job (an older
-        server, which writes no heads, may have moved it on since: there are only as many of
-        those as the queue holds), and so is a job without a head (stored by an older server).
-        Heads of jobs no longer in the scope (unlinked by an older server), and members whose
-        job key must be gone (past its expiry and grace) or is, are dropped.
+        taken as is, unless the scope's time index dates the job otherwise: an older server,
+        which writes no heads, retried it since (a retry renews the creation time, and every
+        version indexes that). A queued or running job's head is checked against the job (an
+        older server may have moved it on: there are only as many of those as the queue
+        holds), and so is a job without a head (stored by an older server). Heads of jobs no
+        longer in the scope (unlinked by an older server), and members whose job key must be
+        gone (past its expiry and grace) or is, are dropped.
         """
         skey, hkey = self._scope_key(dialect, scope), self._heads_key(dialect, scope)
-        pipe = self.r.pipeline(transaction=True)  # one snapshot of both
+        pipe = self.r.pipeline(transaction=True)  # one snapshot of all three
         pipe.smembers(skey)
         pipe.hgetall(hkey)
-        members, stored = pipe.execute()
+        pipe.zrange(self._time_key(dialect, scope), 0, -1, withscores=True)
+        members, stored, timed = pipe.execute()
+        created = {name.decode(): score for name, score in timed}
         ids = {i.decode() for i in members}
         orphans = [name for name in stored if name.decode() not in ids]
         if orphans:
@@ -390,7 +399,8 @@ class RedisTaskStore:
             head = None if raw is None else msgspec.json.decode(raw, type=StatusHead)
             if head is not None and head.expires_at < gone_before:
                 self._drop_stale(dialect, scope, job_id)
-            elif head is None or head.status in ACTIVE:
+            elif (head is None or head.status in ACTIVE
+                  or created.get(job_id) != head.created_at):
                 check.append(job_id)
             else:
                 heads[job_id] = head

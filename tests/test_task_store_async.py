@@ -462,3 +462,60 @@ def test_redis_scope_heads_defer_to_jobs_an_older_server_wrote_or_moved() -> Non
         # Deleting a job drops its head with it.
         store.delete("c1")
         assert store.r.hget(heads, "c1") is None
+
+
+def test_redis_scope_heads_see_a_retry_by_an_older_server() -> None:
+    """An older server retries a failed job: it rewrites the job and its creation time in the
+    time index (as every version does), not the head; the new time gives the head away."""
+    import time
+
+    import msgspec
+
+    from inference.tasks import FAILED, QUEUED
+
+    with redis_store() as store:
+        _scope_of_every_kind(store)
+        old = msgspec.json.decode(store.r.get(store._k("job", "f1")), type=Job)
+        assert old.status == FAILED
+        retried = msgspec.structs.replace(old, status=QUEUED, created_at=time.time() + 60,
+                                          retries=old.retries + 1, finished_at=None)
+        store.r.set(store._k("job", "f1"), msgspec.json.encode(retried), keepttl=True)
+        store.r.zadd(store._time_key("runpod", "s"), {"f1": retried.created_at})
+        stats = store.stats("runpod", "s")
+        assert (stats[QUEUED], stats[FAILED], stats["retried"]) == (4, 0, 3), stats
+        jobs, total = store.list_jobs("runpod", "s", statuses=(QUEUED,))
+        assert jobs[0].id == "f1" and total == 4
+        assert "f1" in store.purge_queued("runpod", "s")
+
+
+def test_redis_status_lists_check_the_page_against_the_jobs() -> None:
+    """A job that moves on between the heads' read and the page's is not listed as it was."""
+    from inference.tasks import QUEUED, RUNNING
+
+    with redis_store() as store:
+        _scope_of_every_kind(store)
+        heads = store._heads("runpod", "s")
+        assert store.update("q2", (QUEUED,), status=RUNNING, worker_id="w", started_at=1.0)
+        store._heads = lambda _dialect, _scope: heads  # read before the move
+        jobs, _total = store.list_jobs("runpod", "s", statuses=(QUEUED,))
+        assert [j.id for j in jobs] == ["taken", "q1"]
+
+
+def test_retries_and_cancels_move_counts_lists_and_purges(any_store: Any) -> None:
+    """What a job's own updates do to the scope's counts (Redis: its head moves with it)."""
+    import time
+
+    from inference.tasks import CANCELLED, FAILED, QUEUED
+
+    before = _scope_of_every_kind(any_store)
+    assert any_store.update("f1", (FAILED,), where={"retries": 0}, status=QUEUED,
+                            created_at=time.time() + 60, retries=1, finished_at=None)
+    assert any_store.update("q1", (QUEUED,), status=CANCELLED, finished_at=time.time())
+    spoil_document(any_store, "q1")  # finished by that update: not to be read again
+    stats = any_store.stats("runpod", "s")
+    assert (stats[QUEUED], stats[FAILED], stats[CANCELLED], stats["retried"]) == (
+        before[QUEUED], 0, 1, before["retried"] + 1), stats
+    jobs, total = any_store.list_jobs("runpod", "s", statuses=(QUEUED,))
+    assert [j.id for j in jobs] == ["f1", "taken", "q2"] and total == 3
+    assert sorted(any_store.purge_queued("runpod", "s")) == ["f1", "q2"]
+    assert any_store.count((CANCELLED,), "runpod", "s") == 1
