@@ -179,7 +179,8 @@ def prepare_for_compile(pipe: Any, options: CompileOptions) -> None:
         # diffusers loads LoRA weights onto the unfused to_q/to_k/to_v, which fused attention
         # never calls: with adapters possible, the engine turns fuse_qkv off (see LoraAdapters).
         try:
-            pipe.fuse_qkv_projections()
+            # Under ``unet`` the VAE (decoder, and encoder for img2img) stays as loaded.
+            pipe.fuse_qkv_projections(unet=True, vae=options.scope == "full")
         except Exception as exc:  # noqa: BLE001 - an optimisation; keep serving without it
             logger.warning("could not fuse QKV projections: %s", exc)
     if options.channels_last:

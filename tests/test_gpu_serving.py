@@ -278,11 +278,14 @@ def test_unet_scope_compiles_the_whole_unet_and_leaves_the_decoder_eager(monkeyp
     torch._dynamo.reset()
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
     unet, vae = _StandInUNet(), _StandInVAE()
-    pipe = types.SimpleNamespace(unet=unet, vae=vae)
+    fused: list[dict[str, bool]] = []
+    pipe = types.SimpleNamespace(unet=unet, vae=vae,
+                                 fuse_qkv_projections=lambda **kw: fused.append(kw))
     eager_decode = vae.decode
     with dynamo_config.patch(automatic_dynamic_shapes=True):
-        options = CompileOptions(scope="unet", shapes="batch", fuse_qkv=False)
+        options = CompileOptions(scope="unet", shapes="batch")
         prepare_for_compile(pipe, options)
+        assert fused == [{"unet": True, "vae": False}], "the eager VAE's attention was fused"
         apply_compile(pipe, options)
         assert pipe.unet is unet
         assert pipe.vae.decode == eager_decode, "the decoder was wrapped"
