@@ -73,7 +73,9 @@ case "${1:-}" in
       # bf16 images to compare with (its quality was measured with the regional recipe, §4.1).
       3) set -- python3 -m bench.gpu_e2e --phases fp8 --sizes 1024 --serve-args "$full" ;;
       4) set -- python3 -m bench.compile_features --scope full --shapes batch ;;
-      *) echo "plan items: 0u 0 0c 1 1b 2 2b 3 4 (docs/benchmarks.md §4.4, §4.7)" >&2; exit 2 ;;
+      # How much of a whole-UNet warm start is dynamo's trace on this host (a minute or two).
+      t) set -- python3 -m bench.dynamo_trace ;;
+      *) echo "plan items: 0u 0 0c 1 1b 2 2b 3 4 t (docs/benchmarks.md §4.4, §4.7, §4.8)" >&2; exit 2 ;;
     esac
     exec sh "$0" run "$@"
     ;;
