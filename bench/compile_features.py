@@ -18,15 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-OUT = Path(os.environ.get("OUT") or "/tmp/gpuout")
+from bench import lines
 
 
 def square() -> bytes:
@@ -78,10 +76,7 @@ async def run(scope: str, shapes: str, cache: Path) -> None:
                                 "imagegate_eager_batches_total"),
                             device=engine.info.device if engine.info else "?",
                             date=time.strftime("%Y-%m-%d"))
-                print(json.dumps(line), flush=True)
-                OUT.mkdir(parents=True, exist_ok=True)
-                with open(OUT / "compile_features.jsonl", "a") as f:
-                    f.write(json.dumps(line) + "\n")
+                lines.emit("compile_features.jsonl", line)
     finally:
         await engine.drain(5)
 

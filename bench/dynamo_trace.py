@@ -12,14 +12,11 @@ on stdout and in ``$OUT/dynamo_trace.jsonl``. Runs on a CPU (about 10 GB of memo
 
 from __future__ import annotations
 
-import json
-import os
 import time
-from pathlib import Path
 
 import torch
 
-OUT = Path(os.environ.get("OUT") or "/tmp/gpuout")
+from bench import lines
 
 
 def main() -> None:
@@ -57,15 +54,11 @@ def main() -> None:
         compiled = torch.compile(unet, backend="eager", fullgraph=True)
         first_s = timed(compiled)
         second_s = timed(compiled)
-    line = json.dumps({
+    lines.emit("dynamo_trace.jsonl", {
         "torch": torch.__version__, "device": device,
         "params": sum(p.numel() for p in unet.parameters()), "eager_call_s": round(eager_s, 2),
         "first_compiled_call_s": round(first_s, 2), "second_compiled_call_s": round(second_s, 2),
         "trace_s": round(first_s - second_s, 1), "date": time.strftime("%Y-%m-%d")})
-    print(line, flush=True)
-    OUT.mkdir(parents=True, exist_ok=True)
-    with open(OUT / "dynamo_trace.jsonl", "a") as f:
-        f.write(line + "\n")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-OUT = Path(os.environ.get("OUT") or "/tmp/gpuout")
+from bench import lines
+
 # Measured on the H200 (docs/benchmarks.md §4.1, bare eager): b1 1.055 s, b8 6.137 s.
 PER_CALL_S = 0.33
 PER_IMAGE_S = 0.726
@@ -134,11 +135,7 @@ def main() -> None:
         print(json.dumps(asyncio.run(clients(args.client, args.requests, args.concurrency))))
         return
     for fill in args.fill_ms.split(","):
-        line = json.dumps(run_one(fill, args))
-        print(line, flush=True)
-        OUT.mkdir(parents=True, exist_ok=True)
-        with open(OUT / "fill.jsonl", "a") as f:
-            f.write(line + "\n")
+        lines.emit("fill.jsonl", run_one(fill, args))
 
 
 if __name__ == "__main__":

@@ -37,14 +37,12 @@ such variants per 600 s call of the device tool. Example::
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-OUT = Path(os.environ.get("OUT") or "/tmp/gpuout")
+from bench import lines
 
 VARIANTS: dict[str, dict[str, str] | None] = {
     "eager": None,
@@ -67,11 +65,7 @@ DEFAULT = ("eager,blocks-dynamic,full-dynamic,full-static,full-batch,full-static
 
 def emit(**kw: object) -> None:
     """Print one result line and append it to ``$OUT/variants.jsonl``."""
-    line = json.dumps(kw)
-    print(line, flush=True)
-    OUT.mkdir(parents=True, exist_ok=True)
-    with open(OUT / "variants.jsonl", "a") as f:
-        f.write(line + "\n")
+    lines.emit("variants.jsonl", kw)
 
 
 def run_variant(name: str, batches: list[int], *, dry: bool) -> None:

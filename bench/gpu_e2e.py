@@ -27,7 +27,6 @@ import asyncio
 import atexit
 import base64
 import io
-import json
 import os
 import re
 import shlex
@@ -38,9 +37,11 @@ import sys
 import time
 from pathlib import Path
 
+from bench import lines
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-OUT = Path(os.environ.get("OUT") or "/tmp/gpuout")
+OUT = lines.OUT
 OUT.mkdir(parents=True, exist_ok=True)
 T0 = time.perf_counter()
 PROMPT = "a lighthouse at dusk"
@@ -48,10 +49,7 @@ PROMPT = "a lighthouse at dusk"
 
 def emit(**kw):
     kw["t"] = round(time.perf_counter() - T0, 1)
-    line = json.dumps(kw)
-    print(line, flush=True)
-    with open(OUT / "results.jsonl", "a") as f:
-        f.write(line + "\n")
+    lines.emit("results.jsonl", kw)
 
 
 def sync():
