@@ -23,8 +23,8 @@ The design (issue 9), and why:
   and the executor pads each batch up to a bucket (:mod:`inference.buckets`); the price is a
   compile per bucket and size at a cold start, and padded slots' compute.
 - **Or a dynamic batch only** (``shapes="batch"``, with ``scope="full"`` or ``"unet"``, opt-in):
-  the batch dimension of the UNet's and the VAE decoder's inputs is marked dynamic and everything else stays
-  static, with dynamo's automatic dynamic shapes off. One graph per warm-up size serves every
+  the batch dimension of the UNet's (and a compiled decoder's) inputs is marked dynamic and
+  everything else stays static, with dynamo's automatic dynamic shapes off. One graph per warm-up size serves every
   batch size from 2 up (batch 1 gets its own specialisation, as dynamo always gives size-1
   dimensions), so there is no padding and a cold start compiles once per size instead of once per
   bucket and size, while the latent height and width, which most kernels' tiling depends on,

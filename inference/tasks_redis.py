@@ -51,6 +51,22 @@ from inference.tasks import (
 
 T = TypeVar("T")
 
+_EXT = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
+# Job keys outlive expires_at a little so the sweeper still sees what to clean up.
+GRACE_S = 3600
+# Jobs read per round trip when a filtered task list walks its window.
+LIST_CHUNK = 500
+# Drop an index entry unless the job (read again, inside Redis) has that value now: the job may
+# have come back to it since it was read (re-queued, re-claimed), and an unconditional ZREM/SREM
+# would then drop a live entry and stall the job. KEYS: index, job; ARGV: member, value, "z"
+# for a sorted set or "s" for a set, the job's field (status, webhook_state).
+_UNINDEX_UNLESS = """
+local doc = redis.call('GET', KEYS[2])
+if doc and cjson.decode(doc)[ARGV[4]] == ARGV[2] then return 0 end
+if ARGV[3] == 'z' then return redis.call('ZREM', KEYS[1], ARGV[1]) end
+return redis.call('SREM', KEYS[1], ARGV[1])
+"""
+
 
 class StatusHead(msgspec.Struct, frozen=True, kw_only=True):
     """What counting and filtering a scope's jobs need of one job: not its document."""
@@ -72,22 +88,6 @@ class StatusHead(msgspec.Struct, frozen=True, kw_only=True):
     def client_status(self) -> str:
         """As :func:`~inference.tasks.client_status` says of the job."""
         return QUEUED if self.status == RUNNING and not self.started else self.status
-
-_EXT = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
-# Job keys outlive expires_at a little so the sweeper still sees what to clean up.
-GRACE_S = 3600
-# Jobs read per round trip when a filtered task list walks its window.
-LIST_CHUNK = 500
-# Drop an index entry unless the job (read again, inside Redis) has that value now: the job may
-# have come back to it since it was read (re-queued, re-claimed), and an unconditional ZREM/SREM
-# would then drop a live entry and stall the job. KEYS: index, job; ARGV: member, value, "z"
-# for a sorted set or "s" for a set, the job's field (status, webhook_state).
-_UNINDEX_UNLESS = """
-local doc = redis.call('GET', KEYS[2])
-if doc and cjson.decode(doc)[ARGV[4]] == ARGV[2] then return 0 end
-if ARGV[3] == 'z' then return redis.call('ZREM', KEYS[1], ARGV[1]) end
-return redis.call('SREM', KEYS[1], ARGV[1])
-"""
 
 
 class RedisTaskStore:
