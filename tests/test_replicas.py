@@ -169,6 +169,10 @@ def test_cancel_on_b_a_job_submitted_on_a(pair: dict[str, Replica]) -> None:
                    lambda: (s := status(a, nxt["id"]))["status"] == "COMPLETED" and s,
                    replicas=(a, b))
     assert status(a, job["id"])["status"] == "CANCELLED"
+    # /health counts the endpoint's jobs from Redis's per-scope heads: the same on both.
+    health = [httpx.get(f"{r.url}/v2/ep/health", timeout=60).json()["jobs"] for r in (a, b)]
+    assert health[0] == health[1], health
+    assert health[0]["completed"] >= 1 and health[0]["inProgress"] == 0, health
 
 
 def test_replica_killed_mid_job_loses_nothing(pair: dict[str, Replica]) -> None:
