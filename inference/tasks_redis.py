@@ -368,6 +368,15 @@ class RedisTaskStore:
         pipe.hdel(self._heads_key(dialect, scope), job_id)
         pipe.execute()
 
+    def _drop_orphan_heads(self, key: str, stored: Mapping[bytes, bytes], ids: set[str]) -> None:
+        """Delete from hash ``key`` the heads read as ``stored`` whose job is not in ``ids``.
+
+        Such a job's index entry was removed by a server that knows no heads.
+        """
+        orphans = [name for name in stored if name.decode() not in ids]
+        if orphans:
+            self.r.hdel(key, *orphans)
+
     def _heads(self, dialect: str, scope: str) -> dict[str, StatusHead]:
         """Every job of the scope and its head, reading only the jobs a head cannot vouch for.
 
@@ -388,9 +397,7 @@ class RedisTaskStore:
         members, stored, timed = pipe.execute()
         created = {name.decode(): score for name, score in timed}
         ids = {i.decode() for i in members}
-        orphans = [name for name in stored if name.decode() not in ids]
-        if orphans:
-            self.r.hdel(hkey, *orphans)
+        self._drop_orphan_heads(hkey, stored, ids)
         gone_before = time.time() - GRACE_S
         heads: dict[str, StatusHead] = {}
         check: list[str] = []
@@ -466,9 +473,7 @@ class RedisTaskStore:
         pipe.hgetall(heads_key)
         members, stored = pipe.execute()
         ids = {i.decode() for i in members}
-        orphans = [name for name in stored if name.decode() not in ids]
-        if orphans:
-            self.r.hdel(heads_key, *orphans)
+        self._drop_orphan_heads(heads_key, stored, ids)
         heads: list[WebhookHead] = []
         headless: list[str] = []
         for job_id in ids:
