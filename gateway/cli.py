@@ -225,6 +225,9 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     logger.info("model %s found in %.1fs; starting on http://%s:%d", settings.model,
                 time.perf_counter() - started, settings.host, settings.port)
+    from observability.logging import route_library_logs
+
+    route_library_logs()
     from gateway.app import create_app
     from gateway.server import run
 

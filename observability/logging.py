@@ -54,7 +54,12 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "info", fmt: str = "text") -> None:
-    """Configure the root logger once, for the CLI."""
+    """Configure the root logger once, for the CLI.
+
+    diffusers', transformers' and torch's loggers are left to :func:`route_library_logs`:
+    importing them takes seconds, and a start-up refusal (a bad keys file, a busy port) should
+    not wait for that.
+    """
     handler = logging.StreamHandler()
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
@@ -64,10 +69,7 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    _route_library_logs_to_root()
-    # Third-party chatter that says nothing to an operator.
-    for noisy in ("httpx", "diffusers", "transformers"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    _quiet("httpx")
     # uvicorn's loggers keep whatever handlers an earlier set-up gave them; send them to root.
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "litestar"):
         lib = logging.getLogger(name)
@@ -75,8 +77,18 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
         lib.propagate = True
 
 
-def _route_library_logs_to_root() -> None:
-    """Send diffusers', transformers' and torch's records to the root handler, not their own."""
+def _quiet(*names: str) -> None:
+    """Third-party chatter says nothing to an operator: warnings and up, or the root's level."""
+    level = max(logging.WARNING, logging.getLogger().level)
+    for name in names:
+        logging.getLogger(name).setLevel(level)
+
+
+def route_library_logs() -> None:
+    """Send diffusers', transformers' and torch's records to the root handler, not their own.
+
+    Call after :func:`configure_logging` and before the model loads (it imports all three).
+    """
     try:
         from diffusers.utils import logging as dlog
         from transformers.utils import logging as tlog
@@ -85,6 +97,8 @@ def _route_library_logs_to_root() -> None:
     for lib in (dlog, tlog):
         lib.disable_default_handler()
         lib.enable_propagation()
+    # After their import, which sets their own default level.
+    _quiet("diffusers", "transformers")
     # torch installs its own glog-style handler on the "torch" logger when it is imported (its
     # warnings and torch.compile's messages would bypass the JSON format): take it over too.
     import torch  # noqa: F401 - the server imports it anyway; its handler exists from here on
