@@ -19,6 +19,9 @@ setup: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/imagegate serve $(ARGS)
 
+# One pytest worker per core; PYTEST_ARGS="tests/test_openai.py -x" runs a part in one process.
+PYTEST_ARGS ?= -n auto
+
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -10,7 +10,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import httpx
@@ -24,7 +24,7 @@ from inference.batch import Batch
 from inference.errors import Cancelled
 from inference.runner import StepTimes
 from inference.tasks import RUNNING, Job
-from tests import serving
+from tests import fakes, serving
 
 KEY = "test-key"
 AUTH = {"authorization": KEY}  # RunPod's raw-key form
@@ -109,7 +109,7 @@ class Site:
                 else:
                     self._send(200, b"ok", "text/plain")
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = fakes.QuietHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
