@@ -14,6 +14,8 @@ Same protocol as :class:`inference.tasks.SqliteTaskStore`. Keys, all under one p
 - ``P:heads:<dialect>:<scope>`` (hash): each of the scope's jobs' :class:`StatusHead`, written
   by the same transaction as the job, so counts (RunPod ``/health``), status-filtered task lists
   and purges read no finished job's document (a payload can be a 20 MB data URL).
+- ``P:owner`` (hash): each job's dialect and scope, so the sweep can drop the scope's entries
+  of a job whose key is already gone (evicted, or not swept within its grace).
 - ``P:worker:<id>``: a replica's heartbeat, with a TTL. A running job whose worker's heartbeat
   is gone is reclaimed by another replica (:func:`inference.tasks.reclaim_jobs`).
 
@@ -152,6 +154,7 @@ class RedisTaskStore:
         self._put_head(pipe, job)
         pipe.zadd(self._time_key(job.dialect, job.scope), {job.id: job.created_at})
         pipe.zadd(self._k("expiry"), {job.id: job.expires_at})
+        pipe.hset(self._k("owner"), job.id, msgspec.json.encode((job.dialect, job.scope)))
         self._index_webhook(pipe, job, None)
         pipe.execute()
 
@@ -363,9 +366,25 @@ class RedisTaskStore:
 
     def _drop_stale(self, dialect: str, scope: str, job_id: str) -> None:
         pipe = self.r.pipeline(transaction=False)
+        self._unscope(pipe, dialect, scope, job_id)
+        pipe.execute()
+
+    def _unscope(self, pipe: Any, dialect: str, scope: str, job_id: str) -> None:
         pipe.srem(self._scope_key(dialect, scope), job_id)
         pipe.zrem(self._time_key(dialect, scope), job_id)
         pipe.hdel(self._heads_key(dialect, scope), job_id)
+        pipe.hdel(self._k("owner"), job_id)
+
+    def _drop_keyless(self, job_id: str) -> None:
+        """Drop the index entries of a job whose key is gone (it cannot say its scope)."""
+        owner = self.r.hget(self._k("owner"), job_id)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.delete(self._k("job", job_id))
+        pipe.zrem(self._k("expiry"), job_id)
+        self._unindex_webhook(pipe, job_id)
+        if owner is not None:  # else stored by an older server: dropped when its scope is read
+            dialect, scope = msgspec.json.decode(owner, type=tuple[str, str])
+            self._unscope(pipe, dialect, scope, job_id)
         pipe.execute()
 
     def _drop_orphan_heads(self, key: str, stored: Mapping[bytes, bytes], ids: set[str]) -> None:
@@ -434,9 +453,7 @@ class RedisTaskStore:
         pipe.srem(self._k("running"), job.id)
         pipe.zrem(self._k("expiry"), job.id)
         self._unindex_webhook(pipe, job.id)
-        pipe.srem(self._scope_key(job.dialect, job.scope), job.id)
-        pipe.zrem(self._time_key(job.dialect, job.scope), job.id)
-        pipe.hdel(self._heads_key(job.dialect, job.scope), job.id)
+        self._unscope(pipe, job.dialect, job.scope, job.id)
 
     # -- replicas --------------------------------------------------------------------------
 
@@ -523,10 +540,7 @@ class RedisTaskStore:
         out = []
         for job_id, job in self._jobs(list(ids)):
             if job is None:  # its key outlived by GRACE_S (no sweep for that long) or evicted
-                pipe = self.r.pipeline(transaction=True)
-                pipe.zrem(self._k("expiry"), job_id)
-                self._unindex_webhook(pipe, job_id)
-                pipe.execute()
+                self._drop_keyless(job_id)
             else:
                 out.append(job)
         return out
@@ -534,11 +548,9 @@ class RedisTaskStore:
     def delete(self, job_id: str) -> None:
         """Remove a job, its images and its index entries."""
         job = self._load(self.r.get(self._k("job", job_id)))
+        if job is None:
+            self._drop_keyless(job_id)
+            return
         pipe = self.r.pipeline(transaction=True)
-        if job is not None:
-            self._unlink(pipe, job)
-        else:
-            pipe.delete(self._k("job", job_id))
-            pipe.zrem(self._k("expiry"), job_id)
-            self._unindex_webhook(pipe, job_id)
+        self._unlink(pipe, job)
         pipe.execute()

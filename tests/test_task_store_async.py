@@ -462,6 +462,35 @@ def test_redis_scope_heads_defer_to_jobs_an_older_server_wrote_or_moved() -> Non
         # Deleting a job drops its head with it.
         store.delete("c1")
         assert store.r.hget(heads, "c1") is None
+        assert store.r.hget(store._k("owner"), "c1") is None
+
+
+def test_redis_sweep_drops_the_scope_entries_of_a_job_whose_key_is_gone() -> None:
+    """Redis evicted a job's key, or no sweep ran within its grace: the sweep still knows its
+    scope (``P:owner``) and drops it there, even if that scope is never read again."""
+    import time
+
+    from inference.tasks import COMPLETED
+
+    with redis_store() as store:
+        now = time.time()
+        for job_id in ("evicted", "kept"):
+            store.create(Job(id=job_id, dialect="dashscope", scope="once", payload={},
+                             status=COMPLETED, created_at=now, expires_at=now + 60))
+        store.r.delete(store._k("job", "evicted"))
+        assert [j.id for j in store.expired(now + 120)] == ["kept"]
+        indexes = {
+            "scope": store.r.sismember(store._scope_key("dashscope", "once"), "evicted"),
+            "time": store.r.zscore(store._time_key("dashscope", "once"), "evicted"),
+            "head": store.r.hget(store._heads_key("dashscope", "once"), "evicted"),
+            "owner": store.r.hget(store._k("owner"), "evicted"),
+            "expiry": store.r.zscore(store._k("expiry"), "evicted"),
+        }
+        assert not any(indexes.values()), indexes
+        assert store.r.sismember(store._scope_key("dashscope", "once"), "kept")
+        store.delete("kept")
+        assert store.r.hget(store._k("owner"), "kept") is None
+        assert not store.r.exists(store._scope_key("dashscope", "once"))
 
 
 def test_redis_scope_heads_see_a_retry_by_an_older_server() -> None:
