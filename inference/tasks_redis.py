@@ -379,7 +379,6 @@ class RedisTaskStore:
         """Drop the index entries of a job whose key is gone (it cannot say its scope)."""
         owner = self.r.hget(self._k("owner"), job_id)
         pipe = self.r.pipeline(transaction=True)
-        pipe.delete(self._k("job", job_id))
         pipe.zrem(self._k("expiry"), job_id)
         self._unindex_webhook(pipe, job_id)
         if owner is not None:  # else stored by an older server: dropped when its scope is read
