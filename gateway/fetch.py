@@ -120,7 +120,11 @@ async def resolve_checked(url: str, policy: FetchPolicy) -> tuple[str, str, IPAd
     The address is ``None`` only for a host allowed by name (it is then resolved normally).
     Raises :class:`FetchRefused`.
     """
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # parsed on access: a port past 65535 or not a number raises here
+    except ValueError as exc:  # also an unclosed IPv6 bracket
+        raise AddressRefused(f"malformed URL: {exc}") from None
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
         raise AddressRefused(f"URL scheme {scheme or '(none)'!r} is not allowed; use http or https")
@@ -138,10 +142,9 @@ async def resolve_checked(url: str, policy: FetchPolicy) -> tuple[str, str, IPAd
     if literal is not None:
         addresses = [literal]
     else:
-        port = parts.port or (443 if scheme == "https" else 80)
         try:
             infos = await asyncio.get_running_loop().getaddrinfo(
-                host, port, type=socket.SOCK_STREAM
+                host, port or (443 if scheme == "https" else 80), type=socket.SOCK_STREAM
             )
         except (socket.gaierror, UnicodeError) as exc:
             raise FetchRefused(f"host {host!r} could not be resolved") from exc
@@ -163,7 +166,10 @@ async def resolve_checked(url: str, policy: FetchPolicy) -> tuple[str, str, IPAd
 
 
 def _pinned(url: str, ip: IPAddress | None) -> tuple[str, dict[str, str], dict[str, str]]:
-    """The URL rewritten to connect to ``ip``, with the Host header and SNI of the original."""
+    """The URL rewritten to connect to ``ip``, with the Host header and SNI of the original.
+
+    ``url`` has passed :func:`resolve_checked`, so it parses.
+    """
     parts = urlsplit(url)
     if ip is None:
         return url, {}, {}
@@ -258,8 +264,11 @@ def check_image(data: bytes, max_pixels: int) -> tuple[int, int]:
                     )
                 image.load()
                 mode = image.mode
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise FetchRefused(f"refusing a possible decompression bomb: {exc}") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow's own ceiling (read from the header, before the size check above can run):
+        # name this server's limit, not Pillow's.
+        raise FetchRefused(f"the image has more than the {max_pixels}-pixel limit "
+                           "(possible decompression bomb)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise FetchRefused("the content is not a readable image") from exc
     if not convertible_to_rgb(mode):

@@ -84,6 +84,11 @@ class WebhookSender:
             except FetchRefused as exc:
                 logger.warning("webhook %s attempt %d: %s", _safe(url), attempt + 1, exc)
                 continue
+            except Exception:
+                # A bug here must end as a failed attempt, not as a dead task that leaves the
+                # delivery pending until the outbox abandons it.
+                logger.exception("webhook %s attempt %d failed", _safe(url), attempt + 1)
+                continue
             if 200 <= status < 300:
                 return True
             logger.warning("webhook %s attempt %d: HTTP %d", _safe(url), attempt + 1, status)

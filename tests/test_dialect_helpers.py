@@ -19,7 +19,7 @@ from PIL import Image
 from gateway.dialects.a1111 import UnsupportedScheduler, a1111_sampler, decode_b64_image
 from gateway.dialects.alibaba_scc import Txt2ImgRequest, inline_image, sampler_for
 from gateway.errors import ApiError
-from gateway.fetch import FetchPolicy, FetchRefused, load_image
+from gateway.fetch import FetchPolicy, FetchRefused, check_image, load_image
 from gateway.sizes import parse_size
 from tests import fakes, serving
 
@@ -129,6 +129,24 @@ def test_load_image_inline_forms_and_refusals() -> None:
         assert failure.message.startswith("init: ") and words in failure.message, failure.message
     with pytest.raises(FetchRefused):
         inline_image("A" * 20_000, policy.max_bytes)
+
+
+def test_an_image_past_pillows_own_ceiling_names_this_servers_limit() -> None:
+    """A PNG header declaring 20000×20000 pixels (Pillow refuses it on open, before the size
+    check can read it): the refusal names --fetch-max-pixels' limit, not Pillow's."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    header = struct.pack(">IIBBBBB", 20_000, 20_000, 8, 2, 0, 0, 0)
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+    with pytest.raises(FetchRefused) as err:
+        check_image(bomb, 36_000_000)
+    assert "36000000-pixel limit" in str(err.value), err.value
+    assert "89478485" not in str(err.value)
 
 
 class CountingImageServer:

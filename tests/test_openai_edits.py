@@ -164,6 +164,25 @@ def test_missing_image_and_non_multipart_are_400s(server):
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
 
 
+def test_text_parts_that_do_not_decode_are_400s_naming_the_part(server):
+    # An image sent as a text part (curl -F 'image=<in.png': no filename), and a text field in
+    # a charset Python does not know: Litestar decodes both as text and fails.
+    boundary = "x1"
+
+    def form(headers: str, value: bytes) -> bytes:
+        return (f'--{boundary}\r\nContent-Disposition: form-data; {headers}\r\n\r\n'.encode()
+                + value + f"\r\n--{boundary}--\r\n".encode())
+
+    ctype = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    r = httpx.post(server.url + "/v1/images/variations", headers=ctype,
+                   content=form('name="image"', png_bytes()))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "image", r.text
+    assert "filename" in r.json()["error"]["message"], r.text
+    r = httpx.post(server.url + "/images/edits", headers=ctype,
+                   content=form('name="prompt"\r\nContent-Type: text/plain; charset=bogus', b"x"))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+
+
 def test_a_form_with_too_many_parts_says_so(server):
     parts = {f"f{i}": (None, "x") for i in range(1500)}
     r = httpx.post(server.url + "/v1/images/edits",

@@ -319,6 +319,29 @@ def test_fetch_rules_unit() -> None:
         asyncio.run(resolve_checked("http://localhost:8000/", FetchPolicy()))
 
 
+MALFORMED_URLS = [
+    "http://example.com:99999/x.png",  # port out of range
+    "http://example.com:abc/x.png",    # port not a number
+    "http://[::1/x.png",               # unclosed IPv6 bracket
+    "http://8.8.8.8:99999/x.png",      # a literal address, whose port DNS never checks
+]
+
+
+@pytest.mark.parametrize("url", MALFORMED_URLS)
+def test_malformed_urls_are_refused_naming_the_field(rp: serving.LiveServer, url: str) -> None:
+    import asyncio
+
+    from gateway.fetch import AddressRefused, FetchPolicy, resolve_checked
+
+    with pytest.raises(AddressRefused, match="malformed URL"):
+        asyncio.run(resolve_checked(url, FetchPolicy()))
+    body = runsync(rp, {"image_url": url, **SMALL})
+    assert body["status"] == "FAILED" and body["error"].startswith("image_url: malformed URL"), body
+    r = httpx.post(f"{rp.url}/v2/ep/run", headers=AUTH, timeout=120,
+                   json={"input": {"prompt": "x", **SMALL}, "webhook": url})
+    assert r.status_code == 400 and r.json()["error"].startswith("webhook: malformed URL"), r.text
+
+
 def test_retry_purge_health_ttl(rp: serving.LiveServer) -> None:
     url = f"{rp.url}/v2/ttl-ep"
     failed = httpx.post(f"{url}/runsync", headers=AUTH,

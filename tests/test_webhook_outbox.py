@@ -379,6 +379,37 @@ async def test_a_body_that_fails_to_render_is_left_to_the_outbox(
     await sender.close()
 
 
+async def test_an_attempt_that_fails_unexpectedly_is_a_failed_attempt(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # Not a dead task that leaves the delivery pending until the outbox abandons it: settled
+    # as not arrived (failed), after its retries, with the traceback logged.
+    from gateway import webhooks
+    from gateway.fetch import FetchPolicy
+
+    calls: list[str] = []
+
+    async def broken(url: str, body: bytes, policy: FetchPolicy) -> int:
+        calls.append(url)
+        raise ValueError("a bug in the delivery path")
+
+    async def render() -> bytes:
+        return b"{}"
+
+    settled: list[bool] = []
+
+    async def settle(arrived: bool) -> None:
+        settled.append(arrived)
+
+    monkeypatch.setattr(webhooks, "post_json", broken)
+    caplog.set_level(logging.WARNING, logger="gateway.webhooks")
+    sender = webhooks.WebhookSender(FetchPolicy(), retries=1, retry_delay_s=0)
+    assert await sender.send_rendered("http://8.8.8.8/hook", render, settle) is False
+    assert settled == [False] and len(calls) == 2
+    assert any(r.exc_info and "a bug in the delivery path" in str(r.exc_info[1])
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    await sender.close()
+
+
 # -- over a real socket: the next server delivers -----------------------------------------------
 
 

@@ -574,6 +574,14 @@ class OpenAIDialect(Dialect):
             raise invalid(f"the form has too many parts (at most "
                           f"{request.app.multipart_form_part_limit}); an edit needs image, mask "
                           "and a few fields") from None
+        except (UnicodeDecodeError, LookupError) as exc:
+            # Litestar decodes every part without a filename as text in its charset: an image
+            # sent that way (curl -F 'image=<in.png') lands here.
+            name = _failed_part(exc)
+            advice = ("send text fields as UTF-8" if name not in (None, "image", "mask") else
+                      "send images as file parts, with a filename (curl -F 'image=@in.png')")
+            raise invalid(f"{name or 'a form field'}: not text in its charset ({exc}); "
+                          f"{advice}", field=name) from None
         fields: dict[str, Any] = {}
         files: dict[str, list[bytes]] = {}
         for raw_name, value in form.multi_items():
@@ -712,3 +720,15 @@ def _one_image(files: dict[str, list[bytes]]) -> bytes:
 
 
 DIALECT = OpenAIDialect
+
+
+def _failed_part(exc: BaseException) -> str | None:
+    """The name of the form part whose text ``exc`` failed to decode, if the parser says."""
+    tb = exc.__traceback__
+    while tb is not None:
+        segment = tb.tb_frame.f_locals.get("segment")
+        name = getattr(segment, "name", None)
+        if isinstance(name, str):
+            return name[:-2] if name.endswith("[]") else name
+        tb = tb.tb_next
+    return None
