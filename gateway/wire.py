@@ -60,6 +60,7 @@ def decode_json(body: bytes, type_: type[T], *, lax: bool = False) -> T:
             data = msgspec.json.decode(body)
             if isinstance(data, dict):
                 data = {k: v for k, v in data.items() if v is not None}
+                data = _pydantic_bools(data, type_)
             return msgspec.convert(data, type_, strict=False)  # whole floats included
         try:
             return msgspec.json.decode(body, type=type_)
@@ -82,6 +83,26 @@ def decode_json(body: bytes, type_: type[T], *, lax: bool = False) -> T:
     except RecursionError:
         raise ApiError("validation", "request body is not valid JSON: nested too deeply",
                        code="invalid_json") from None
+
+
+# The strings pydantic reads as booleans (msgspec's lax mode knows only true/false/0/1).
+_PYDANTIC_BOOLS = {**dict.fromkeys(("1", "on", "t", "true", "y", "yes"), True),
+                   **dict.fromkeys(("0", "off", "f", "false", "n", "no"), False)}
+
+
+def _pydantic_bools(data: dict[str, Any], type_: type) -> dict[str, Any]:
+    """``data`` with the strings pydantic takes for a boolean made booleans, in bool fields."""
+    try:
+        fields = msgspec.structs.fields(type_)
+    except TypeError:  # not a Struct
+        return data
+    out = dict(data)
+    for f in fields:
+        value = out.get(f.encode_name)
+        if (isinstance(value, str) and f.type in (bool, bool | None)
+                and value.strip().lower() in _PYDANTIC_BOOLS):
+            out[f.encode_name] = _PYDANTIC_BOOLS[value.strip().lower()]
+    return out
 
 
 def _whole_floats_to_int(value: Any) -> Any:

@@ -77,6 +77,12 @@ def test_nulls_and_numbers_in_strings_are_read_as_a1111_reads_them(server):
     assert len(resp.json()["images"]) == 1
     assert validation_loc(sd(server, "txt2img", {"prompt": "x", "steps": "two"})) == [
         "body", "steps"]
+    # Booleans as pydantic spells them: "no" keeps the images out of the answer.
+    quiet = sd(server, "txt2img", {"prompt": "x", **FAST, "send_images": "No",
+                                   "enable_hr": "off", "tiling": "n"})
+    assert quiet.status_code == 200 and quiet.json()["images"] == [], quiet.text
+    assert validation_loc(sd(server, "txt2img", {"prompt": "x", "send_images": "maybe"})) == [
+        "body", "send_images"]
 
 
 def test_every_reported_seed_can_be_sent_back(server):
