@@ -231,7 +231,8 @@ def create_app(
         """Prometheus text format."""
         engine.sample_accelerator_memory()
         await _sample_jobs(ctx, metrics)
-        return Response(content=metrics.render(), media_type=metrics.content_type)
+        # As a header: a text/* media type would get a second "; charset=utf-8" appended.
+        return Response(content=metrics.render(), headers={"content-type": metrics.content_type})
 
     @route("/media/{name:str}", http_method=_GET_HEAD, opt={"dialect": "core", "media_out": "image/png",
                                    "summary": "A URL-mode image, until it expires"})

@@ -145,7 +145,9 @@ def test_metrics_endpoint_has_sane_values(server):
     c = openai.OpenAI(base_url=server.url, api_key="x", max_retries=0)
     for _ in range(2):
         c.images.generate(prompt="m", size="64x64", extra_body={"num_inference_steps": 2})
-    text = httpx.get(server.url + "/metrics").text
+    scrape = httpx.get(server.url + "/metrics")
+    assert scrape.headers["content-type"].count("charset") == 1, scrape.headers["content-type"]
+    text = scrape.text
     assert 'imagegate_http_requests_total{dialect="openai",route="/images/generations",status="200"}' in text
     samples = {}
     for line in text.splitlines():
