@@ -124,6 +124,7 @@ def test_old_spec_target_size_and_negative_prompt_list(server):
     ({"inputs": "x", "parameters": {"width": 100, "height": 64}}, "width"),
     ({"inputs": "x", "parameters": {"width": 64, "height": 99999}}, "height"),
     ({"inputs": "x", "parameters": {"num_inference_steps": 10_000}}, "num_inference_steps"),
+    ({"inputs": "x", "inference_steps": 2_000}, "inference_steps"),  # the handler form's name
     ({"inputs": "x", "parameters": {"seed": -1}}, "parameters.seed"),
     ({"inputs": "x", "parameters": {"guidance_scale": "high"}}, "parameters.guidance_scale"),
     ({"inputs": "x", "parameters": {"scheduler": "NoSuchScheduler"}}, "scheduler"),
@@ -136,6 +137,7 @@ def test_bad_fields_are_400_naming_the_field(server, body, field):
     assert resp.status_code == 400, resp.text
     data = resp.json()
     assert set(data) == {"error"} and field in data["error"]
+    assert "num_inference_steps" not in data["error"] or "num_inference_steps" in str(body)
 
 
 def test_the_client_raises_with_the_server_message(server):

@@ -29,9 +29,10 @@ from msgspec import Meta
 from gateway.context import bearer_token
 from gateway.dialects.base import Dialect
 from gateway.disconnect import unless_disconnected
-from gateway.errors import ApiError, Failure
+from gateway.errors import ApiError, Failure, failure_from, invalid
 from gateway.wire import decode_json, json_response, retry_headers
 from inference import EngineState, GenerationRequest, GenerationResult
+from inference.errors import InvalidRequest
 
 MAX_SEED = 2**32 - 1
 #: Longest prompt or negative prompt, in characters (CLIP reads 77 tokens; this bounds the work
@@ -203,7 +204,16 @@ class HuggingFaceDialect(Dialect):
             wanted = "json" if body.parameters is None else "png"
         canonical = self.to_canonical(body, wanted, principal.id)
         self.ctx.admit(principal)
-        result = await unless_disconnected(request, self.ctx.engine.generate(canonical))
+        try:
+            result = await unless_disconnected(request, self.ctx.engine.generate(canonical))
+        except InvalidRequest as exc:
+            # The steps came as the custom-handler form's inference_steps: name that field.
+            params = merged_parameters(body)
+            if exc.field != "steps" or params.num_inference_steps is not None \
+                    or params.inference_steps is None:
+                raise
+            failure = failure_from(exc, {**self.field_names, "steps": "inference_steps"})
+            raise invalid(failure.message, field=failure.field) from None
         self.ctx.record_usage(principal, result, len(result.images))
         return self.to_response(result, wanted)
 
