@@ -268,6 +268,7 @@ def create_app(
     if router.fallback.name in errors:
         errors["default"] = errors[router.fallback.name]
     handlers.extend(openapi_handlers(handlers, errors))
+    _answer_head_where_get(handlers)
     app = Litestar(
         route_handlers=handlers,
         exception_handlers={Exception: on_error},
@@ -285,6 +286,17 @@ def create_app(
                                            settings.body_timeout_s)(app.asgi_handler)
     app.state.ctx = ctx
     return app
+
+
+def _answer_head_where_get(handlers: list[Any]) -> None:
+    """Every GET route answers HEAD too, as HTTP asks of a general-purpose server.
+
+    Litestar answers HEAD with the GET handler's headers and no body; without this, only the
+    routes declared with both methods (the probes, ``/media``) did, and the rest said 405.
+    """
+    for handler in handlers:
+        if set(handler.http_methods) == {"GET"}:
+            handler.http_methods = {*handler.http_methods, "HEAD"}
 
 
 class HealthBody(msgspec.Struct, kw_only=True, omit_defaults=True):

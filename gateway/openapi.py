@@ -168,7 +168,7 @@ def openapi_handlers(handlers: list[Any], errors: dict[str, ErrorSpec]) -> list[
         """The docs page: plain HTML, no scripts, nothing fetched from elsewhere."""
         if "html" not in cache:
             cache["html"] = render_html(document()).encode()
-        return Response(content=cache["html"], media_type="text/html; charset=utf-8")
+        return Response(content=cache["html"], media_type="text/html")  # Litestar adds the charset
 
     return [openapi_json, docs]
 

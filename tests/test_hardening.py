@@ -68,13 +68,16 @@ def test_405_names_the_allowed_methods(server):
     assert r.status_code == 405 and {"GET", "HEAD"} <= set(r.headers["allow"].split(", "))
 
 
-@pytest.mark.parametrize("path", ["/health", "/ready", "/startup"])
+@pytest.mark.parametrize("path", ["/health", "/ready", "/startup", "/v1/models",
+                                  "/v2/ep/health", "/sdapi/v1/samplers", "/metrics", "/docs"])
 def test_head_is_answered_like_get_without_a_body(server, path):
+    # HTTP asks every general-purpose server to answer HEAD wherever it answers GET.
     get = httpx.get(server.url + path)
     head = httpx.head(server.url + path)
     assert head.status_code == get.status_code == 200
     assert head.content == b""
     assert head.headers["content-type"] == get.headers["content-type"]
+    assert get.headers["content-type"].count("charset") <= 1, get.headers["content-type"]
 
 
 def test_no_server_banner_and_nosniff(server):
