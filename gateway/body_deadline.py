@@ -1,5 +1,8 @@
 """A deadline on receiving a request body, so a slow client cannot hold a connection for ever.
 
+Every body passes through here first, so a compressed one (``Content-Encoding``) is refused
+here too, with a 415 in the dialect's envelope.
+
 uvicorn bounds idle keep-alive connections but not a body that trickles in (a byte a second
 keeps a connection, and whatever the handler holds, alive for as long as the client likes). The
 clock starts when the request's headers have arrived; the body must be complete within
@@ -27,6 +30,15 @@ def body_timeout_error(seconds: float) -> ApiError:
                     status=408)
 
 
+def _content_coding(scope: Scope) -> str | None:
+    """The request's ``Content-Encoding`` unless it is absent or ``identity``."""
+    for name, value in scope["headers"]:
+        if name == b"content-encoding":
+            coding = value.decode("latin-1").strip().lower()
+            return None if coding in ("", "identity") else coding
+    return None
+
+
 def _announces_body(scope: Scope) -> bool:
     for name, value in scope["headers"]:
         if name == b"transfer-encoding":
@@ -46,11 +58,16 @@ class BodyDeadline:
         self.deadline = time.monotonic() + seconds
         # A request without a body (most GETs) never needs to call receive to be complete.
         self.complete = not _announces_body(scope)
+        # No route reads a compressed body: saying so beats "not valid JSON" (RFC 9110 15.5.16).
+        self.coding = None if self.complete else _content_coding(scope)
 
     async def receive(self) -> Message:
         """The next message; raises :func:`body_timeout_error` if the body is late."""
         if self.complete:
             return await self._receive()
+        if self.coding is not None:
+            raise ApiError("validation", f"Content-Encoding {self.coding!r} is not supported; "
+                           "send the body uncompressed", status=415, field="Content-Encoding")
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise body_timeout_error(self.seconds)

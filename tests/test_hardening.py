@@ -80,6 +80,20 @@ def test_head_is_answered_like_get_without_a_body(server, path):
     assert get.headers["content-type"].count("charset") <= 1, get.headers["content-type"]
 
 
+def test_a_compressed_body_is_a_415_naming_content_encoding(server):
+    import gzip
+
+    body = gzip.compress(json.dumps({"prompt": "x", "size": "64x64"}).encode())
+    r = httpx.post(server.url + "/v1/images/generations", content=body,
+                   headers={"content-type": "application/json", "content-encoding": "gzip"})
+    assert r.status_code == 415, r.text
+    error = r.json()["error"]
+    assert "Content-Encoding" in error["message"] and error["type"] == "invalid_request_error"
+    plain = httpx.post(server.url + "/v1/images/generations", json={"prompt": "x", "size": "1x1"},
+                       headers={"content-encoding": "identity"})
+    assert plain.status_code == 400 and plain.json()["error"]["param"] == "size", plain.text
+
+
 def test_no_server_banner_and_nosniff(server):
     r = client_png(server)
     assert r.headers["x-content-type-options"] == "nosniff"
