@@ -719,9 +719,6 @@ def _one_image(files: dict[str, list[bytes]]) -> bytes:
     return images[0]
 
 
-DIALECT = OpenAIDialect
-
-
 def _failed_part(exc: BaseException) -> str | None:
     """The name of the form part whose text ``exc`` failed to decode, if the parser says."""
     tb = exc.__traceback__
@@ -732,3 +729,7 @@ def _failed_part(exc: BaseException) -> str | None:
             return name[:-2] if name.endswith("[]") else name
         tb = tb.tb_next
     return None
+
+
+DIALECT = OpenAIDialect
+
