@@ -19,8 +19,9 @@ setup: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/imagegate serve $(ARGS)
 
-# One pytest worker per core; PYTEST_ARGS="tests/test_openai.py -x" runs a part in one process.
-PYTEST_ARGS ?= -n auto
+# One pytest worker per core, at most 4 (each loads torch and its own tiny model);
+# PYTEST_ARGS="tests/test_openai.py -x" runs a part in one process.
+PYTEST_ARGS ?= -n auto --maxprocesses 4
 
 test: $(STAMP)
 	$(PY) -m ruff check .
