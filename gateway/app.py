@@ -289,13 +289,13 @@ def create_app(
 
 
 def _answer_head_where_get(handlers: list[Any]) -> None:
-    """Every GET route answers HEAD too, as HTTP asks of a general-purpose server.
+    """GET routes answer HEAD too, as HTTP asks of a general-purpose server.
 
-    Litestar answers HEAD with the GET handler's headers and no body; without this, only the
-    routes declared with both methods (the probes, ``/media``) did, and the rest said 405.
+    A HEAD runs the GET handler (the server sends its headers and drops the body), so routes
+    whose GET changes something declare ``opt["head"] = False`` and keep answering 405.
     """
     for handler in handlers:
-        if set(handler.http_methods) == {"GET"}:
+        if set(handler.http_methods) == {"GET"} and handler.opt.get("head", True):
             handler.http_methods = {*handler.http_methods, "HEAD"}
 
 

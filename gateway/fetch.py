@@ -265,9 +265,10 @@ def check_image(data: bytes, max_pixels: int) -> tuple[int, int]:
                 image.load()
                 mode = image.mode
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        # Pillow's own ceiling (read from the header, before the size check above can run):
-        # name this server's limit, not Pillow's.
-        raise FetchRefused(f"the image has more than the {max_pixels}-pixel limit "
+        # Pillow's own ceiling, checked on open before the size check above can run: name the
+        # lower of the two, which is the limit this server applies.
+        limit = min(max_pixels, Image.MAX_IMAGE_PIXELS or max_pixels)
+        raise FetchRefused(f"the image has more than the {limit}-pixel limit "
                            "(possible decompression bomb)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise FetchRefused("the content is not a readable image") from exc

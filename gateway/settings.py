@@ -142,7 +142,7 @@ class Settings(msgspec.Struct, kw_only=True):
     usage_db: Annotated[str | None, Meta(description="SQLite file of the usage ledger (default: DATA_DIR/usage.sqlite3).")] = None
     fetch_max_bytes: Annotated[int, Meta(ge=1, description="Largest image a request may point at (image_url), in bytes.")] = 20 * 1024 * 1024
     fetch_timeout_s: Annotated[float, Meta(gt=0, description="Deadline for fetching one image_url, redirects included.")] = 15.0
-    fetch_max_pixels: Annotated[int, Meta(ge=1, description="Largest fetched image, in pixels (bigger ones are refused as possible decompression bombs).")] = 36_000_000
+    fetch_max_pixels: Annotated[int, Meta(ge=1, le=89_478_485, description="Largest fetched image, in pixels (bigger ones are refused as possible decompression bombs; at most Pillow's own ceiling, 89478485).")] = 36_000_000
     fetch_allow: Annotated[str, Meta(description="Internal hosts and CIDRs that image_url may reach despite the SSRF rules (comma-separated).")] = ""
     webhook_allow: Annotated[str, Meta(description="Internal hosts and CIDRs that webhooks may reach despite the SSRF rules (comma-separated).")] = ""
     webhook_retry_delay_s: Annotated[float, Meta(ge=0, description="Pause between webhook delivery attempts (2 retries).")] = 10.0

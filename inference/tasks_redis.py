@@ -14,8 +14,9 @@ Same protocol as :class:`inference.tasks.SqliteTaskStore`. Keys, all under one p
 - ``P:heads:<dialect>:<scope>`` (hash): each of the scope's jobs' :class:`StatusHead`, written
   by the same transaction as the job, so counts (RunPod ``/health``), status-filtered task lists
   and purges read no finished job's document (a payload can be a 20 MB data URL).
-- ``P:owner`` (hash): each job's dialect and scope, so the sweep can drop the scope's entries
-  of a job whose key is already gone (evicted, or not swept within its grace).
+- ``P:owner:<id>``: the job's dialect and scope, so the sweep can drop the scope's entries of a
+  job whose key is already gone (evicted, or not swept within its grace); it outlives the job
+  key by another grace, and expires by itself where a server that knows no owners unlinks it.
 - ``P:worker:<id>``: a replica's heartbeat, with a TTL. A running job whose worker's heartbeat
   is gone is reclaimed by another replica (:func:`inference.tasks.reclaim_jobs`).
 
@@ -154,7 +155,8 @@ class RedisTaskStore:
         self._put_head(pipe, job)
         pipe.zadd(self._time_key(job.dialect, job.scope), {job.id: job.created_at})
         pipe.zadd(self._k("expiry"), {job.id: job.expires_at})
-        pipe.hset(self._k("owner"), job.id, msgspec.json.encode((job.dialect, job.scope)))
+        pipe.set(self._k("owner", job.id), msgspec.json.encode((job.dialect, job.scope)),
+                 pxat=expire_ms + GRACE_S * 1000)
         self._index_webhook(pipe, job, None)
         pipe.execute()
 
@@ -373,15 +375,16 @@ class RedisTaskStore:
         pipe.srem(self._scope_key(dialect, scope), job_id)
         pipe.zrem(self._time_key(dialect, scope), job_id)
         pipe.hdel(self._heads_key(dialect, scope), job_id)
-        pipe.hdel(self._k("owner"), job_id)
+        pipe.delete(self._k("owner", job_id))
 
     def _drop_keyless(self, job_id: str) -> None:
         """Drop the index entries of a job whose key is gone (it cannot say its scope)."""
-        owner = self.r.hget(self._k("owner"), job_id)
+        owner = self.r.get(self._k("owner", job_id))
         pipe = self.r.pipeline(transaction=True)
         pipe.zrem(self._k("expiry"), job_id)
         self._unindex_webhook(pipe, job_id)
-        if owner is not None:  # else stored by an older server: dropped when its scope is read
+        # None: stored by an older server, or no sweep for two graces; dropped when its scope is read
+        if owner is not None:
             dialect, scope = msgspec.json.decode(owner, type=tuple[str, str])
             self._unscope(pipe, dialect, scope, job_id)
         pipe.execute()

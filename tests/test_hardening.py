@@ -80,6 +80,13 @@ def test_head_is_answered_like_get_without_a_body(server, path):
     assert get.headers["content-type"].count("charset") <= 1, get.headers["content-type"]
 
 
+@pytest.mark.parametrize("path", ["/v2/ep/stream/some-job", "/sdapi/v1/progress"])
+def test_get_routes_that_do_something_refuse_head(server, path):
+    # A RunPod stream read delivers the output once; A1111's progress can skip an image.
+    r = httpx.head(server.url + path)
+    assert r.status_code == 405 and "GET" in r.headers["allow"], (r.status_code, r.headers)
+
+
 def test_a_compressed_body_is_a_415_naming_content_encoding(server):
     import gzip
 

@@ -181,6 +181,11 @@ def test_text_parts_that_do_not_decode_are_400s_naming_the_part(server):
     r = httpx.post(server.url + "/images/edits", headers=ctype,
                    content=form('name="prompt"\r\nContent-Type: text/plain; charset=bogus', b"x"))
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    # A codec that fails with a plain UnicodeError rather than a UnicodeDecodeError.
+    r = httpx.post(server.url + "/images/edits", headers=ctype,
+                   content=form('name="size"\r\nContent-Type: text/plain; charset=punycode',
+                                b"abc-9999999999"))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "size", r.text
 
 
 def test_a_form_with_too_many_parts_says_so(server):

@@ -462,12 +462,12 @@ def test_redis_scope_heads_defer_to_jobs_an_older_server_wrote_or_moved() -> Non
         # Deleting a job drops its head with it.
         store.delete("c1")
         assert store.r.hget(heads, "c1") is None
-        assert store.r.hget(store._k("owner"), "c1") is None
+        assert not store.r.exists(store._k("owner", "c1"))
 
 
 def test_redis_sweep_drops_the_scope_entries_of_a_job_whose_key_is_gone() -> None:
     """Redis evicted a job's key, or no sweep ran within its grace: the sweep still knows its
-    scope (``P:owner``) and drops it there, even if that scope is never read again."""
+    scope (``P:owner:<id>``) and drops it there, even if that scope is never read again."""
     import time
 
     from inference.tasks import COMPLETED
@@ -483,13 +483,16 @@ def test_redis_sweep_drops_the_scope_entries_of_a_job_whose_key_is_gone() -> Non
             "scope": store.r.sismember(store._scope_key("dashscope", "once"), "evicted"),
             "time": store.r.zscore(store._time_key("dashscope", "once"), "evicted"),
             "head": store.r.hget(store._heads_key("dashscope", "once"), "evicted"),
-            "owner": store.r.hget(store._k("owner"), "evicted"),
+            "owner": store.r.exists(store._k("owner", "evicted")),
             "expiry": store.r.zscore(store._k("expiry"), "evicted"),
         }
         assert not any(indexes.values()), indexes
         assert store.r.sismember(store._scope_key("dashscope", "once"), "kept")
+        # The owner key outlives the job key by a grace, and goes with the job.
+        assert 0 < store.r.pttl(store._k("owner", "kept")) - store.r.pttl(
+            store._k("job", "kept")) <= 3600 * 1000
         store.delete("kept")
-        assert store.r.hget(store._k("owner"), "kept") is None
+        assert not store.r.exists(store._k("owner", "kept"))
         assert not store.r.exists(store._scope_key("dashscope", "once"))
 
 

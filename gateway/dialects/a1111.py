@@ -389,7 +389,9 @@ class A1111Dialect(Dialect):
                 self.check_checkpoint(update.sd_model_checkpoint, "sd_model_checkpoint")
             return json_response(None)
 
+        # GET only: skip_current_image=true skips the running image, which a HEAD must not.
         @get(f"{PREFIX}/progress", opt={**opt, "kind": "poll", "schema_out": ProgressResponse,
+                                        "head": False,
                                         "summary": "AUTOMATIC1111 progress of the running batch"})
         async def progress(request: Request) -> Response:
             principal = self.authenticate(request)

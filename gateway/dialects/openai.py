@@ -574,9 +574,12 @@ class OpenAIDialect(Dialect):
             raise invalid(f"the form has too many parts (at most "
                           f"{request.app.multipart_form_part_limit}); an edit needs image, mask "
                           "and a few fields") from None
-        except (UnicodeDecodeError, LookupError) as exc:
+        except (UnicodeError, LookupError) as exc:
             # Litestar decodes every part without a filename as text in its charset: an image
-            # sent that way (curl -F 'image=<in.png') lands here.
+            # sent that way (curl -F 'image=<in.png') lands here, and so does an unknown
+            # charset (LookupError; its KeyError and IndexError subclasses are bugs).
+            if isinstance(exc, KeyError | IndexError):
+                raise
             name = _failed_part(exc)
             advice = ("send text fields as UTF-8" if name not in (None, "image", "mask") else
                       "send images as file parts, with a filename (curl -F 'image=@in.png')")

@@ -218,9 +218,10 @@ class RunPodDialect(AsyncTaskDialect):
             job = await self._own_job(request, endpoint_id, job_id)
             return json_response(await self.status_body(job))
 
+        # GET only: a read delivers the output once, and a HEAD (a monitor, a cache) must not.
         @get(f"{base}/stream/{{job_id:str}}",
-             opt={**opt, "kind": "poll", "summary": "RunPod job stream: the final output as "
-                  "one chunk, delivered once"})
+             opt={**opt, "kind": "poll", "head": False,
+                  "summary": "RunPod job stream: the final output as one chunk, delivered once"})
         async def stream(request: Request, endpoint_id: str, job_id: str) -> Response:
             job = await self._own_job(request, endpoint_id, job_id)
             return json_response(await self.stream_body(job))
