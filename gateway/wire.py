@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Any, TypeVar
@@ -90,18 +91,24 @@ _PYDANTIC_BOOLS = {**dict.fromkeys(("1", "on", "t", "true", "y", "yes"), True),
                    **dict.fromkeys(("0", "off", "f", "false", "n", "no"), False)}
 
 
-def _pydantic_bools(data: dict[str, Any], type_: type) -> dict[str, Any]:
-    """``data`` with the strings pydantic takes for a boolean made booleans, in bool fields."""
+@functools.cache
+def _bool_fields(type_: type) -> tuple[str, ...]:
+    """The wire names of ``type_``'s boolean fields (none if it is not a Struct)."""
     try:
         fields = msgspec.structs.fields(type_)
-    except TypeError:  # not a Struct
-        return data
-    out = dict(data)
-    for f in fields:
-        value = out.get(f.encode_name)
-        if (isinstance(value, str) and f.type in (bool, bool | None)
-                and value.strip().lower() in _PYDANTIC_BOOLS):
-            out[f.encode_name] = _PYDANTIC_BOOLS[value.strip().lower()]
+    except TypeError:
+        return ()
+    return tuple(f.encode_name for f in fields if f.type in (bool, bool | None))
+
+
+def _pydantic_bools(data: dict[str, Any], type_: type) -> dict[str, Any]:
+    """``data`` with the strings pydantic takes for a boolean made booleans, in bool fields."""
+    out = data
+    for name in _bool_fields(type_):
+        value = data.get(name)
+        if isinstance(value, str) and value.strip().lower() in _PYDANTIC_BOOLS:
+            out = out if out is not data else dict(data)
+            out[name] = _PYDANTIC_BOOLS[value.strip().lower()]
     return out
 
 
