@@ -10,7 +10,7 @@ their images, as the OpenAI SDK does. Each ``--fill-ms`` value (``auto``: the se
 fifth of a recent batch's time, at most 1 s) gets one server and one run; the mean batch comes
 from the server's own ``imagegate_batch_images`` histogram.
 
-    python -m bench.fill --fill-ms 0,250,auto
+    python -m bench.fill --fill-ms 0,250,auto [--lead-ms 50]
 
 Prints one JSON line per run and appends it to ``$OUT/fill.jsonl``.
 """
@@ -60,16 +60,22 @@ def gpu_like_runner(per_call: float, per_image: float) -> Any:
     return GpuLikeRunner()
 
 
-async def clients(url: str, total: int, concurrency: int) -> dict[str, Any]:
-    """``total`` requests, ``concurrency`` at a time, each decoding its base64 image."""
+async def clients(url: str, total: int, concurrency: int, lead_s: float = 0.0) -> dict[str, Any]:
+    """``total`` requests, ``concurrency`` at a time, each decoding its base64 image.
+
+    With ``lead_s``, the first client starts that long before the others: an idle server then
+    runs its request alone while the others queue, the start that put an H200 run out of step
+    (docs/benchmarks.md §4.9).
+    """
     import httpx
 
     latencies: list[float] = []
     todo = iter(range(total))
     failures = 0
 
-    async def worker(client: httpx.AsyncClient) -> None:
+    async def worker(client: httpx.AsyncClient, delay: float) -> None:
         nonlocal failures
+        await asyncio.sleep(delay)
         for i in todo:
             t = time.perf_counter()
             r = await client.post(f"{url}/v1/images/generations", json={
@@ -84,7 +90,7 @@ async def clients(url: str, total: int, concurrency: int) -> dict[str, Any]:
 
     async with httpx.AsyncClient() as client:
         t = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        await asyncio.gather(*(worker(client, lead_s if k else 0.0) for k in range(concurrency)))
         wall = time.perf_counter() - t
     latencies.sort()
     return dict(requests=total, failures=failures, wall_s=round(wall, 2),
@@ -110,15 +116,18 @@ def run_one(fill: str, args: argparse.Namespace) -> dict[str, Any]:
                                  request_timeout_s=600, encode_workers=2) as srv:
             out = subprocess.run(
                 [sys.executable, "-m", "bench.fill", "--client", srv.url, "--requests",
-                 str(args.requests), "--concurrency", str(args.concurrency)],
+                 str(args.requests), "--concurrency", str(args.concurrency),
+                 "--lead-ms", str(args.lead_ms)],
                 capture_output=True, text=True, check=True)
             load = json.loads(out.stdout.strip().splitlines()[-1])
             text = httpx.get(f"{srv.url}/metrics", timeout=60).text
     images = metric_sum(text, "imagegate_batch_images_sum")
     batches = metric_sum(text, "imagegate_batch_images_count")
-    return dict(fill_ms=fill, concurrency=args.concurrency, per_call_s=round(per_call, 3),
+    return dict(fill_ms=fill, concurrency=args.concurrency, lead_ms=args.lead_ms,
+                per_call_s=round(per_call, 3),
                 per_image_s=round(per_image, 3), mean_batch=round(images / max(batches, 1), 2),
-                batches=int(batches), **load, cores=os.cpu_count(), date=time.strftime("%Y-%m-%d"))
+                batches=int(batches), sizes=[len(b) for b in runner.batches], **load,
+                cores=os.cpu_count(), date=time.strftime("%Y-%m-%d"))
 
 
 def main() -> None:
@@ -129,10 +138,13 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--scale", type=float, default=0.5,
                     help="multiplies the H200's batch costs (1: real time)")
+    ap.add_argument("--lead-ms", type=float, default=0.0,
+                    help="the first client starts this long before the others")
     ap.add_argument("--client", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.client:
-        print(json.dumps(asyncio.run(clients(args.client, args.requests, args.concurrency))))
+        print(json.dumps(asyncio.run(clients(args.client, args.requests, args.concurrency,
+                                             args.lead_ms / 1000))))
         return
     for fill in args.fill_ms.split(","):
         lines.emit("fill.jsonl", run_one(fill, args))

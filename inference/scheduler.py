@@ -43,7 +43,8 @@ logger = logging.getLogger(__name__)
 # The automatic fill window's ceiling. On an H200 at 1024² a batch of eight PNG responses
 # (~4 MB of base64 each) took its clients longer than 250 ms to read and answer, so batches after
 # a full one started half empty (mean 4.8 of 8). The window only runs while fewer images wait
-# than the last batch held, so a steady load of any size never waits for it.
+# than the batch's fill target (see Scheduler._fill_deadline), so a steady load of any size
+# never waits for it.
 FILL_CAP_S = 1.0
 
 
@@ -81,7 +82,8 @@ class Scheduler:
         self._running_units = 0.0
         self._queued_megapixels = 0.0
         self._running_megapixels = 0.0
-        self._last_batch_images = 0
+        # Images the next batch may wait for, right after a batch: see _fill_deadline.
+        self._fill_target = 0
         self._last_batch_end = 0.0
         self._last_batch_seconds = 0.0
         self._groups: dict[BatchKey, deque[Ticket]] = {}
@@ -271,11 +273,16 @@ class Scheduler:
     def _fill_deadline(self, waiting: int) -> float:
         """Until when the next batch may wait for more images (0: start now).
 
-        Only right after a batch (back-to-back load) and only while fewer images wait than the
-        last batch held: under steady load the clients that were just answered come straight
-        back, and their images would otherwise miss this batch and wait a whole batch time.
+        Only right after a batch (back-to-back load), and only while fewer images wait than the
+        fill target: the images that were queued when that batch ended plus the images of the
+        requests it answered, whose clients (under a closed-loop load) come straight back and
+        would otherwise miss this batch and wait a whole batch time. Counting the answered
+        requests on top of the queued ones is what keeps one straggler from locking a load of
+        eight into batches of seven: on an H200 the clients of the batch after a lone first
+        request came back to find that straggler queued, seven of eight was "as many as last
+        time", and every later batch started one short (mean 4.8 of 8, docs/benchmarks.md §4.9).
         """
-        if self._last_batch_images <= waiting or not self._last_batch_end:
+        if self._fill_target <= waiting or not self._last_batch_end:
             return 0.0
         window = self.batch_fill
         if window is None:
@@ -340,7 +347,8 @@ class Scheduler:
                 self._running = None
                 self._running_units = self._running_megapixels = 0.0
             self._last_batch_end = time.monotonic()
-            self._last_batch_images = len(batch.slots)
+            answered = sum(t.request.n for t in batch.tickets() if not t.pending)
+            self._fill_target = min(self.max_batch_images, self._queued_images + answered)
             if outcome.calls:
                 self._last_batch_seconds = sum(t.total for _, t in outcome.calls)
             self._deliver(batch, outcome)

@@ -432,8 +432,11 @@ async def test_back_to_back_batches_wait_briefly_to_fill_but_a_lone_request_star
     # A lone request on an idle executor starts at once, fill window or not.
     lone = asyncio.create_task(engine.generate(req("lone")))
     await asyncio.wait_for(lone, 30)
-    assert sched._fill_deadline(1) == 0.0  # the last batch held 1 image: nothing to wait for
+    assert sched._fill_deadline(1) == 0.0  # the last batch answered 1 image: nothing to wait for
 
+    # Closed-loop clients out of step: "a" runs alone while b, c and d queue behind it. When it
+    # ends, the next batch waits for a's client to come back (a2) instead of starting with three
+    # and leaving a2 to run alone, which would repeat with every batch after.
     runner.hold()
     a = asyncio.create_task(engine.generate(req("a")))
     await asyncio.to_thread(runner.entered.wait, 30)
@@ -441,18 +444,19 @@ async def test_back_to_back_batches_wait_briefly_to_fill_but_a_lone_request_star
     await wait_until(lambda: engine.queued_images == 3, "3 images queued")
     runner.release()
     await asyncio.wait_for(a, 30)
-    await asyncio.gather(*bcd)
-    # Now the last batch held 3: one new image waits for the rest (the fill window) instead of
-    # running alone and making the other two wait a whole batch.
-    runner.hold()
+    assert engine.queued_images == 3 and sched._fill_deadline(3) > 0, "b, c, d wait for a's client"
     a2 = asyncio.create_task(engine.generate(req("a2")))
-    await wait_until(lambda: engine.queued_images == 1, "a2 queued")
+    await asyncio.wait_for(asyncio.gather(a2, *bcd), 30)
+
+    # The last batch answered 4: one new image waits for the rest (the fill window) instead of
+    # running alone and making the others wait a whole batch.
+    x = asyncio.create_task(engine.generate(req("x")))
+    await wait_until(lambda: engine.queued_images == 1, "x queued")
     assert sched._fill_deadline(1) > 0
-    ef = [asyncio.create_task(engine.generate(req(p))) for p in ("e", "f")]
-    runner.release()
-    await asyncio.gather(a2, *ef)
+    efg = [asyncio.create_task(engine.generate(req(p))) for p in ("e", "f", "g")]
+    await asyncio.wait_for(asyncio.gather(x, *efg), 30)
     prompts = [[p for p, _ in b] for b in runner.batches]
-    assert prompts == [["lone"], ["a"], ["b", "c", "d"], ["a2", "e", "f"]], prompts
+    assert prompts == [["lone"], ["a"], ["b", "c", "d", "a2"], ["x", "e", "f", "g"]], prompts
     await engine.drain(5)
 
 
