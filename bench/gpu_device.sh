@@ -7,7 +7,7 @@
 # There, with .gpu carried: sh bench/gpu_device.sh run python3 -m bench.gpu_e2e ...
 #   installs them into /tmp/site (no index, no dependencies) and runs the command with this
 #   checkout and /tmp/site on PYTHONPATH; results go where the command writes them ($OUT).
-# docs/benchmarks.md §4.4 lists the measurements still to make, each sized to one call.
+# docs/benchmarks.md §4.4 and §4.7-4.9 list the measurements still to make, each sized to one call.
 set -eu
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -34,19 +34,19 @@ case "${1:-}" in
     ;;
   session)
     # One device call that fits a whole session (15 min of device time, start-up included, at
-    # most 10 min per call): plan item ${2:-0u}, then, in the seconds left of ${3:-575}, whether
-    # CUDA graphs bring batch 1 under 0.8 s (results in $OUT/extra). Measured with item 0 on
-    # 2026-11-26 (docs/benchmarks.md §4.7): 523 s of the call; the extra did not fit then.
+    # most 10 min per call): plan item ${2:-0u}, then, in the seconds left of ${3:-575}, item 0w
+    # (the same server started again on the compile cache item 0u left: a second sample of the
+    # served figures). On 2026-11-27 item 0u took 354 s and 0w 131 s (docs/benchmarks.md §4.9).
     end=$(( $(date +%s) + ${3:-575} ))
     timeout $(( end - $(date +%s) )) sh "$0" plan "${2:-0u}" || echo "item ${2:-0u} ended with $?"
     left=$(( end - $(date +%s) ))
-    echo "left ${left}s for the extra"
-    [ "$left" -gt 150 ] || exit 0
-    OUT="$OUT/extra" exec timeout "$left" sh "$0" run python3 -m bench.gpu_compile_variants \
-      --variants full-static-graphs --batches 1
+    echo "left ${left}s for item 0w"
+    # 0w reuses 0u's compile cache; after another item it would start cold and not fit.
+    [ "${2:-0u}" = 0u ] && [ "$left" -gt 150 ] || exit 0
+    OUT="$OUT/0w" exec timeout "$left" sh "$0" plan 0w
     ;;
   plan)
-    # The measurements of docs/benchmarks.md §4.4 by number, so a short device session types
+    # The measurements of docs/benchmarks.md §4.4-4.9 by number, so a short device session types
     # no long command lines: sh bench/gpu_device.sh plan 1 (then plan 1b at once, same machine).
     full='--compile-scope full --compile-shapes batch'
     unet='--compile-scope unet --compile-shapes batch'
@@ -55,6 +55,13 @@ case "${1:-}" in
       # ../shared/gpu/measure_e2e.py waits for /ready, cold, and within 60 s warm, and what the
       # eager decoder costs against full's 1.493 images/s (§4.7): which decides the default.
       0u) set -- python3 -m bench.gpu_e2e --phases served,warm --sizes 1024 --serve-args "$unet" ;;
+      # Item 0u's served phase again on the same machine (its weights and warm compile cache).
+      0w) set -- python3 -m bench.gpu_e2e --phases served --sizes 1024 --serve-args "$unet" ;;
+      # CUDA graphs served: whole UNet and decoder, static shapes, buckets 1 and 8 (§4.9: 0.672 s
+      # for one image bare; each bucket's graphs took about 138 s to compile there).
+      g) set -- python3 -m bench.gpu_e2e --phases served --sizes 1024 --serve-args \
+           '--compile-scope full --compile-shapes static --compile-mode reduce-overhead --batch-buckets 1,8' \
+           --ready-limit 560 ;;
       # One call for a session that may get only one: eager with and without cuDNN attention and
       # cuDNN's convolution autotuner, then item 1 at one size and item 1b (a warm restart).
       0) set -- python3 -m bench.gpu_e2e --phases bare,served,warm --sizes 1024 \
@@ -75,7 +82,7 @@ case "${1:-}" in
       4) set -- python3 -m bench.compile_features --scope full --shapes batch ;;
       # How much of a whole-UNet warm start is dynamo's trace on this host (a minute or two).
       t) set -- python3 -m bench.dynamo_trace ;;
-      *) echo "plan items: 0u 0 0c 1 1b 2 2b 3 4 t (docs/benchmarks.md §4.4, §4.7, §4.8)" >&2; exit 2 ;;
+      *) echo "plan items: 0u 0w 0 0c 1 1b 2 2b 3 4 g t (docs/benchmarks.md §4.4, §4.7-4.9)" >&2; exit 2 ;;
     esac
     exec sh "$0" run "$@"
     ;;
