@@ -8,6 +8,7 @@
 #   installs them into /tmp/site (no index, no dependencies) and runs the command with this
 #   checkout and /tmp/site on PYTHONPATH; results go where the command writes them ($OUT).
 # docs/benchmarks.md §4.4 and §4.7-4.9 list the measurements still to make, each sized to one call.
+# DRY_PLAN=1 sh bench/gpu_device.sh plan ITEM prints the command an item would run.
 set -eu
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -34,43 +35,53 @@ case "${1:-}" in
     ;;
   session)
     # One device call that fits a whole session (15 min of device time, start-up included, at
-    # most 10 min per call): plan item ${2:-0u}, then, in the seconds left of ${3:-575}, item 0w
-    # (the same server started again on the compile cache item 0u left: a second sample of the
-    # served figures). On 2026-11-27 item 0u took 354 s and 0w 131 s (docs/benchmarks.md §4.9).
+    # most 10 min per call): plan item ${2:-gu}, then, in the seconds left of ${3:-575}, that
+    # item's served phase again (plan ITEM+: the same weights, the compile cache it left, a
+    # second sample of the served figures). On 2026-11-27 item 0u took 354 s and its second
+    # served phase 131 s (docs/benchmarks.md §4.9).
+    item=${2:-gu}
     end=$(( $(date +%s) + ${3:-575} ))
-    timeout $(( end - $(date +%s) )) sh "$0" plan "${2:-0u}" || echo "item ${2:-0u} ended with $?"
+    timeout $(( end - $(date +%s) )) sh "$0" plan "$item" || echo "item $item ended with $?"
     left=$(( end - $(date +%s) ))
-    echo "left ${left}s for item 0w"
-    # 0w reuses 0u's compile cache; after another item it would start cold and not fit.
-    [ "${2:-0u}" = 0u ] && [ "$left" -gt 150 ] || exit 0
-    OUT="$OUT/0w" exec timeout "$left" sh "$0" plan 0w
+    echo "left ${left}s for item $item+"
+    [ "$left" -gt 150 ] || exit 0
+    OUT="$OUT/again" exec timeout "$left" sh "$0" plan "$item+"
     ;;
   plan)
     # The measurements of docs/benchmarks.md §4.4-4.9 by number, so a short device session types
     # no long command lines: sh bench/gpu_device.sh plan 1 (then plan 1b at once, same machine).
+    # ITEM+ runs ITEM's served phase again (one size), on the weights and cache ITEM left.
     full='--compile-scope full --compile-shapes batch'
     unet='--compile-scope unet --compile-shapes batch'
-    case "${2:-}" in
+    item=${2:-}
+    again=
+    case "$item" in *+) again=1; item=${item%+} ;; esac
+    serve=
+    case "$item" in
       # Whether the whole UNet compiled with an eager decoder starts within the 240 s that
       # ../shared/gpu/measure_e2e.py waits for /ready, cold, and within 60 s warm, and what the
-      # eager decoder costs against full's 1.493 images/s (§4.7): which decides the default.
-      0u) set -- python3 -m bench.gpu_e2e --phases served,warm --sizes 1024 --serve-args "$unet" ;;
-      # Item 0u's served phase again on the same machine (its weights and warm compile cache).
-      0w) set -- python3 -m bench.gpu_e2e --phases served --sizes 1024 --serve-args "$unet" ;;
-      # CUDA graphs served: whole UNet and decoder, static shapes, buckets 1 and 8 (§4.9: 0.672 s
-      # for one image bare; each bucket's graphs took about 138 s to compile there).
-      g) set -- python3 -m bench.gpu_e2e --phases served --sizes 1024 --serve-args \
-           '--compile-scope full --compile-shapes static --compile-mode reduce-overhead --batch-buckets 1,8' \
+      # eager decoder costs against full's 1.493 images/s (§4.7). Measured in §4.9.
+      0u) serve=$unet
+          set -- python3 -m bench.gpu_e2e --phases served,warm --sizes 1024 --serve-args "$serve" ;;
+      # Item 0u with CUDA graphs: one recorded per batch size 1..8 in warm-up (§4.9: 0.672 s for
+      # one image bare, static shapes, against 0.88-0.90 s served without graphs).
+      gu) serve="$unet --compile-mode reduce-overhead"
+          set -- python3 -m bench.gpu_e2e --phases served,warm --sizes 1024 --serve-args "$serve" ;;
+      # CUDA graphs with static shapes: whole UNet and decoder, buckets 1 and 8 (each bucket's
+      # graphs took about 138 s to compile in §4.9's bare run: may not fit one call).
+      g) serve='--compile-scope full --compile-shapes static --compile-mode reduce-overhead --batch-buckets 1,8'
+         set -- python3 -m bench.gpu_e2e --phases served --sizes 1024 --serve-args "$serve" \
            --ready-limit 560 ;;
       # One call for a session that may get only one: eager with and without cuDNN attention and
       # cuDNN's convolution autotuner, then item 1 at one size and item 1b (a warm restart).
-      0) set -- python3 -m bench.gpu_e2e --phases bare,served,warm --sizes 1024 \
-           --bare-attention auto,cudnn,auto/bench --serve-args "$full" ;;
-      # Item 0 with cuDNN attention in the server too (+6.7% eager at batch 8, §4.7), the next
-      # session's first call.
-      0c) set -- python3 -m bench.gpu_e2e --phases bare,served,warm --sizes 1024 \
-           --bare-attention auto,cudnn --serve-args "$full --attention-backend cudnn" ;;
-      1) set -- python3 -m bench.gpu_e2e --phases served --serve-args "$full" ;;
+      0) serve=$full
+         set -- python3 -m bench.gpu_e2e --phases bare,served,warm --sizes 1024 \
+           --bare-attention auto,cudnn,auto/bench --serve-args "$serve" ;;
+      # Item 0 with cuDNN attention in the server too (+6.7% eager at batch 8, §4.7).
+      0c) serve="$full --attention-backend cudnn"
+          set -- python3 -m bench.gpu_e2e --phases bare,served,warm --sizes 1024 \
+           --bare-attention auto,cudnn --serve-args "$serve" ;;
+      1) serve=$full; set -- python3 -m bench.gpu_e2e --phases served --serve-args "$serve" ;;
       1b) set -- python3 -m bench.gpu_e2e --phases warm --serve-args "$full" ;;
       2) set -- python3 -m bench.gpu_compile_variants --variants full-batch,full-static-graphs \
            --batches 1,8 ;;
@@ -80,10 +91,16 @@ case "${1:-}" in
       # bf16 images to compare with (its quality was measured with the regional recipe, §4.1).
       3) set -- python3 -m bench.gpu_e2e --phases fp8 --sizes 1024 --serve-args "$full" ;;
       4) set -- python3 -m bench.compile_features --scope full --shapes batch ;;
-      # How much of a whole-UNet warm start is dynamo's trace on this host (a minute or two).
+      # How much of a whole-UNet warm start is dynamo's trace on this host (measured in §4.9).
       t) set -- python3 -m bench.dynamo_trace ;;
-      *) echo "plan items: 0u 0w 0 0c 1 1b 2 2b 3 4 g t (docs/benchmarks.md §4.4, §4.7-4.9)" >&2; exit 2 ;;
+      *) echo "plan items: 0u gu g 0 0c 1 1b 2 2b 3 4 t, and ITEM+ (docs/benchmarks.md §4.4, §4.7-4.9)" >&2
+         exit 2 ;;
     esac
+    if [ -n "$again" ]; then
+      [ -n "$serve" ] || { echo "item $item has no served phase to repeat" >&2; exit 2; }
+      set -- python3 -m bench.gpu_e2e --phases served --sizes 1024 --serve-args "$serve"
+    fi
+    [ -z "${DRY_PLAN:-}" ] || { printf "%s\n" "$*"; exit 0; }
     exec sh "$0" run "$@"
     ;;
   *)

@@ -80,6 +80,7 @@ def test_local_model_not_found_does_not_talk_about_the_hub(tmp_path):
         ([], {"IMAGEGATE_BATCH_BUCKETS": "2,16"}, ["IMAGEGATE_BATCH_BUCKETS"]),
         (["--compile-shapes", "fixed"], {}, ["--compile-shapes"]),
         (["--compile-shapes", "batch"], {}, ["--compile-shapes"]),
+        ([], {"IMAGEGATE_COMPILE_MODE": "fast"}, ["IMAGEGATE_COMPILE_MODE"]),
     ],
 )
 def test_bad_settings_stop_the_start_with_one_line_each(args, env, names):
