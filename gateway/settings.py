@@ -127,7 +127,7 @@ class Settings(msgspec.Struct, kw_only=True):
     max_steps: Annotated[int, Meta(ge=1, description="Largest number of denoising steps a request may ask for.")] = 150
     max_batch_images: Annotated[int, Meta(ge=1, description="Most images in one pipeline call.")] = 8
     max_wait_ms: Annotated[float, Meta(ge=0, description="How long an idle executor waits for a batch to fill (0: start at once).")] = 0.0
-    batch_fill_ms: Annotated[Annotated[float, Meta(ge=0)] | None, Meta(description="Under back-to-back load, how long a batch may wait to fill up to the images queued when the last batch ended plus those of the requests it answered (default: a fifth of a recent batch's time, at most 1 s; 0: never wait).")] = None
+    batch_fill_ms: Annotated[Annotated[float, Meta(ge=0)] | None, Meta(description="Under back-to-back load, how long the last batch's group may wait to fill up to the requests queued in it when that batch ended plus those it answered (default: a fifth of a recent batch's time, at most 1 s; 0: never wait).")] = None
     max_prompt_chars: Annotated[int, Meta(ge=1, description="Longest prompt or negative prompt any API accepts, in characters (the CLIP encoders read 77 tokens; longer text costs tokenizer time only).")] = 8000
     max_queue_images: Annotated[int, Meta(ge=1, description="Most images waiting in the queue; past it requests are refused with an overload error.")] = 64
     request_timeout_s: Annotated[float, Meta(gt=0, description="Deadline of one request, queue time included.")] = 300.0

@@ -7,10 +7,11 @@ Rules:
 - a request's images may span several batches when ``n`` exceeds ``max_batch_images``;
 - the queue is bounded in images; past the bound a request is refused at once;
 - an abandoned request (deadline passed, client gone) leaves the queue and is never computed;
-- batches fill: when the executor frees up right after a batch (back-to-back load) and fewer
-  images wait than the last batch held, it waits a short fill window (a fraction of a batch's
-  time) for the rest, since under steady load the clients just answered come straight back. An
-  idle executor still starts a lone request at once, so single-request latency is unchanged;
+- batches fill: when the executor frees up right after a batch (back-to-back load), the
+  batch's own group waits a short fill window (a fraction of a batch's time) while it holds
+  fewer requests than were queued in it when the batch ended plus those the batch answered,
+  since under steady load the clients just answered come straight back. An idle executor still
+  starts a lone request at once, so single-request latency is unchanged;
 - with static-shape compiled graphs (``buckets``), a batch is either every waiting image (padded
   up to the next bucket by the executor) or the largest bucket they fill, whichever the cost
   model says is cheaper per real image (:mod:`inference.buckets`);
@@ -42,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 # The automatic fill window's ceiling. On an H200 at 1024² a batch of eight PNG responses
 # (~4 MB of base64 each) took its clients longer than 250 ms to read and answer, so batches after
-# a full one started half empty (mean 4.8 of 8). The window only runs while fewer images wait
+# a full one started half empty (mean 4.8 of 8). The window only runs while fewer requests wait
 # than the batch's fill target (see Scheduler._fill_deadline), so a steady load of any size
 # never waits for it.
 FILL_CAP_S = 1.0
@@ -82,8 +83,9 @@ class Scheduler:
         self._running_units = 0.0
         self._queued_megapixels = 0.0
         self._running_megapixels = 0.0
-        # Images the next batch may wait for, right after a batch: see _fill_deadline.
-        self._fill_target = 0
+        # The last batch's group and how many requests it may wait for: see _fill_deadline.
+        self._fill_key: BatchKey | None = None
+        self._fill_requests = 0
         self._last_batch_end = 0.0
         self._last_batch_seconds = 0.0
         self._groups: dict[BatchKey, deque[Ticket]] = {}
@@ -258,10 +260,9 @@ class Scheduler:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            waiting = self._group_images(key)
-            if waiting < self.max_batch_images:
+            if self._group_images(key) < self.max_batch_images:
                 ready_at = max(self._groups[key][0].enqueued_at + self.max_wait,
-                               self._fill_deadline(waiting))
+                               self._fill_deadline(key))
                 delay = ready_at - time.monotonic()
                 if delay > 0:
                     self._wakeup.clear()
@@ -270,19 +271,23 @@ class Scheduler:
                     continue
             return key
 
-    def _fill_deadline(self, waiting: int) -> float:
-        """Until when the next batch may wait for more images (0: start now).
+    def _fill_deadline(self, key: BatchKey) -> float:
+        """Until when the next batch of ``key`` may wait for more requests (0: start now).
 
-        Only right after a batch (back-to-back load), and only while fewer images wait than the
-        fill target: the images that were queued when that batch ended plus the images of the
-        requests it answered, whose clients (under a closed-loop load) come straight back and
-        would otherwise miss this batch and wait a whole batch time. Counting the answered
-        requests on top of the queued ones is what keeps one straggler from locking a load of
-        eight into batches of seven: on an H200 the clients of the batch after a lone first
-        request came back to find that straggler queued, seven of eight was "as many as last
-        time", and every later batch started one short (mean 4.8 of 8, docs/benchmarks.md §4.9).
+        Only right after a batch (back-to-back load), only for that batch's own group (the
+        clients it answered come back to it, not to another), never while draining (nobody
+        comes back), and only while the group holds fewer requests than its fill target: the
+        requests queued in it when that batch ended plus those the batch answered, whose clients
+        (under a closed-loop load) come straight back and would otherwise miss this batch and
+        wait a whole batch time. Counting the answered requests on top of the queued ones is
+        what keeps one straggler from locking a load of eight into batches of seven: on an H200
+        the clients of the batch after a lone first request came back to find that straggler
+        queued, seven of eight was "as many as last time", and every later batch started one
+        short (docs/benchmarks.md §4.9). Requests, not images: a client alternating n=4 and n=1
+        is back in full with its one image.
         """
-        if self._fill_target <= waiting or not self._last_batch_end:
+        if (key != self._fill_key or not self._last_batch_end or not self._accepting
+                or len(self._groups.get(key, ())) >= self._fill_requests):
             return 0.0
         window = self.batch_fill
         if window is None:
@@ -347,8 +352,9 @@ class Scheduler:
                 self._running = None
                 self._running_units = self._running_megapixels = 0.0
             self._last_batch_end = time.monotonic()
-            answered = sum(t.request.n for t in batch.tickets() if not t.pending)
-            self._fill_target = min(self.max_batch_images, self._queued_images + answered)
+            answered = sum(1 for t in batch.tickets() if not t.pending and not t.abandoned)
+            self._fill_key = batch.key
+            self._fill_requests = len(self._groups.get(batch.key, ())) + answered
             if outcome.calls:
                 self._last_batch_seconds = sum(t.total for _, t in outcome.calls)
             self._deliver(batch, outcome)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import time
 
 import msgspec
 import numpy as np
@@ -424,15 +425,15 @@ async def test_padding_leaves_the_real_images_of_the_tiny_pipeline_unchanged(tin
 
 
 async def test_back_to_back_batches_wait_briefly_to_fill_but_a_lone_request_starts_at_once():
+    # A 60 s window: a wait that should not happen would outlast the 30 s waits below.
     runner = FakeRunner()
-    engine = fake_engine(runner, max_batch_images=4, batch_fill_ms=5000)
+    engine = fake_engine(runner, max_batch_images=4, batch_fill_ms=60_000)
     await engine.start()
     runner.batches.clear()
     sched = engine._scheduler
-    # A lone request on an idle executor starts at once, fill window or not.
-    lone = asyncio.create_task(engine.generate(req("lone")))
-    await asyncio.wait_for(lone, 30)
-    assert sched._fill_deadline(1) == 0.0  # the last batch answered 1 image: nothing to wait for
+    # A lone request on an idle executor, and the same client's next one, start at once.
+    for prompt in ("lone", "lone again"):
+        await asyncio.wait_for(engine.generate(req(prompt)), 30)
 
     # Closed-loop clients out of step: "a" runs alone while b, c and d queue behind it. When it
     # ends, the next batch waits for a's client to come back (a2) instead of starting with three
@@ -444,20 +445,63 @@ async def test_back_to_back_batches_wait_briefly_to_fill_but_a_lone_request_star
     await wait_until(lambda: engine.queued_images == 3, "3 images queued")
     runner.release()
     await asyncio.wait_for(a, 30)
-    assert engine.queued_images == 3 and sched._fill_deadline(3) > 0, "b, c, d wait for a's client"
+    key = sched._fill_key
+    assert engine.queued_images == 3 and sched._fill_deadline(key) > time.monotonic(), (
+        "b, c and d should wait for a's client")
     a2 = asyncio.create_task(engine.generate(req("a2")))
     await asyncio.wait_for(asyncio.gather(a2, *bcd), 30)
 
-    # The last batch answered 4: one new image waits for the rest (the fill window) instead of
-    # running alone and making the others wait a whole batch.
+    # The last batch answered 4: one new request waits for the rest (the fill window) instead
+    # of running alone and making the others wait a whole batch.
     x = asyncio.create_task(engine.generate(req("x")))
     await wait_until(lambda: engine.queued_images == 1, "x queued")
-    assert sched._fill_deadline(1) > 0
+    assert sched._fill_deadline(key) > time.monotonic()
     efg = [asyncio.create_task(engine.generate(req(p))) for p in ("e", "f", "g")]
     await asyncio.wait_for(asyncio.gather(x, *efg), 30)
     prompts = [[p for p, _ in b] for b in runner.batches]
-    assert prompts == [["lone"], ["a"], ["b", "c", "d", "a2"], ["x", "e", "f", "g"]], prompts
+    assert prompts == [["lone"], ["lone again"], ["a"], ["b", "c", "d", "a2"],
+                       ["x", "e", "f", "g"]], prompts
     await engine.drain(5)
+
+
+async def test_the_fill_window_waits_only_for_its_own_group_and_never_while_draining():
+    runner = FakeRunner()
+    engine = fake_engine(runner, max_batch_images=4, batch_fill_ms=60_000)
+    await engine.start()
+    runner.batches.clear()
+    # Requests that cannot share a batch (different steps) are in different groups. a1 waits
+    # for a0's client (a0b) and they run as one batch of two; b, of another group, queued
+    # behind that batch, then starts as soon as it ends: the two clients just answered come
+    # back to their own group, not to b's.
+    runner.hold()
+    a0 = asyncio.create_task(engine.generate(req("a0", steps=2)))
+    await asyncio.to_thread(runner.entered.wait, 30)
+    a1 = asyncio.create_task(engine.generate(req("a1", steps=2)))
+    await wait_until(lambda: engine.queued_images == 1, "a1 queued")
+    runner.release()
+    await asyncio.wait_for(a0, 30)
+    runner.hold()
+    a0b = asyncio.create_task(engine.generate(req("a0b", steps=2)))
+    await asyncio.to_thread(runner.entered.wait, 30)
+    b = asyncio.create_task(engine.generate(req("b", steps=3)))
+    await wait_until(lambda: engine.queued_images == 1, "b queued")
+    runner.release()
+    await asyncio.wait_for(asyncio.gather(a1, a0b, b), 30)
+
+    # Draining: no client comes back, so queued requests do not wait for the window either (the
+    # drain's own 30 s deadline would fail them first).
+    runner.hold()
+    c = asyncio.create_task(engine.generate(req("c")))
+    await asyncio.to_thread(runner.entered.wait, 30)
+    de = [asyncio.create_task(engine.generate(req(p))) for p in ("d", "e")]
+    await wait_until(lambda: engine.queued_images == 2, "d and e queued")
+    drain = asyncio.create_task(engine.drain(30))
+    await wait_until(lambda: not engine._scheduler._accepting, "the scheduler draining")
+    runner.release()
+    await asyncio.wait_for(asyncio.gather(c, *de), 40)
+    await asyncio.wait_for(drain, 40)
+    prompts = [[p for p, _ in b] for b in runner.batches]
+    assert prompts == [["a0"], ["a1", "a0b"], ["b"], ["c"], ["d", "e"]], prompts
 
 
 # -- admission by cost ----------------------------------------------------------------------
