@@ -24,15 +24,16 @@ class RequestLog:
     client_id: str | None = None
     images: int = 0
 
-    def line(self, *, dialect: str, route: str, status: int, seconds: float) -> None:
-        """Write the access line (logger ``imagegate.access``, level INFO)."""
+    def line(self, *, dialect: str, route: str, status: int, seconds: float,
+             level: int = logging.INFO) -> None:
+        """Write the access line (logger ``imagegate.access``, at ``level``)."""
         fields = {
             "request_id": self.request_id, "method": self.method, "dialect": dialect,
             "route": route, "client": self.client_id or "-", "status": status,
             "images": self.images, "seconds": round(seconds, 4),
         }
         text = " ".join(f"{k}={v}" for k, v in fields.items())
-        logger.info("access %s", text, extra={"fields": fields})
+        logger.log(level, "access %s", text, extra={"fields": fields})
 
 
 _current: contextvars.ContextVar[RequestLog | None] = contextvars.ContextVar(

@@ -116,7 +116,10 @@ def _request_middleware(metrics: Metrics, router: DialectRouter, body_timeout_s:
                     metrics.requests.labels(route, dialect, str(status[0])).inc()
                     kind = opt.get("kind", "other")
                     metrics.request_latency.labels(dialect, kind).observe(seconds)
-                log.line(dialect=dialect, route=route, status=status[0], seconds=seconds)
+                # Probes and scrapes come every few seconds from every kubelet and Prometheus;
+                # at INFO they would drown the requests people read the log for.
+                log.line(dialect=dialect, route=route, status=status[0], seconds=seconds,
+                         level=logging.DEBUG if opt.get("probe") else logging.INFO)
 
         return middleware
 
@@ -196,7 +199,7 @@ def create_app(
             return False
         return True
 
-    @route("/health", http_method=_GET_HEAD, opt={"dialect": "core", "summary": "Liveness: 200 unless the engine failed",
+    @route("/health", http_method=_GET_HEAD, opt={"dialect": "core", "probe": True, "summary": "Liveness: 200 unless the engine failed",
                          "schema_out": HealthBody})
     async def health() -> Response:
         """Liveness: the process answers; 503 once the model failed to load (restart me)."""
@@ -204,7 +207,7 @@ def create_app(
         return json_response(HealthBody(status="failed" if failed else "ok"),
                              503 if failed else 200)
 
-    @route("/ready", http_method=_GET_HEAD, opt={"dialect": "core", "schema_out": HealthBody,
+    @route("/ready", http_method=_GET_HEAD, opt={"dialect": "core", "probe": True, "schema_out": HealthBody,
                         "summary": "Readiness: 200 when loaded, warmed and not draining"})
     async def ready(request: Request) -> Response:
         """Readiness: 200 once the model is loaded and warmed, 503 before and while draining."""
@@ -217,7 +220,7 @@ def create_app(
             body.error = "the model failed to load; see the server log"
         return json_response(body, 200 if state is EngineState.READY else 503)
 
-    @route("/startup", http_method=_GET_HEAD, opt={"dialect": "core", "schema_out": HealthBody,
+    @route("/startup", http_method=_GET_HEAD, opt={"dialect": "core", "probe": True, "schema_out": HealthBody,
                           "summary": "Startup: 200 once the model has loaded and warmed up"})
     async def startup() -> Response:
         """200 from the end of the first warm-up on (draining included), 503 before."""
@@ -225,7 +228,7 @@ def create_app(
         started = state in (EngineState.READY, EngineState.DRAINING, EngineState.STOPPED)
         return json_response(HealthBody(status=state.value), 200 if started else 503)
 
-    @get("/metrics", opt={"dialect": "core", "media_out": "text/plain",
+    @get("/metrics", opt={"dialect": "core", "probe": True, "media_out": "text/plain",
                           "summary": "Prometheus metrics"})
     async def metrics_route() -> Response:
         """Prometheus text format."""

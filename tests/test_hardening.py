@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 
@@ -85,6 +86,29 @@ def test_get_routes_that_do_something_refuse_head(server, path):
     # A RunPod stream read delivers the output once; A1111's progress can skip an image.
     r = httpx.head(server.url + path)
     assert r.status_code == 405 and "GET" in r.headers["allow"], (r.status_code, r.headers)
+
+
+def test_probes_and_scrapes_log_at_debug_and_requests_at_info(server, caplog):
+    # A kubelet probes every few seconds and Prometheus scrapes; at INFO they would bury the
+    # requests an operator reads the access log for.
+    caplog.set_level(logging.DEBUG, logger="imagegate.access")
+    ids = {f"probe{path.replace('/', '-')}": path
+           for path in ("/health", "/ready", "/startup", "/metrics")}
+    ids["req-models"] = "/v1/models"
+    for rid, path in ids.items():
+        assert httpx.get(server.url + path, headers={"x-request-id": rid}).status_code == 200
+    head = httpx.head(server.url + "/ready", headers={"x-request-id": "probe-head"})
+    assert head.status_code == 200
+    ids["probe-head"] = "/ready"
+
+    def levels() -> dict[str, int]:
+        return {r.fields["request_id"]: r.levelno for r in caplog.records
+                if r.name == "imagegate.access" and hasattr(r, "fields")}
+
+    _wait(lambda: set(ids) <= set(levels()), "an access line for every request")
+    seen = levels()
+    assert seen.pop("req-models") == logging.INFO
+    assert {seen[rid] for rid in ids if rid != "req-models"} == {logging.DEBUG}, seen
 
 
 def test_a_compressed_body_is_a_415_naming_content_encoding(server):

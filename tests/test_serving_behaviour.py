@@ -319,6 +319,10 @@ def test_json_logs_cover_every_line_with_one_access_line_per_request(tmp_path, s
     assert access["req-a1111"]["images"] == 1 and access["req-hf"]["images"] == 1
     assert access["req-404"]["status"] == 404 and access["req-404"]["route"] == "unmatched"
     assert access["req-404"]["dialect"] == "openai" and access["req-scan"]["dialect"] == "unmatched"
+    # The readiness polls above and the /metrics scrape are at DEBUG, under this INFO log.
+    probes = [r for r in records if r["logger"] == "imagegate.access"
+              and r.get("route") in ("/ready", "/metrics")]
+    assert not probes, probes[:3]
 
 
 @pytest.mark.timeout(600)
