@@ -39,10 +39,13 @@ case "${1:-}" in
     # item's served phase again (plan ITEM+: the same weights, the compile cache it left, a
     # second sample of the served figures). On 2026-11-27 item 0u took 354 s and its second
     # served phase 131 s (docs/benchmarks.md §4.9).
+    : "${OUT:?set OUT to the folder the results go to}"
     item=${2:-gu}
     end=$(( $(date +%s) + ${3:-575} ))
     timeout $(( end - $(date +%s) )) sh "$0" plan "$item" || echo "item $item ended with $?"
     left=$(( end - $(date +%s) ))
+    # Items without a served phase (a trace, the bare variants) have nothing to repeat.
+    DRY_PLAN=1 sh "$0" plan "$item+" >/dev/null 2>&1 || exit 0
     echo "left ${left}s for item $item+"
     [ "$left" -gt 150 ] || exit 0
     OUT="$OUT/again" exec timeout "$left" sh "$0" plan "$item+"
@@ -50,38 +53,36 @@ case "${1:-}" in
   plan)
     # The measurements of docs/benchmarks.md §4.4-4.9 by number, so a short device session types
     # no long command lines: sh bench/gpu_device.sh plan 1 (then plan 1b at once, same machine).
-    # ITEM+ runs ITEM's served phase again (one size), on the weights and cache ITEM left.
+    # ITEM+ runs ITEM's served phase again, same sizes and serve args: on the weights and
+    # compile cache ITEM left, so it starts warm.
     full='--compile-scope full --compile-shapes batch'
     unet='--compile-scope unet --compile-shapes batch'
     item=${2:-}
     again=
     case "$item" in *+) again=1; item=${item%+} ;; esac
-    serve=
+    # The served items set these: bench.gpu_e2e's phases, the server's flags (one argument) and
+    # further bench.gpu_e2e arguments (split on spaces; none contains one).
+    phases= serve= more=
     case "$item" in
       # Whether the whole UNet compiled with an eager decoder starts within the 240 s that
       # ../shared/gpu/measure_e2e.py waits for /ready, cold, and within 60 s warm, and what the
       # eager decoder costs against full's 1.493 images/s (§4.7). Measured in §4.9.
-      0u) serve=$unet
-          set -- python3 -m bench.gpu_e2e --phases served,warm --sizes 1024 --serve-args "$serve" ;;
+      0u) phases=served,warm serve=$unet more='--sizes 1024' ;;
       # Item 0u with CUDA graphs: one recorded per batch size 1..8 in warm-up (§4.9: 0.672 s for
-      # one image bare, static shapes, against 0.88-0.90 s served without graphs).
-      gu) serve="$unet --compile-mode reduce-overhead"
-          set -- python3 -m bench.gpu_e2e --phases served,warm --sizes 1024 --serve-args "$serve" ;;
+      # one image bare, static shapes; 0.89-1.23 s served without graphs).
+      gu) phases=served,warm serve="$unet --compile-mode reduce-overhead" more='--sizes 1024' ;;
       # CUDA graphs with static shapes: whole UNet and decoder, buckets 1 and 8 (each bucket's
       # graphs took about 138 s to compile in §4.9's bare run: may not fit one call).
-      g) serve='--compile-scope full --compile-shapes static --compile-mode reduce-overhead --batch-buckets 1,8'
-         set -- python3 -m bench.gpu_e2e --phases served --sizes 1024 --serve-args "$serve" \
-           --ready-limit 560 ;;
+      g) phases=served more='--sizes 1024 --ready-limit 560'
+         serve='--compile-scope full --compile-shapes static --compile-mode reduce-overhead --batch-buckets 1,8' ;;
       # One call for a session that may get only one: eager with and without cuDNN attention and
       # cuDNN's convolution autotuner, then item 1 at one size and item 1b (a warm restart).
-      0) serve=$full
-         set -- python3 -m bench.gpu_e2e --phases bare,served,warm --sizes 1024 \
-           --bare-attention auto,cudnn,auto/bench --serve-args "$serve" ;;
+      0) phases=bare,served,warm serve=$full more='--sizes 1024 --bare-attention auto,cudnn,auto/bench' ;;
       # Item 0 with cuDNN attention in the server too (+6.7% eager at batch 8, §4.7).
-      0c) serve="$full --attention-backend cudnn"
-          set -- python3 -m bench.gpu_e2e --phases bare,served,warm --sizes 1024 \
-           --bare-attention auto,cudnn --serve-args "$serve" ;;
-      1) serve=$full; set -- python3 -m bench.gpu_e2e --phases served --serve-args "$serve" ;;
+      0c) phases=bare,served,warm serve="$full --attention-backend cudnn"
+          more='--sizes 1024 --bare-attention auto,cudnn' ;;
+      # Two warm-up sizes (1024² and 768²).
+      1) phases=served serve=$full ;;
       1b) set -- python3 -m bench.gpu_e2e --phases warm --serve-args "$full" ;;
       2) set -- python3 -m bench.gpu_compile_variants --variants full-batch,full-static-graphs \
            --batches 1,8 ;;
@@ -98,9 +99,17 @@ case "${1:-}" in
     esac
     if [ -n "$again" ]; then
       [ -n "$serve" ] || { echo "item $item has no served phase to repeat" >&2; exit 2; }
-      set -- python3 -m bench.gpu_e2e --phases served --sizes 1024 --serve-args "$serve"
+      phases=served
     fi
-    [ -z "${DRY_PLAN:-}" ] || { printf "%s\n" "$*"; exit 0; }
+    if [ -n "$serve" ]; then
+      # shellcheck disable=SC2086
+      set -- python3 -m bench.gpu_e2e --phases "$phases" --serve-args "$serve" $more
+    fi
+    if [ -n "${DRY_PLAN:-}" ]; then
+      for arg in "$@"; do printf "'%s' " "$arg"; done
+      echo
+      exit 0
+    fi
     exec sh "$0" run "$@"
     ;;
   *)
