@@ -424,6 +424,19 @@ async def test_padding_leaves_the_real_images_of_the_tiny_pipeline_unchanged(tin
 # -- batches that fill ----------------------------------------------------------------------
 
 
+async def held_batch(engine, runner: FakeRunner, first: GenerationRequest,
+                     queued: list[GenerationRequest]) -> tuple[asyncio.Task, list[asyncio.Task]]:
+    """Start ``first`` on a held runner and queue ``queued`` behind it; the runner stays held."""
+    runner.hold()
+    running = asyncio.create_task(engine.generate(first))
+    await asyncio.to_thread(runner.entered.wait, 30)
+    waiting = [asyncio.create_task(engine.generate(r)) for r in queued]
+    images = sum(r.n for r in queued)
+    await wait_until(lambda: engine.queued_images == images,
+                     f"{images} images queued behind {first.prompt!r}")
+    return running, waiting
+
+
 async def test_back_to_back_batches_wait_briefly_to_fill_but_a_lone_request_starts_at_once():
     # A 60 s window: a wait that should not happen would outlast the 30 s waits below.
     runner = FakeRunner()
@@ -438,11 +451,7 @@ async def test_back_to_back_batches_wait_briefly_to_fill_but_a_lone_request_star
     # Closed-loop clients out of step: "a" runs alone while b, c and d queue behind it. When it
     # ends, the next batch waits for a's client to come back (a2) instead of starting with three
     # and leaving a2 to run alone, which would repeat with every batch after.
-    runner.hold()
-    a = asyncio.create_task(engine.generate(req("a")))
-    await asyncio.to_thread(runner.entered.wait, 30)
-    bcd = [asyncio.create_task(engine.generate(req(p))) for p in ("b", "c", "d")]
-    await wait_until(lambda: engine.queued_images == 3, "3 images queued")
+    a, bcd = await held_batch(engine, runner, req("a"), [req(p) for p in ("b", "c", "d")])
     runner.release()
     await asyncio.wait_for(a, 30)
     key = sched._fill_key
@@ -473,28 +482,16 @@ async def test_the_fill_window_waits_only_for_its_own_group_and_never_while_drai
     # for a0's client (a0b) and they run as one batch of two; b, of another group, queued
     # behind that batch, then starts as soon as it ends: the two clients just answered come
     # back to their own group, not to b's.
-    runner.hold()
-    a0 = asyncio.create_task(engine.generate(req("a0", steps=2)))
-    await asyncio.to_thread(runner.entered.wait, 30)
-    a1 = asyncio.create_task(engine.generate(req("a1", steps=2)))
-    await wait_until(lambda: engine.queued_images == 1, "a1 queued")
+    a0, (a1,) = await held_batch(engine, runner, req("a0", steps=2), [req("a1", steps=2)])
     runner.release()
     await asyncio.wait_for(a0, 30)
-    runner.hold()
-    a0b = asyncio.create_task(engine.generate(req("a0b", steps=2)))
-    await asyncio.to_thread(runner.entered.wait, 30)
-    b = asyncio.create_task(engine.generate(req("b", steps=3)))
-    await wait_until(lambda: engine.queued_images == 1, "b queued")
+    a0b, (b,) = await held_batch(engine, runner, req("a0b", steps=2), [req("b", steps=3)])
     runner.release()
     await asyncio.wait_for(asyncio.gather(a1, a0b, b), 30)
 
     # Draining: no client comes back, so queued requests do not wait for the window either (the
     # drain's own 30 s deadline would fail them first).
-    runner.hold()
-    c = asyncio.create_task(engine.generate(req("c")))
-    await asyncio.to_thread(runner.entered.wait, 30)
-    de = [asyncio.create_task(engine.generate(req(p))) for p in ("d", "e")]
-    await wait_until(lambda: engine.queued_images == 2, "d and e queued")
+    c, de = await held_batch(engine, runner, req("c"), [req("d"), req("e")])
     drain = asyncio.create_task(engine.drain(30))
     await wait_until(lambda: not engine._scheduler._accepting, "the scheduler draining")
     runner.release()
