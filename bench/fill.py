@@ -109,18 +109,17 @@ def run_one(fill: str, args: argparse.Namespace) -> dict[str, Any]:
     per_call, per_image = PER_CALL_S * args.scale, PER_IMAGE_S * args.scale
     runner = gpu_like_runner(per_call, per_image)
     extra = {} if fill == "auto" else {"batch_fill_ms": float(fill)}
-    with tempfile.TemporaryDirectory(prefix="imagegate-fill-") as tmp:
-        serving.CACHE_DIR = Path(tmp) / "cache"
-        with serving.live_server(Path(tmp), engine_factory=engine_factory(runner, **extra),
-                                 max_batch_images=8, max_size=1024, max_queue_images=64,
-                                 request_timeout_s=600, encode_workers=2) as srv:
-            out = subprocess.run(
-                [sys.executable, "-m", "bench.fill", "--client", srv.url, "--requests",
-                 str(args.requests), "--concurrency", str(args.concurrency),
-                 "--lead-ms", str(args.lead_ms)],
-                capture_output=True, text=True, check=True)
-            load = json.loads(out.stdout.strip().splitlines()[-1])
-            text = httpx.get(f"{srv.url}/metrics", timeout=60).text
+    with (tempfile.TemporaryDirectory(prefix="imagegate-fill-") as tmp,
+          serving.live_server(Path(tmp), engine_factory=engine_factory(runner, **extra),
+                              max_batch_images=8, max_size=1024, max_queue_images=64,
+                              request_timeout_s=600, encode_workers=2) as srv):
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.fill", "--client", srv.url, "--requests",
+             str(args.requests), "--concurrency", str(args.concurrency),
+             "--lead-ms", str(args.lead_ms)],
+            capture_output=True, text=True, check=True)
+        load = json.loads(out.stdout.strip().splitlines()[-1])
+        text = httpx.get(f"{srv.url}/metrics", timeout=60).text
     images = metric_sum(text, "imagegate_batch_images_sum")
     batches = metric_sum(text, "imagegate_batch_images_count")
     return dict(fill_ms=fill, concurrency=args.concurrency, lead_ms=args.lead_ms,

@@ -26,22 +26,20 @@ CHECKS = "not_a_server_error,response_schema_conformance,status_code_conformance
 def run_fuzz(max_examples: int, *, seed: int | None = None, workers: int = 1,
              extra: list[str] | None = None) -> subprocess.CompletedProcess:
     """Start a server with the fake runner and run ``st run`` against it; return the result."""
-    with tempfile.TemporaryDirectory(prefix="imagegate-fuzz-") as tmp:
-        if serving.CACHE_DIR is None:
-            serving.CACHE_DIR = Path(tmp) / "cache"
-        # Small images and a short deadline keep each case fast; limits stay the defaults.
-        with serving.live_server(Path(tmp), engine_factory=engine_factory(FakeRunner()),
-                                 request_timeout_s=30, job_execution_timeout_s=30) as srv:
-            cmd = [str(Path(sys.executable).parent / "st"), "run", srv.url + "/openapi.json",
-                   "--checks", CHECKS, "--max-examples", str(max_examples),
-                   "--workers", str(workers), "--request-timeout", "60",
-                   "--generation-database", "none", "--no-color",
-                   "--phases", "examples,coverage,fuzzing",
-                   "--suppress-health-check", "all", *(extra or [])]
-            if seed is not None:
-                cmd += ["--seed", str(seed)]
-            env = {**os.environ, "SCHEMATHESIS_TELEMETRY": "false"}
-            return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    # Small images and a short deadline keep each case fast; limits stay the defaults.
+    with (tempfile.TemporaryDirectory(prefix="imagegate-fuzz-") as tmp,
+          serving.live_server(Path(tmp), engine_factory=engine_factory(FakeRunner()),
+                              request_timeout_s=30, job_execution_timeout_s=30) as srv):
+        cmd = [str(Path(sys.executable).parent / "st"), "run", srv.url + "/openapi.json",
+               "--checks", CHECKS, "--max-examples", str(max_examples),
+               "--workers", str(workers), "--request-timeout", "60",
+               "--generation-database", "none", "--no-color",
+               "--phases", "examples,coverage,fuzzing",
+               "--suppress-health-check", "all", *(extra or [])]
+        if seed is not None:
+            cmd += ["--seed", str(seed)]
+        env = {**os.environ, "SCHEMATHESIS_TELEMETRY": "false"}
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
 
 
 def main() -> int:

@@ -71,7 +71,9 @@ def live_server(
     port = free_port()
     values: dict[str, Any] = {
         "port": port,
-        "cache_dir": str(CACHE_DIR),
+        # The session's shared cache (tiny-sdxl built once per run), else this server's own:
+        # never str(None), which once made a "None" folder in the working directory.
+        "cache_dir": str(CACHE_DIR or tmp_path / "cache"),
         "data_dir": str(tmp_path / "data"),
         "min_size": 64,
     }
