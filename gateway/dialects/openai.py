@@ -735,4 +735,3 @@ def _failed_part(exc: BaseException) -> str | None:
 
 
 DIALECT = OpenAIDialect
-
