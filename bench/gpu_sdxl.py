@@ -30,11 +30,12 @@ VAE = dict(
 )
 
 
-def build(dtype: torch.dtype, seed: int = 0):
-    """The pipeline on CUDA in ``dtype``; the same ``seed`` gives the same random weights.
+def build(dtype: torch.dtype, seed: int = 0, device: str = "cuda"):
+    """The pipeline on ``device`` in ``dtype``; the same ``seed`` gives the same random weights.
 
     The networks are created on the GPU where there is one (random initialisation of 3.5
     billion parameters is far quicker there); tokenizer and scheduler are built as usual.
+    ``device="meta"`` gives the architecture without memory, for counting (bench/flops.py).
     """
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import (
@@ -50,7 +51,8 @@ def build(dtype: torch.dtype, seed: int = 0):
                   bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
                   pad_token_id=vocab["<|endoftext|>"])
     torch.manual_seed(seed)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+    init = "cpu" if device == "cuda" and not torch.cuda.is_available() else device
+    with torch.device(init):
         te1 = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072,
                                            num_attention_heads=12, num_hidden_layers=12,
                                            projection_dim=768, **common))
@@ -64,7 +66,7 @@ def build(dtype: torch.dtype, seed: int = 0):
         unet=unet, scheduler=_scheduler(), add_watermarker=False,
     )
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to("cuda", dtype)
+    return pipe.to(device, dtype)
 
 
 def timed(pipe, batch: int, steps: int = 20) -> float:
