@@ -362,6 +362,7 @@ def main():
         served.add_argument("--compile-scope", default="blocks")
         served.add_argument("--compile-shapes", default="dynamic")
         served.add_argument("--compile-mode", default="default")
+        served.add_argument("--compile-method", default="jit")
         served.add_argument("--attention-backend", default="auto")
         recipe, _ = served.parse_known_args(shlex.split(a.serve_args))
         if recipe.attention_backend != "auto" and cuda:
@@ -371,10 +372,10 @@ def main():
         scope = recipe.compile_scope
         # The served phases' recipe, for a fair comparison.
         options = CompileOptions(scope=scope, shapes=recipe.compile_shapes,
-                                 mode=recipe.compile_mode)
+                                 mode=recipe.compile_mode, method=recipe.compile_method)
         CompileCache(cache / "bare-compile").activate()
         prepare_for_compile(pipe, options)
-        apply_compile(pipe, options)
+        apply_compile(pipe, options, aot_folder=cache / "bare-compile" / "aot", max_batch=16)
         t = time.perf_counter()
         for b in (1, 8):
             bare_time(pipe, b, 2, size)

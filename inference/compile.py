@@ -41,6 +41,10 @@ The design (issue 9), and why:
   hashes the model, dtype, torch/diffusers/CUDA versions, GPU name, compile options and (from the
   engine) the warm-up shape set, so a different model, torch or shape set never reuses stale
   artifacts.
+- **Or ahead of time** (``method="aot"``, with ``scope="unet"`` and ``shapes="batch"``): no
+  ``torch.compile`` at all; warm-up exports the UNet and compiles it with AOTInductor into one
+  package per size, which later starts load without dynamo re-tracing the UNet
+  (:mod:`inference.aot`).
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ logger = logging.getLogger(__name__)
 
 Scope = Literal["blocks", "unet", "full"]
 Shapes = Literal["dynamic", "static", "batch"]
+Method = Literal["jit", "aot"]
 ARTIFACTS = "artifacts.bin"
 # Static (or batch-dynamic) graphs: one per (bucket × warm-up size × distinct block shape);
 # dynamo's default limit of 8 graphs per function would silently fall back to eager for the rest
@@ -78,6 +83,9 @@ class CompileOptions(msgspec.Struct, frozen=True, kw_only=True):
     # both are part of the PyTorch team's SDXL recipe and cost nothing at start-up.
     fuse_qkv: bool = True
     channels_last: bool = True
+    # jit: torch.compile (dynamo traces at every start). aot: torch.export + AOTInductor, one
+    # package per warm-up size in the compile cache (inference.aot; scope unet, batch shapes).
+    method: Method = "jit"
 
 
 def cache_key(model_path: str, dtype: str, options: CompileOptions, extra: dict[str, Any], *,
@@ -89,10 +97,13 @@ def cache_key(model_path: str, dtype: str, options: CompileOptions, extra: dict[
     gpu = (torch.cuda.get_device_name(torch.device(device))
            if device.startswith("cuda") and torch.cuda.is_available() else "cpu")
     stamp = _weights_stamp(Path(model_path))
+    opts = msgspec.to_builtins(options)
+    if options.method == "jit":
+        del opts["method"]  # caches made before the setting existed stay valid
     doc = {
         "model": str(model_path), "weights": stamp, "dtype": dtype,
         "torch": torch.__version__, "cuda": torch.version.cuda, "gpu": gpu,
-        "diffusers": diffusers.__version__, "options": msgspec.to_builtins(options),
+        "diffusers": diffusers.__version__, "options": opts,
         **extra,
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
@@ -190,8 +201,14 @@ def prepare_for_compile(pipe: Any, options: CompileOptions) -> None:
             pipe.vae.to(memory_format=torch.channels_last)
 
 
-def apply_compile(pipe: Any, options: CompileOptions) -> None:
-    """Compile ``pipe`` in place according to ``options`` (nothing runs yet; warm-up traces)."""
+def apply_compile(pipe: Any, options: CompileOptions, *, aot_folder: Path | None = None,
+                  max_batch: int = 16) -> Any:
+    """Compile ``pipe`` in place according to ``options`` (nothing runs yet; warm-up traces).
+
+    With ``method="aot"`` returns the :class:`inference.aot.AotUnet` installed on the UNet
+    (packages under ``aot_folder``, UNet batches up to ``max_batch``), which is also the
+    compile watch; otherwise None.
+    """
     import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
@@ -199,6 +216,8 @@ def apply_compile(pipe: Any, options: CompileOptions) -> None:
     inductor_config.conv_1x1_as_mm = True
     if options.shapes == "batch" and options.scope == "blocks":
         raise ValueError("a dynamic batch only (shapes='batch') needs scope='full' or 'unet'")
+    if options.method == "aot":
+        return _install_aot(pipe, options, aot_folder, max_batch)
     if options.shapes != "dynamic":
         limit_name = ("recompile_limit" if hasattr(dynamo_config, "recompile_limit")
                       else "cache_size_limit")
@@ -229,6 +248,29 @@ def apply_compile(pipe: Any, options: CompileOptions) -> None:
             pipe.vae.decode = _compiled_decoder(pipe.vae, options, kwargs)
     logger.info("torch.compile armed (scope=%s, mode=%s, %s shapes)", options.scope,
                 options.mode, options.shapes)
+    return None
+
+
+# The torch.compile modes an AOTInductor package can honour (it records no CUDA graphs).
+AOT_MODES = {"default": {}, "max-autotune-no-cudagraphs": {"max_autotune": True}}
+
+
+def _install_aot(pipe: Any, options: CompileOptions, folder: Path | None, max_batch: int) -> Any:
+    from inference.aot import AotUnet
+
+    if options.scope != "unet" or options.shapes != "batch":
+        raise ValueError("ahead-of-time compile (method='aot') needs scope='unet', shapes='batch'")
+    if options.mode not in AOT_MODES:
+        raise ValueError(f"ahead-of-time compile takes mode {' or '.join(AOT_MODES)}, "
+                         f"not {options.mode!r} (it records no CUDA graphs)")
+    if folder is None:
+        raise ValueError("ahead-of-time compile needs a folder for its packages")
+    router = AotUnet(pipe.unet, folder, max_batch=max_batch,
+                     inductor_configs=AOT_MODES[options.mode])
+    pipe.unet._compiled_call_impl = router
+    logger.info("AOT compile armed (scope=unet, mode=%s, batch up to %d): packages in %s",
+                options.mode, max_batch, folder)
+    return router
 
 
 def _compiled_decoder(vae: Any, options: CompileOptions, kwargs: dict[str, Any]) -> Any:

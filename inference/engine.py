@@ -66,6 +66,8 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     compile_mode: str = "default"
     compile_scope: str = "blocks"
     compile_shapes: str = "dynamic"
+    # jit (torch.compile) or aot (torch.export + AOTInductor packages; inference.aot).
+    compile_method: str = "jit"
     # Batch sizes static-shape graphs are compiled for (empty: 1, 2, 4, … up to the maximum).
     batch_buckets: tuple[int, ...] = ()
     quantize: str = "none"
@@ -172,25 +174,31 @@ def diffusers_runner_factory(config: EngineConfig) -> tuple[BatchRunner, ModelIn
     lora_dir = config.lora_dir or (tiny_root / "loras" if tiny_root is not None else None)
     options = CompileOptions(scope=config.compile_scope, mode=config.compile_mode,  # type: ignore[arg-type]
                              shapes=config.compile_shapes,  # type: ignore[arg-type]
+                             method=config.compile_method,  # type: ignore[arg-type]
                              # LoRA adapters would miss fused attention projections.
                              fuse_qkv=lora_dir is None)
     if compile_on:
         prepare_for_compile(base, options)
     quantize_unet(base, config.quantize, choice.device)  # type: ignore[arg-type]
     cache_dir: Path | None = None
+    aot = None
     if compile_on:
         key = cache_key(str(source.path), choice.dtype, options,
                         compile_key_extras(config, refiner_name), device=choice.device)
         cache_dir = config.cache_dir / "compile" / key
         warm = CompileCache(cache_dir).activate()
+        if options.method == "aot":
+            warm = any((cache_dir / "aot").glob("*.pt2"))
         logger.info("compile cache %s (%s)", cache_dir, "warm" if warm else "cold")
-        apply_compile(base, options)
+        # Classifier-free guidance runs both halves of every image in one UNet batch.
+        aot = apply_compile(base, options, aot_folder=cache_dir / "aot",
+                            max_batch=2 * config.max_batch_images)
     samplers = SamplerRegistry.standard()
     controlnets = load_controlnets(config.controlnets, device=choice.device, dtype=choice.dtype,
                                    tiny_root=tiny_root)
     runner = DiffusersRunner(base, samplers, refiner=refiner, device=choice.device,
                              controlnets=controlnets, loras=LoraLibrary(lora_dir),
-                             compiled=compile_on)
+                             compiled=compile_on, compile_watch=aot)
     sample = base.unet.config.sample_size * base.vae_scale_factor
     makes_noise = source.kind == "tiny"
     info = ModelInfo(

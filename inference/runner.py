@@ -137,9 +137,13 @@ class DiffusersRunner:
         controlnets: dict[str, Any] | None = None,
         loras: LoraLibrary | None = None,
         compiled: bool = False,
+        compile_watch: Any | None = None,
     ) -> None:
         self.base = base
         self.compiled = compiled
+        # The engine's compile watch when the compiled UNet counts for itself (inference.aot);
+        # None: dynamo's counters (inference.compile.CompileWatch).
+        self.compile_watch = compile_watch
         self.refiner = refiner
         self.samplers = samplers
         self.device = device
