@@ -71,6 +71,10 @@ case "${1:-}" in
       # Item 0u with CUDA graphs: one recorded per batch size 1..8 in warm-up (§4.9: 0.672 s for
       # one image bare, static shapes; 0.89-1.23 s served without graphs).
       gu) phases=served,warm serve="$unet --compile-mode reduce-overhead" more='--sizes 1024' ;;
+      # Item 0u compiled ahead of time (torch.export + AOTInductor, §4.11): the cold start, a
+      # warm start that loads the package without dynamo's trace (58 s for 0u in §4.9), and
+      # whether a call without dynamo's guards and Python wrapper is faster.
+      au) phases=served,warm serve="$unet --compile-method aot" more='--sizes 1024 --ready-limit 560' ;;
       # CUDA graphs with static shapes: whole UNet and decoder, buckets 1 and 8 (each bucket's
       # graphs took about 138 s to compile in §4.9's bare run: may not fit one call).
       g) phases=served more='--sizes 1024 --ready-limit 560'

@@ -103,6 +103,7 @@ class Settings(msgspec.Struct, kw_only=True):
     compile_mode: Annotated[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"], Meta(description="torch.compile mode: reduce-overhead and max-autotune record CUDA graphs (warm-up then runs every batch size up to --max-batch-images unless shapes are static).")] = "default"
     compile_scope: Annotated[Literal["blocks", "unet", "full"], Meta(description="What torch.compile compiles: blocks (the UNet's repeated transformer blocks; fast cold start), unet (the whole UNet; the VAE decoder stays eager) or full (the whole UNet and VAE decoder).")] = "blocks"
     compile_shapes: Annotated[Literal["dynamic", "static", "batch"], Meta(description="dynamic: one shape-generic graph serves every batch size and resolution. static: one graph per batch bucket and warm-up size (needed for CUDA graphs); batches are padded up to a bucket. batch (with --compile-scope unet or full): only the batch dimension is dynamic, one graph per warm-up size, no padding.")] = "dynamic"
+    compile_method: Annotated[Literal["jit", "aot"], Meta(description="jit: torch.compile, whose dynamo re-traces the model at every start. aot (with --compile-scope unet --compile-shapes batch, mode default or max-autotune-no-cudagraphs, no --quantize): torch.export + AOTInductor, one package per warm-up size kept in the compile cache, loaded at later starts without tracing. Not yet measured on a GPU.")] = "jit"
     batch_buckets: Annotated[str | None, Meta(description="With --compile-shapes static: the batch sizes compiled, comma-separated (default: 1,2,4,… up to --max-batch-images, which is always one).")] = None
     attention_backend: Annotated[Literal["auto", "cudnn", "flash", "efficient", "math"], Meta(description="Preferred attention kernel (a preference: others stay as fallbacks). auto keeps torch's order (FlashAttention first); cudnn puts cuDNN's kernels first, reported faster on Hopper. CUDA kernels are refused on the CPU.")] = "auto"
     cudnn_benchmark: Annotated[bool, Meta(description="Let cuDNN time its convolution algorithms for each new input shape and keep the fastest (warm-up pays it for warmed sizes). Eager on an H200: one batch-1 image 12.5% faster, batch 8 1.7% (one sample); not measured served. CUDA only.")] = False
@@ -267,6 +268,17 @@ class Settings(msgspec.Struct, kw_only=True):
         if self.compile_shapes == "batch" and self.compile_scope == "blocks":
             problems.append(f"{src('compile_shapes')}: batch needs --compile-scope unet or full "
                             "(regional compilation cannot mark the blocks' batch dimension)")
+        if self.compile_method == "aot":
+            aot_needs = [f"--{flag}" for flag, ok in (
+                ("compile-scope unet", self.compile_scope == "unet"),
+                ("compile-shapes batch", self.compile_shapes == "batch"),
+                ("compile-mode default or max-autotune-no-cudagraphs",
+                 self.compile_mode in ("default", "max-autotune-no-cudagraphs")),
+                ("quantize none", self.quantize == "none")) if not ok]
+            if aot_needs:
+                problems.append(f"{src('compile_method')}: aot needs {', '.join(aot_needs)} "
+                                "(it compiles the whole UNet ahead of time with a dynamic batch, "
+                                "records no CUDA graphs and does not take quantized weights)")
         if self.public_url and not self.public_url.startswith(("http://", "https://")):
             problems.append(f"{src('public_url')}: must start with http:// or https://, got "
                             f"{self.public_url!r}")
@@ -314,6 +326,7 @@ class Settings(msgspec.Struct, kw_only=True):
             compile_mode=self.compile_mode,
             compile_scope=self.compile_scope,
             compile_shapes=self.compile_shapes,
+            compile_method=self.compile_method,
             batch_buckets=_int_list(self.batch_buckets) if self.batch_buckets else (),
             quantize=self.quantize,
             attention_backend=self.attention_backend,

@@ -81,6 +81,9 @@ def test_local_model_not_found_does_not_talk_about_the_hub(tmp_path):
         (["--compile-shapes", "fixed"], {}, ["--compile-shapes"]),
         (["--compile-shapes", "batch"], {}, ["--compile-shapes"]),
         ([], {"IMAGEGATE_COMPILE_MODE": "fast"}, ["IMAGEGATE_COMPILE_MODE"]),
+        ([], {"IMAGEGATE_COMPILE_METHOD": "ahead"}, ["IMAGEGATE_COMPILE_METHOD"]),
+        (["--compile-method", "aot", "--compile-scope", "unet", "--compile-shapes", "batch",
+          "--compile-mode", "reduce-overhead"], {}, ["--compile-method"]),
     ],
 )
 def test_bad_settings_stop_the_start_with_one_line_each(args, env, names):
@@ -91,6 +94,16 @@ def test_bad_settings_stop_the_start_with_one_line_each(args, env, names):
     assert len(lines) == len(names), res.stderr
     for line, name in zip(lines, names, strict=True):
         assert line.startswith(f"imagegate: {name}:"), line
+
+
+def test_ahead_of_time_compile_names_every_setting_it_needs():
+    res = run_cli("serve", "--compile-method", "aot", "--quantize", "fp8")
+    assert res.returncode == 2, res.stderr
+    line = res.stderr.strip()
+    assert line.startswith("imagegate: --compile-method: aot needs"), line
+    for needed in ("--compile-scope unet", "--compile-shapes batch", "--quantize none"):
+        assert needed in line, line
+    assert "--compile-mode" not in line, "the default mode was reported as a problem"
 
 
 def test_friendly_spellings_and_empty_variables():
