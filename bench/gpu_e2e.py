@@ -34,6 +34,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -375,7 +376,10 @@ def main():
                                  mode=recipe.compile_mode, method=recipe.compile_method)
         CompileCache(cache / "bare-compile").activate()
         prepare_for_compile(pipe, options)
-        apply_compile(pipe, options, aot_folder=cache / "bare-compile" / "aot", max_batch=16)
+        # A folder of its own: AOT packages are named by size only, not by recipe or model.
+        cache.mkdir(parents=True, exist_ok=True)
+        apply_compile(pipe, options, max_batch=16,
+                      aot_folder=Path(tempfile.mkdtemp(prefix="bare-aot-", dir=cache)))
         t = time.perf_counter()
         for b in (1, 8):
             bare_time(pipe, b, 2, size)

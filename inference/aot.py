@@ -5,23 +5,29 @@ its caches hold (16 s on an H200, docs/benchmarks.md §4.9), then loads its grap
 inductor cache; with ``--compile-scope unet`` a warm start took 58 s of issue 9's 60. An
 AOTInductor package is the compiled UNet as a shared library: a warm start loads it from the
 compile cache without tracing anything, and a call runs it without dynamo's guards or Python
-wrapper. What that saves on a GPU is **not measured yet**; on this project's CPU the tiny model's
-package loaded in 0.01 s against 5.8 s for its dynamo warm path (docs/benchmarks.md §4.10).
+wrapper. What that saves on a GPU is **not measured yet**; on this project's CPU, tiny-sdxl's
+warm-up on a warm cache took 2.3-2.4 s against 11.5-13.7 s with ``torch.compile``
+(docs/benchmarks.md §4.11).
 
 How:
 
 - **One package per latent size**, exported at the first warm-up call of that size with the
-  pipeline's own arguments as the example, the batch dimension dynamic (1 up to twice the
+  pipeline's own arguments as the example, the batch dimension dynamic (2 up to twice the
   largest batch: classifier-free guidance doubles it) and everything else static, as
-  ``--compile-shapes batch`` compiles with dynamo. It is saved under the keyed compile-cache
-  folder; a later start loads it instead of building it.
-- **Weights are not in the package**: it is built without them and pointed at the live UNet's
-  tensors (``user_managed``), so there is one copy in memory, as with ``torch.compile``.
-- **The package checks nothing**: AOTInductor runs whatever it is given (another size or dtype
-  silently computes garbage). :class:`AotUnet` therefore checks every call against the
+  ``--compile-shapes batch`` compiles with dynamo. Inductor compiles a dynamic dimension for
+  sizes of 2 and up, so a UNet batch of one (one image without guidance) runs eagerly. The
+  package is saved under the keyed compile-cache folder with a signature of its example; a later
+  start loads it when the signature matches its first call, and builds it again otherwise.
+- **Weights are not in the package**: it is built without them (small tensors included, which
+  inductor would otherwise inline) and pointed at the live UNet's tensors (``user_managed``), so
+  there is one copy in memory, as with ``torch.compile``.
+- **The package checks little**: AOTInductor runs whatever it is given unless
+  ``AOTI_RUNTIME_CHECK_INPUTS`` is set (which this module sets, as a backstop), and even then it
+  cannot know a call's meaning. :class:`AotUnet` therefore checks every call against the
   example's structure, dtypes, devices, layouts and non-batch sizes, and runs anything else
-  (another size, ControlNet residuals, loaded LoRA adapters, a batch past the range) on the
-  eager UNet, counted as an eager call.
+  (another size, ControlNet residuals, loaded LoRA adapters, a batch outside the range) on the
+  eager UNet, counted as an eager call. A package that fails a call is dropped for good and its
+  size runs eagerly; out-of-memory errors go to the executor, which splits the batch.
 - **Never on the request path**: a package is built or loaded only during warm-up; while
   serving (:meth:`AotUnet.serving`) a size without one runs eagerly.
 """
@@ -40,10 +46,20 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-# Builds a package at ``path`` for ``module`` called with (args, kwargs), batch dims 1..max_batch.
-Builder = Callable[[Any, tuple[Any, ...], dict[str, Any], int, Path], None]
-# Loads the package at ``path`` and binds it to ``module``'s weights; returns the callable.
-Loader = Callable[[Path, Any], Callable[..., Any]]
+# Part of every package's signature: a change to what the signature describes, or to how this
+# module calls a package, bumps it so that packages built before are rebuilt, not trusted.
+FORMAT = 1
+# Inductor compiles a dynamic dimension for sizes from 2 (it treats 0 and 1 as special).
+MIN_BATCH = 2
+# Temporary package files older than this are left over from a build that was killed.
+STALE_TEMPORARY_S = 6 * 3600
+
+# Builds a package at ``path`` for ``module`` called with (args, kwargs), batch dims from
+# MIN_BATCH to max_batch, storing the signature text in it.
+Builder = Callable[[Any, tuple[Any, ...], dict[str, Any], int, Path, str], None]
+# Loads the package at ``path`` and binds it to ``module``'s weights; returns the callable and
+# the signature stored in it.
+Loader = Callable[[Path, Any], tuple[Callable[..., Any], str | None]]
 
 
 @dataclass(frozen=True)
@@ -75,6 +91,36 @@ def _leaf(value: Any, batch: int) -> _Leaf:
                  batch=batched, contiguous=value.is_contiguous())
 
 
+def _signature(leaves: list[_Leaf], spec: Any, max_batch: int) -> str:
+    """What a package was exported for, as text stored in it (compared when it is loaded)."""
+    import json
+
+    from torch.utils._pytree import treespec_dumps
+
+    return json.dumps({
+        "format": FORMAT, "max_batch": max_batch, "spec": treespec_dumps(spec),
+        "leaves": [[str(leaf.dtype), getattr(leaf.device, "type", None), list(leaf.rest),
+                    leaf.dims, leaf.batch, leaf.contiguous] if leaf.tensor else repr(leaf.value)
+                   for leaf in leaves],
+    }, sort_keys=True)
+
+
+def packages_in(folder: Path) -> list[Path]:
+    """The complete packages in ``folder`` (not the temporary files of a build)."""
+    return sorted(p for p in folder.glob("unet-*.pt2") if ".tmp." not in p.name)
+
+
+def remove_stale_temporaries(folder: Path, older_than_s: float = STALE_TEMPORARY_S) -> None:
+    """Delete what builds killed long ago left; recent ones may be another replica's build."""
+    now = time.time()
+    for path in folder.glob("*.tmp.pt2"):
+        try:
+            if now - path.stat().st_mtime > older_than_s:
+                path.unlink()
+        except OSError:
+            continue
+
+
 def _flatten(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], Any]:
     from torch.utils._pytree import tree_flatten
 
@@ -96,6 +142,8 @@ class _Package:
     run: Callable[..., Any]
     spec: Any
     leaves: list[_Leaf]
+    # Lowered when the package's own input check says it was compiled for fewer (see _limit).
+    max_batch: int
 
     def matches(self, leaves: list[Any], spec: Any, batch: int) -> bool:
         """True when a call with these flattened inputs is one this package computes."""
@@ -169,7 +217,8 @@ class AotUnet:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """A UNet call: on this size's package when it covers the call, else on the eager UNet."""
         batch = _batch_of(args)
-        if batch is not None and 1 <= batch <= self.max_batch and not _has_adapters(self.unet):
+        if (batch is not None and MIN_BATCH <= batch <= self.max_batch
+                and not _has_adapters(self.unet)):
             size = (int(args[0].shape[-2]), int(args[0].shape[-1]))
             package = self._packages.get(size)
             same = _float_timestep(args)
@@ -177,36 +226,72 @@ class AotUnet:
                 package = self._prepare(size, same, kwargs, batch)
             if package is not None:
                 leaves, spec = _flatten(same, kwargs)
-                if package.matches(leaves, spec, batch):
-                    return package.run(*same, **kwargs)
+                if batch <= package.max_batch and package.matches(leaves, spec, batch):
+                    try:
+                        return package.run(*same, **kwargs)
+                    except Exception as exc:  # noqa: BLE001 - any failure: eager from now on
+                        if not self._limit(size, package, exc):
+                            self._drop(size, exc)
         if self._serving:
             self._misses += 1
         return self.unet._call_impl(*args, **kwargs)
 
+    def _limit(self, size: tuple[int, int], package: _Package, exc: Exception) -> bool:
+        """Lower the package's batch limit to what its input check says it was compiled for.
+
+        Inductor can compile a dynamic batch for fewer sizes than the range it was given: on a
+        CPU its convolutions took batches up to 15 of a requested 16 (docs/benchmarks.md
+        §4.11). Warm-up runs the largest batch, so the limit is found, and logged, before ready;
+        larger batches then run eagerly, counted. True when ``exc`` was that check.
+        """
+        import re
+
+        found = re.search(r"dim value is too large at 0, expected to be <= (\d+)", str(exc))
+        if found is None or not MIN_BATCH <= int(found[1]) < package.max_batch:
+            return False
+        package.max_batch = int(found[1])
+        logger.warning("the AOT package for latent %dx%d was compiled for UNet batches up to %d "
+                       "(asked for %d): larger batches run eagerly", *size, package.max_batch,
+                       self.max_batch)
+        return True
+
+    def _drop(self, size: tuple[int, int], exc: Exception) -> None:
+        """A package failed a call: serve its size eagerly from now on (unless out of memory)."""
+        from inference.executor import is_oom
+
+        if is_oom(exc):
+            raise exc  # the executor frees memory and retries the batch in halves
+        logger.error("the AOT package for latent %dx%d failed a call (%s: %s); that size runs "
+                     "eagerly from now on", *size, type(exc).__name__, exc)
+        self._packages.pop(size, None)
+        self._failed.add(size)
+
     def _prepare(self, size: tuple[int, int], args: tuple[Any, ...], kwargs: dict[str, Any],
                  batch: int) -> _Package | None:
         """Load this size's package, or build it from this call; None to run this call eagerly."""
-        if batch < 2:
-            # Exported at batch 1, the batch dimension would be specialised to 1 (export treats
-            # sizes 0 and 1 as constants): wait for a batch of two or more, which CFG gives.
-            return None
         path = self.folder / f"unet-{size[0]}x{size[1]}.pt2"
-        leaves, spec = _flatten(args, kwargs)
+        flat, spec = _flatten(args, kwargs)
+        leaves = [_leaf(v, batch) for v in flat]
+        signature = _signature(leaves, spec, self.max_batch)
         started = time.perf_counter()
         try:
             if path.is_file():
                 try:
-                    run = self._load(path, self.unet)
-                except Exception as exc:  # noqa: BLE001 - a stale or damaged file: rebuild it
-                    logger.warning("AOT package %s could not be loaded (%s); building it again",
+                    run, stored = self._load(path, self.unet)
+                    if stored != signature:
+                        raise ValueError("it was exported for other calls")
+                except Exception as exc:  # noqa: BLE001 - stale, foreign or damaged: rebuild it
+                    logger.warning("AOT package %s cannot serve this UNet (%s); building it again",
                                    path, exc)
                 else:
                     logger.info("AOT package for latent %dx%d loaded from %s in %.2fs",
                                 *size, path, time.perf_counter() - started)
-                    return self._keep(size, run, spec, leaves, batch)
-            self._build_at(path, args, kwargs)
+                    return self._keep(size, run, spec, leaves)
+            self._build_at(path, args, kwargs, signature)
             self._built += 1
-            run = self._load(path, self.unet)
+            run, stored = self._load(path, self.unet)
+            if stored != signature:
+                raise RuntimeError("the package built does not carry its signature")
         except Exception:
             # Serve anyway: this size runs on the eager UNet, which warm-up logs and counts.
             logger.exception("AOT compile of the UNet at latent %dx%d failed; that size runs "
@@ -215,30 +300,31 @@ class AotUnet:
             return None
         logger.info("AOT package for latent %dx%d built in %.1fs: %s", *size,
                     time.perf_counter() - started, path)
-        return self._keep(size, run, spec, leaves, batch)
+        return self._keep(size, run, spec, leaves)
 
     def _keep(self, size: tuple[int, int], run: Callable[..., Any], spec: Any,
-              leaves: list[Any], batch: int) -> _Package:
-        package = _Package(run=run, spec=spec, leaves=[_leaf(v, batch) for v in leaves])
+              leaves: list[_Leaf]) -> _Package:
+        package = _Package(run=run, spec=spec, leaves=leaves, max_batch=self.max_batch)
         self._packages[size] = package
         return package
 
-    def _build_at(self, path: Path, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    def _build_at(self, path: Path, args: tuple[Any, ...], kwargs: dict[str, Any],
+                  signature: str) -> None:
         # Under its final name only when complete: replicas sharing the cache may build at once.
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp.pt2")
         try:
-            self._build(self.unet, args, kwargs, self.max_batch, tmp)
+            self._build(self.unet, args, kwargs, self.max_batch, tmp, signature)
             tmp.replace(path)
         finally:
             tmp.unlink(missing_ok=True)
 
     def _export_and_compile(self, unet: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
-                            max_batch: int, path: Path) -> None:
+                            max_batch: int, path: Path, signature: str) -> None:
         import torch
         from torch.utils._pytree import tree_map
 
-        dim = torch.export.Dim("batch", min=1, max=max_batch)
+        dim = torch.export.Dim("batch", min=MIN_BATCH, max=max_batch)
         example = _batch_of(args)
 
         def dynamic(value: Any) -> Any:
@@ -257,8 +343,12 @@ class AotUnet:
             unet._compiled_call_impl = hook
         torch._inductor.aoti_compile_and_package(
             program, package_path=str(path),
-            inductor_configs={"aot_inductor.package_constants_in_so": False,
-                              **self.inductor_configs})
+            inductor_configs={
+                # Weights stay the live UNet's; small ones too, which inductor would inline.
+                "aot_inductor.package_constants_in_so": False,
+                "always_keep_tensor_constants": True,
+                "aot_inductor.metadata": {"imagegate_signature": signature},
+                **self.inductor_configs})
 
 
 def _float_timestep(args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -286,12 +376,15 @@ def _has_adapters(unet: Any) -> bool:
     return bool(getattr(unet, "_hf_peft_config_loaded", False))
 
 
-def _load_package(path: Path, unet: Any) -> Callable[..., Any]:
-    """Load an AOTInductor package and point it at ``unet``'s own parameters and buffers."""
+def _load_package(path: Path, unet: Any) -> tuple[Callable[..., Any], str | None]:
+    """Load an AOTInductor package, point it at ``unet``'s own tensors; it and its signature."""
     import torch
 
+    # The package's own input checks (sizes within the compiled range, dtypes, strides), read
+    # by its code at its first call: a backstop behind AotUnet's checks, microseconds a call.
+    os.environ.setdefault("AOTI_RUNTIME_CHECK_INPUTS", "1")
     model = torch._inductor.aoti_load_package(str(path))
     state = unet.state_dict(keep_vars=True)
     model.load_constants({name: state[name].data for name in model.get_constant_fqns()},
                          check_full_update=True, user_managed=True)
-    return model
+    return model, model.get_metadata().get("imagegate_signature")

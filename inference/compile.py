@@ -256,7 +256,7 @@ AOT_MODES = {"default": {}, "max-autotune-no-cudagraphs": {"max_autotune": True}
 
 
 def _install_aot(pipe: Any, options: CompileOptions, folder: Path | None, max_batch: int) -> Any:
-    from inference.aot import AotUnet
+    from inference.aot import AotUnet, remove_stale_temporaries
 
     if options.scope != "unet" or options.shapes != "batch":
         raise ValueError("ahead-of-time compile (method='aot') needs scope='unet', shapes='batch'")
@@ -265,6 +265,7 @@ def _install_aot(pipe: Any, options: CompileOptions, folder: Path | None, max_ba
                          f"not {options.mode!r} (it records no CUDA graphs)")
     if folder is None:
         raise ValueError("ahead-of-time compile needs a folder for its packages")
+    remove_stale_temporaries(folder)
     router = AotUnet(pipe.unet, folder, max_batch=max_batch,
                      inductor_configs=AOT_MODES[options.mode])
     pipe.unet._compiled_call_impl = router

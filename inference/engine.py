@@ -188,7 +188,9 @@ def diffusers_runner_factory(config: EngineConfig) -> tuple[BatchRunner, ModelIn
         cache_dir = config.cache_dir / "compile" / key
         warm = CompileCache(cache_dir).activate()
         if options.method == "aot":
-            warm = any((cache_dir / "aot").glob("*.pt2"))
+            from inference.aot import packages_in
+
+            warm = bool(packages_in(cache_dir / "aot"))
         logger.info("compile cache %s (%s)", cache_dir, "warm" if warm else "cold")
         # Classifier-free guidance runs both halves of every image in one UNet batch.
         aot = apply_compile(base, options, aot_folder=cache_dir / "aot",

@@ -64,35 +64,47 @@ def eager(unet: StandInUNet, args: tuple[Any, ...], kwargs: dict[str, Any]) -> t
 class StandInCompiler:
     """A builder that writes a file and a loader whose package runs the eager UNet, counted."""
 
-    def __init__(self, *, fail_build: bool = False) -> None:
+    def __init__(self, *, fail_build: bool = False, fail_run: Exception | None = None,
+                 compiled_up_to: int | None = None) -> None:
+        self.compiled_up_to = compiled_up_to
         self.built: list[Path] = []
         self.loaded: list[Path] = []
         self.package_calls = 0
         self.fail_build = fail_build
+        self.fail_run = fail_run
 
     def build(self, unet: Any, args: tuple[Any, ...], kwargs: dict[str, Any], max_batch: int,
-              path: Path) -> None:
+              path: Path, signature: str) -> None:
         if self.fail_build:
             raise RuntimeError("inductor could not lower this graph")
         self.built.append(path)
-        path.write_bytes(b"package")
+        path.write_text("package\n" + signature)
 
     def load(self, path: Path, unet: Any) -> Any:
-        if path.read_bytes() != b"package":
+        kind, _, signature = path.read_text().partition("\n")
+        if kind != "package":
             raise RuntimeError("not a package")
         self.loaded.append(path)
 
         def run(*args: Any, **kwargs: Any) -> Any:
             self.package_calls += 1
+            if self.fail_run is not None:
+                raise self.fail_run
+            if self.compiled_up_to is not None and args[0].shape[0] > self.compiled_up_to:
+                # AOTInductor's own input check (AOTI_RUNTIME_CHECK_INPUTS), word for word.
+                raise RuntimeError(
+                    f"input_handles[0]: dim value is too large at 0, expected to be <= "
+                    f"{self.compiled_up_to}, but got: {args[0].shape[0]}\n")
             return unet._call_impl(*args, **kwargs)
 
-        return run
+        return run, signature
 
 
 def test_a_real_package_serves_every_batch_of_its_size_and_matches_the_eager_unet(tmp_path):
-    """Exported at warm-up's first batch of two; later batches 1 to the maximum, and an integer
+    """Exported at warm-up's first batch of two; later batches 2 to the maximum, and an integer
     timestep (DPM-Solver's), run the package with the eager UNet's results; another size, a
-    larger batch, run eagerly, counted; a second process loads the package instead of building."""
+    larger batch, batch 1 run eagerly, counted; a second process loads the package instead of
+    building it, and the package reads the live weights, small ones included."""
     unet, router = routed(tmp_path, max_batch=8)
     with torch.inference_mode():
         unet(*inputs(2)[0], **inputs(2)[1])  # warm-up
@@ -100,13 +112,15 @@ def test_a_real_package_serves_every_batch_of_its_size_and_matches_the_eager_une
         assert (tmp_path / "unet-8x8.pt2").is_file()
         assert not list(tmp_path.glob("*.tmp*")), "a temporary package was left behind"
         with router.serving():
-            for batch, timestep in ((1, None), (3, None), (8, None), (4, torch.tensor(3))):
+            for batch, timestep in ((2, None), (3, None), (8, None), (4, torch.tensor(3))):
                 args, kwargs = inputs(batch, timestep=timestep)
                 torch.testing.assert_close(unet(*args, **kwargs)[0], eager(unet, args, kwargs))
             assert router.misses() == 0, "a call the package covers ran eagerly"
-            for args, kwargs in (inputs(2, size=4), inputs(9)):
+            # Another size; past the range; batch 1, which inductor does not compile a dynamic
+            # dimension for (one image without guidance).
+            for args, kwargs in (inputs(2, size=4), inputs(9), inputs(1)):
                 torch.testing.assert_close(unet(*args, **kwargs)[0], eager(unet, args, kwargs))
-            assert router.misses() == 2
+            assert router.misses() == 3
         assert router.count() == 1, "a package was built outside warm-up"
 
         again, second = routed(tmp_path, max_batch=8)
@@ -114,8 +128,11 @@ def test_a_real_package_serves_every_batch_of_its_size_and_matches_the_eager_une
         args, kwargs = inputs(2)
         torch.testing.assert_close(again(*args, **kwargs)[0], eager(unet, args, kwargs))
         assert second.count() == 0, "the package in the cache was built again"
-        # The package reads the live weights (one copy in memory): a change shows at once.
+        # The package reads the live weights (one copy in memory): a change shows at once,
+        # in a 4-element bias too (inductor inlines tensors that small unless told not to).
         again.conv.weight.mul_(2.0)
+        again.conv.bias.add_(1.0)
+        again.shift.add_(1.0)
         torch.testing.assert_close(again(*args, **kwargs)[0], eager(again, args, kwargs))
 
 
@@ -130,7 +147,7 @@ def test_packages_are_built_and_loaded_only_in_warm_up(tmp_path):
     unet(*inputs(1)[0], **inputs(1)[1])
     assert compiler.built == [], "exported at batch 1, the batch dimension would be constant"
     unet(*inputs(2)[0], **inputs(2)[1])
-    assert len(compiler.built) == 1 and (tmp_path / "unet-8x8.pt2").read_bytes() == b"package"
+    assert len(compiler.built) == 1 and (tmp_path / "unet-8x8.pt2").read_text().startswith("package\n")
     assert compiler.package_calls == 1 and router.count() == 1
 
     loads = len(compiler.loaded)
@@ -189,7 +206,7 @@ def test_a_damaged_package_in_the_cache_is_built_again(tmp_path):
     unet, router = routed(tmp_path, build=compiler.build, load=compiler.load)
     unet(*inputs(2)[0], **inputs(2)[1])
     assert len(compiler.built) == 1 and router.count() == 1
-    assert (tmp_path / "unet-8x8.pt2").read_bytes() == b"package"
+    assert (tmp_path / "unet-8x8.pt2").read_text().startswith("package\n")
     assert compiler.package_calls == 1
 
 
@@ -216,3 +233,75 @@ def test_aot_packages_have_a_cache_key_of_their_own(tmp_path):
     aot = CompileOptions(scope="unet", shapes="batch", method="aot")
     assert cache_key(str(tmp_path), "float32", jit, {}) != cache_key(str(tmp_path), "float32",
                                                                       aot, {})
+
+
+def test_a_package_exported_for_other_calls_is_built_again(tmp_path):
+    """A package in the cache whose stored signature is not this call's (another release's
+    call, another max batch) is rebuilt rather than trusted."""
+    compiler = StandInCompiler()
+    unet, _ = routed(tmp_path, max_batch=8, build=compiler.build, load=compiler.load)
+    unet(*inputs(2)[0], **inputs(2)[1])
+    _, wider = routed(tmp_path, max_batch=16, build=compiler.build, load=compiler.load)
+    wider.unet(*inputs(2)[0], **inputs(2)[1])
+    assert len(compiler.built) == 2 and wider.count() == 1
+    _, same = routed(tmp_path, max_batch=16, build=compiler.build, load=compiler.load)
+    same.unet(*inputs(2)[0], **inputs(2)[1])
+    assert len(compiler.built) == 2 and same.count() == 0
+
+
+def test_a_package_that_fails_a_call_is_dropped_and_its_size_served_eagerly(tmp_path, caplog):
+    compiler = StandInCompiler(fail_run=RuntimeError("CUDA error: an illegal memory access"))
+    unet, router = routed(tmp_path, build=compiler.build, load=compiler.load)
+    with caplog.at_level(logging.ERROR, logger="inference.aot"):
+        args, kwargs = inputs(2)
+        torch.testing.assert_close(unet(*args, **kwargs)[0], eager(unet, args, kwargs))
+        with router.serving():
+            torch.testing.assert_close(unet(*args, **kwargs)[0], eager(unet, args, kwargs))
+    assert compiler.package_calls == 1, "the failed package was called again"
+    assert router.misses() == 1
+    assert any("failed a call" in r.getMessage() and "8x8" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_out_of_memory_in_a_package_goes_to_the_executor(tmp_path):
+    """The executor frees memory and retries the batch in halves: the error must reach it."""
+    compiler = StandInCompiler(fail_run=torch.OutOfMemoryError("CUDA out of memory"))
+    unet, _ = routed(tmp_path, build=compiler.build, load=compiler.load)
+    with pytest.raises(torch.OutOfMemoryError):
+        unet(*inputs(2)[0], **inputs(2)[1])
+    compiler.fail_run = None
+    unet(*inputs(2)[0], **inputs(2)[1])
+    assert compiler.package_calls == 2, "the package was dropped after running out of memory"
+
+
+def test_stale_temporary_packages_are_swept_and_never_taken_for_packages(tmp_path):
+    import os
+
+    from inference.aot import packages_in, remove_stale_temporaries
+
+    old, recent = tmp_path / "unet-8x8.1.aa.tmp.pt2", tmp_path / "unet-8x8.2.bb.tmp.pt2"
+    for path in (old, recent):
+        path.write_bytes(b"half")
+    os.utime(old, (0, 0))
+    assert packages_in(tmp_path) == []
+    remove_stale_temporaries(tmp_path)
+    assert not old.exists() and recent.exists(), "a build in progress may be another replica's"
+
+
+def test_a_package_compiled_for_fewer_batches_serves_those_and_the_rest_eagerly(tmp_path, caplog):
+    """Inductor may compile a dynamic batch for less than the range asked (on a CPU, its
+    convolutions took up to 15 of 16): warm-up's largest batch finds the limit before ready."""
+    compiler = StandInCompiler(compiled_up_to=5)
+    unet, router = routed(tmp_path, max_batch=8, build=compiler.build, load=compiler.load)
+    with caplog.at_level(logging.WARNING, logger="inference.aot"):
+        for batch in (2, 8):  # warm-up
+            args, kwargs = inputs(batch)
+            torch.testing.assert_close(unet(*args, **kwargs)[0], eager(unet, args, kwargs))
+    assert any("up to 5" in r.getMessage() for r in caplog.records)
+    calls = compiler.package_calls
+    with router.serving():
+        for batch in (4, 5, 6, 8):
+            args, kwargs = inputs(batch)
+            torch.testing.assert_close(unet(*args, **kwargs)[0], eager(unet, args, kwargs))
+    assert compiler.package_calls == calls + 2, "batches 4 and 5 should run on the package only"
+    assert router.misses() == 2
