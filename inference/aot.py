@@ -27,7 +27,9 @@ How:
   example's structure, dtypes, devices, layouts and non-batch sizes, and runs anything else
   (another size, ControlNet residuals, loaded LoRA adapters, a batch outside the range) on the
   eager UNet, counted as an eager call. A package that fails a call is dropped for good and its
-  size runs eagerly; out-of-memory errors go to the executor, which splits the batch.
+  size runs eagerly, unless the failure is its input check reporting a lower batch limit than
+  asked (then batches above it run eagerly); out-of-memory errors go to the executor, which
+  splits the batch.
 - **Never on the request path**: a package is built or loaded only during warm-up; while
   serving (:meth:`AotUnet.serving`) a size without one runs eagerly.
 """
