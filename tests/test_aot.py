@@ -305,3 +305,28 @@ def test_a_package_compiled_for_fewer_batches_serves_those_and_the_rest_eagerly(
             torch.testing.assert_close(unet(*args, **kwargs)[0], eager(unet, args, kwargs))
     assert compiler.package_calls == calls + 2, "batches 4 and 5 should run on the package only"
     assert router.misses() == 2
+
+
+def test_the_engine_installs_the_router_as_its_compile_watch_under_the_keyed_cache(
+        tmp_path, monkeypatch):
+    """``--compile --compile-method aot``: the tiny pipeline's UNet routes through AotUnet, which
+    the runner hands the engine as its compile watch, with packages under the keyed folder.
+    Nothing is compiled here (warm-up would)."""
+    import shutil
+
+    from inference.engine import EngineConfig, diffusers_runner_factory
+    from tests import serving
+
+    # The compile cache points inductor and Triton at its folder through the environment.
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    shutil.copytree(serving.CACHE_DIR, tmp_path, dirs_exist_ok=True)
+    config = EngineConfig(cache_dir=tmp_path, compile=True, compile_scope="unet",
+                          compile_shapes="batch", compile_method="aot", max_batch_images=4)
+    runner, info = diffusers_runner_factory(config)
+    router = runner.compile_watch
+    assert isinstance(router, AotUnet) and info.compiled
+    assert runner.base.unet._compiled_call_impl is router
+    assert router.max_batch == 8, "guidance doubles the largest batch"
+    assert router.folder == Path(info.compile_cache) / "aot"
+    assert router.folder.parent.parent == tmp_path / "compile"
