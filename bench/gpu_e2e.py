@@ -376,10 +376,12 @@ def main():
                                  mode=recipe.compile_mode, method=recipe.compile_method)
         CompileCache(cache / "bare-compile").activate()
         prepare_for_compile(pipe, options)
-        # A folder of its own: AOT packages are named by size only, not by recipe or model.
-        cache.mkdir(parents=True, exist_ok=True)
-        apply_compile(pipe, options, max_batch=16,
-                      aot_folder=Path(tempfile.mkdtemp(prefix="bare-aot-", dir=cache)))
+        aot_folder = None
+        if options.method == "aot":
+            # A folder of its own: AOT packages are named by size only, not by recipe or model.
+            cache.mkdir(parents=True, exist_ok=True)
+            aot_folder = Path(tempfile.mkdtemp(prefix="bare-aot-", dir=cache))
+        apply_compile(pipe, options, max_batch=16, aot_folder=aot_folder)
         t = time.perf_counter()
         for b in (1, 8):
             bare_time(pipe, b, 2, size)
