@@ -53,6 +53,8 @@ logger = logging.getLogger(__name__)
 FORMAT = 1
 # Inductor compiles a dynamic dimension for sizes from 2 (it treats 0 and 1 as special).
 MIN_BATCH = 2
+# The input alignment, in bytes, AOTInductor compiles a package's kernels for.
+ALIGNMENT = 16
 # Temporary package files older than this are left over from a build that was killed.
 STALE_TEMPORARY_S = 6 * 3600
 
@@ -354,17 +356,25 @@ class AotUnet:
 
 
 def _float_timestep(args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The call's arguments with a 0-d timestep as float32 on the sample's device.
+    """The call's arguments with a 0-d timestep as float32 on the sample's device, aligned.
 
     Samplers differ: Euler's timesteps are float, DPM-Solver's and DDIM's int64. The UNet turns
     either into float32 before using it (its timestep embedding), exactly for the integer values
     schedulers use, so one package serves them all instead of only the warm-up's sampler.
+
+    The pipeline's timestep is the loop's element of the sampler's timesteps, a view at offset
+    4·i bytes. AOTInductor compiles for 16-byte aligned inputs and, given another, copies it and
+    logs a warning per call: on an H200 that was three lines in four of a request's 20 steps
+    (docs/benchmarks.md §4.12). A copy here is the same one-scalar copy, without the warning.
     """
     import torch
 
     if len(args) < 2 or not isinstance(args[1], torch.Tensor) or args[1].dim() != 0:
         return args
-    return (args[0], args[1].to(device=args[0].device, dtype=torch.float32), *args[2:])
+    timestep = args[1].to(device=args[0].device, dtype=torch.float32)
+    if timestep.data_ptr() % ALIGNMENT:
+        timestep = timestep.clone()
+    return (args[0], timestep, *args[2:])
 
 
 def _forward_parameters(unet: Any) -> Iterator[str]:

@@ -70,6 +70,7 @@ class StandInCompiler:
         self.built: list[Path] = []
         self.loaded: list[Path] = []
         self.package_calls = 0
+        self.timesteps: list[torch.Tensor] = []
         self.fail_build = fail_build
         self.fail_run = fail_run
 
@@ -88,6 +89,7 @@ class StandInCompiler:
 
         def run(*args: Any, **kwargs: Any) -> Any:
             self.package_calls += 1
+            self.timesteps.append(args[1])
             if self.fail_run is not None:
                 raise self.fail_run
             if self.compiled_up_to is not None and args[0].shape[0] > self.compiled_up_to:
@@ -185,6 +187,24 @@ def test_a_call_unlike_the_export_runs_on_the_eager_unet(tmp_path, change):
     torch.testing.assert_close(out, eager(unet, args, kwargs))
     assert compiler.package_calls == calls, f"the package ran a call with another {change}"
     assert router.misses() == 1
+
+
+def test_the_package_gets_an_aligned_timestep_when_the_loop_passes_a_view(tmp_path):
+    """The pipeline's timestep is an element of the sampler's timesteps, a view 4·i bytes into
+    them; AOTInductor copies and warns on each misaligned input (three lines in four of a
+    request's steps on an H200), so the router hands it an aligned copy of the same value."""
+    compiler = StandInCompiler()
+    unet, router = routed(tmp_path, build=compiler.build, load=compiler.load)
+    timesteps = torch.linspace(999.0, 0.0, 20)
+    assert timesteps.data_ptr() % 16 == 0, "the test needs an aligned base tensor"
+    with torch.inference_mode():
+        for i in range(4):
+            args, kwargs = inputs(2, timestep=timesteps[i])
+            torch.testing.assert_close(unet(*args, **kwargs)[0], eager(unet, args, kwargs))
+    assert router.count() == 1
+    assert compiler.package_calls == 4, "the calls did not run on the package"
+    assert [t.data_ptr() % 16 for t in compiler.timesteps] == [0, 0, 0, 0]
+    assert [float(t) for t in compiler.timesteps] == [float(t) for t in timesteps[:4]]
 
 
 def test_a_failed_build_serves_its_size_eagerly_and_is_not_retried(tmp_path, caplog):
