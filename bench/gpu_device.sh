@@ -7,7 +7,7 @@
 # There, with .gpu carried: sh bench/gpu_device.sh run python3 -m bench.gpu_e2e ...
 #   installs them into /tmp/site (no index, no dependencies) and runs the command with this
 #   checkout and /tmp/site on PYTHONPATH; results go where the command writes them ($OUT).
-# docs/benchmarks.md §4.4 and §4.7-4.9 list the measurements still to make, each sized to one call.
+# docs/benchmarks.md §4.4, §4.7-4.9 and §4.12 list the measurements still to make, each sized to one call.
 # DRY_PLAN=1 sh bench/gpu_device.sh plan ITEM prints the command an item would run.
 set -eu
 
@@ -35,12 +35,12 @@ case "${1:-}" in
     ;;
   session)
     # One device call that fits a whole session (15 min of device time, start-up included, at
-    # most 10 min per call): plan item ${2:-gu}, then, in the seconds left of ${3:-575}, that
+    # most 10 min per call): plan item ${2:-au}, then, in the seconds left of ${3:-575}, that
     # item's served phase again (plan ITEM+: the same weights, the compile cache it left, a
     # second sample of the served figures). On 2026-11-27 item 0u took 354 s and its second
     # served phase 131 s (docs/benchmarks.md §4.9).
     : "${OUT:?set OUT to the folder the results go to}"
-    item=${2:-gu}
+    item=${2:-au}
     end=$(( $(date +%s) + ${3:-575} ))
     timeout $(( end - $(date +%s) )) sh "$0" plan "$item" || echo "item $item ended with $?"
     left=$(( end - $(date +%s) ))
@@ -69,11 +69,13 @@ case "${1:-}" in
       # eager decoder costs against full's 1.493 images/s (§4.7). Measured in §4.9.
       0u) phases=served,warm serve=$unet more='--sizes 1024' ;;
       # Item 0u with CUDA graphs: one recorded per batch size 1..8 in warm-up (§4.9: 0.672 s for
-      # one image bare, static shapes; 0.89-1.23 s served without graphs).
+      # one image bare, static shapes; 0.89-1.23 s served without graphs). Measured in §4.12:
+      # 0.88 s, no faster, and a warm start of 64-67 s.
       gu) phases=served,warm serve="$unet --compile-mode reduce-overhead" more='--sizes 1024' ;;
       # Item 0u compiled ahead of time (torch.export + AOTInductor, §4.11): the cold start, a
       # warm start that loads the package without dynamo's trace (58 s for 0u in §4.9), and
-      # whether a call without dynamo's guards and Python wrapper is faster.
+      # whether a call without dynamo's guards and Python wrapper is faster. §4.12 measured the
+      # cold start (283 s) and one request (0.848 s); its time ran out before the warm start.
       au) phases=served,warm serve="$unet --compile-method aot" more='--sizes 1024 --ready-limit 560' ;;
       # CUDA graphs with static shapes: whole UNet and decoder, buckets 1 and 8 (each bucket's
       # graphs took about 138 s to compile in §4.9's bare run: may not fit one call).
