@@ -359,6 +359,22 @@ def uses_cuda_graphs(mode: str) -> bool:
     return mode in ("reduce-overhead", "max-autotune")
 
 
+def report_cuda_graph_skips() -> int:
+    """Log, as a warning, how many compiled graphs inductor ran without CUDA graphs; return it.
+
+    Inductor decides per graph at compile time (and again when a graph keeps re-recording) and
+    says so only on its ``cudagraphs`` log artifact, off by default, so a server asked for CUDA
+    graphs could run without them unseen: §4.12 of docs/benchmarks.md could not tell which.
+    """
+    from torch._dynamo.utils import counters
+
+    skips = int(counters["inductor"]["cudagraph_skips"])
+    if skips:
+        logger.warning("inductor ran %d compiled graph(s) without CUDA graphs; "
+                       "TORCH_LOGS=cudagraphs logs why", skips)
+    return skips
+
+
 def _cloning_outputs(fn: Any) -> Any:
     def call(*args: Any, **kwargs: Any) -> Any:
         import torch

@@ -20,7 +20,12 @@ import msgspec
 from inference import __version__
 from inference.batch import Batch, BatchKey, Slot, Ticket
 from inference.buckets import BatchBuckets
-from inference.compile import CompileCache, CompileWatch, uses_cuda_graphs
+from inference.compile import (
+    CompileCache,
+    CompileWatch,
+    report_cuda_graph_skips,
+    uses_cuda_graphs,
+)
 from inference.controlnet import PREPROCESSORS
 from inference.cost import image_megapixels, image_units
 from inference.encoder import EncoderPool
@@ -325,6 +330,9 @@ class Engine:
         )
         self.state = EngineState.WARMING
         await self._warm_up()
+        if info.compiled and info.device.startswith("cuda") \
+                and uses_cuda_graphs(self.config.compile_mode):
+            report_cuda_graph_skips()
         if info.compile_cache:
             await asyncio.get_running_loop().run_in_executor(
                 None, CompileCache(Path(info.compile_cache)).save)

@@ -658,6 +658,24 @@ def test_cuda_graph_modes_hand_back_copies_of_the_compiled_outputs():
     assert torch.equal(first[0], torch.ones(6)) and torch.equal(first[1]["sample"], torch.ones(6))
 
 
+def test_graphs_inductor_ran_without_cuda_graphs_are_reported(monkeypatch, caplog):
+    """Inductor says it skipped CUDA graphs only on a log artifact that is off by default; the
+    engine reads its counter after warm-up and warns, naming the count and where the reasons are."""
+    from torch._dynamo.utils import counters
+
+    from inference.compile import report_cuda_graph_skips
+
+    monkeypatch.setitem(counters, "inductor", counters["inductor"].copy())
+    counters["inductor"]["cudagraph_skips"] = 0
+    with caplog.at_level(logging.WARNING, logger="inference.compile"):
+        assert report_cuda_graph_skips() == 0
+        assert not caplog.records, "a warning with nothing skipped"
+        counters["inductor"]["cudagraph_skips"] = 2  # as log_cudagraph_skip_and_bump_counter does
+        assert report_cuda_graph_skips() == 2
+    assert "2 compiled graph(s) without CUDA graphs" in caplog.text
+    assert "TORCH_LOGS=cudagraphs" in caplog.text
+
+
 def test_the_executor_thread_binds_only_an_explicit_cuda_index(monkeypatch):
     from inference.executor import Executor
 
