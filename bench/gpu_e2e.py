@@ -8,7 +8,8 @@ lines to $OUT/results.jsonl as they go, so a run cut short still reports what it
             (same weights, so its compile cache stays warm and fp8-vs-bf16 compares alike)
   bare      eager bf16: batch 1 and batch 8, 1024², 20 steps, CFG 5 (output_type="pt")
   served    `imagegate serve --compile` (defaults: regional, shape-generic) on a cold compile
-            cache: ready time, one request at a time, a burst mixing n=1..8 at two warmed sizes,
+            cache: ready time, one request at a time (with the server's breakdown of it: queue,
+            pipeline, mean step, decode, encode), a burst mixing n=1..8 at two warmed sizes,
             24 requests at concurrency 8; request-path compiles read from /metrics
   warm      the same server restarted on the warm compile cache: ready time
   barec     the bare pipeline compiled the same way, in this process: batch 1 and batch 8
@@ -81,6 +82,27 @@ def metric_sum(text, name, labels=None):
         if m and all(f'{k}="{v}"' in (m.group(2) or "") for k, v in (labels or {}).items()):
             total += float(m.group(3))
     return total
+
+
+# Where one request's time goes, by the server's own histograms (means over the singles).
+BREAKDOWN = {
+    "server_s": "imagegate_generation_duration_seconds",  # admission to encoded result
+    "queue_s": "imagegate_queue_wait_seconds",
+    "pipeline_s": "imagegate_batch_duration_seconds",  # prompt encode, denoise, decode
+    "step_s": "imagegate_denoise_step_seconds",  # a batch's mean step
+    "decode_s": "imagegate_vae_decode_seconds",
+    "encode_s": "imagegate_encode_seconds",  # image format and base64
+}
+
+
+def single_breakdown(before, after):
+    """Mean per request of each BREAKDOWN histogram between two /metrics texts."""
+    out = {}
+    for key, name in BREAKDOWN.items():
+        count = metric_sum(after, name + "_count") - metric_sum(before, name + "_count")
+        total = metric_sum(after, name + "_sum") - metric_sum(before, name + "_sum")
+        out[key] = round(total / count, 4) if count else None
+    return out
 
 
 def metrics_text(base):
@@ -188,9 +210,10 @@ async def burst(base, sizes, steps, ns):
 def served_phase(srv, size, steps, kind, seq_n=5):
     """Single-request latency and saturation, with batch and compile figures from /metrics."""
     asyncio.run(load(srv.base, size, steps, 1, 1))  # first request after ready: not timed
+    before = metrics_text(srv.base)
     singles = [asyncio.run(load(srv.base, size, steps, 1, 1))["max"] for _ in range(seq_n)]
     emit(phase=kind, kind="single", median_s=round(statistics.median(singles), 3),
-         all_s=singles)
+         all_s=singles, **single_breakdown(before, metrics_text(srv.base)))
     before = metrics_text(srv.base)
     sat = asyncio.run(load(srv.base, size, steps, 24, 8))
     after = metrics_text(srv.base)
