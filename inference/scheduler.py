@@ -11,7 +11,10 @@ Rules:
   batch's own group waits a short fill window (a fraction of a batch's time) while it holds
   fewer requests than were queued in it when the batch ended plus those the batch answered,
   since under steady load the clients just answered come straight back. An idle executor still
-  starts a lone request at once, so single-request latency is unchanged;
+  starts a lone request at once, and a client sending one request after another is its own
+  fill target, so it never waits; the one request that does is the first lone one after a
+  concurrent batch, which waits out the window for clients that do not come back (at most 1 s;
+  1.37-1.49 s against 0.85 s on an H200, docs/benchmarks.md §4.12);
 - with static-shape compiled graphs (``buckets``), a batch is either every waiting image (padded
   up to the next bucket by the executor) or the largest bucket they fill, whichever the cost
   model says is cheaper per real image (:mod:`inference.buckets`);
