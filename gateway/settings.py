@@ -104,6 +104,7 @@ class Settings(msgspec.Struct, kw_only=True):
     compile_scope: Annotated[Literal["blocks", "unet", "full"], Meta(description="What torch.compile compiles: blocks (the UNet's repeated transformer blocks; fast cold start), unet (the whole UNet; the VAE decoder stays eager) or full (the whole UNet and VAE decoder).")] = "blocks"
     compile_shapes: Annotated[Literal["dynamic", "static", "batch"], Meta(description="dynamic: one shape-generic graph serves every batch size and resolution. static: one graph per batch bucket and warm-up size (needed for CUDA graphs); batches are padded up to a bucket. batch (with --compile-scope unet or full): only the batch dimension is dynamic, one graph per warm-up size, no padding.")] = "dynamic"
     compile_method: Annotated[Literal["jit", "aot"], Meta(description="jit: torch.compile, whose dynamo re-traces the model at every start. aot (with --compile-scope unet --compile-shapes batch, mode default or max-autotune-no-cudagraphs, no --quantize): torch.export + AOTInductor, one package per warm-up size kept in the compile cache, loaded at later starts without tracing. On an H200: a 283 s cold start, one request in 0.85 s; its warm start not yet measured.")] = "jit"
+    aot_build: Annotated[Literal["background", "foreground"], Meta(description="With --compile-method aot, where a missing package is built. background: ready once warm-up has run eagerly; a child process builds the packages (a second copy of the model in accelerator memory meanwhile) and the server adopts them between batches; those sizes run eagerly until then (imagegate_aot_pending_packages). foreground: warm-up builds them before ready (283 s for one size on an H200).")] = "background"
     batch_buckets: Annotated[str | None, Meta(description="With --compile-shapes static: the batch sizes compiled, comma-separated (default: 1,2,4,… up to --max-batch-images, which is always one).")] = None
     attention_backend: Annotated[Literal["auto", "cudnn", "flash", "efficient", "math"], Meta(description="Preferred attention kernel (a preference: others stay as fallbacks). auto keeps torch's order (FlashAttention first); cudnn puts cuDNN's kernels first, reported faster on Hopper. CUDA kernels are refused on the CPU.")] = "auto"
     cudnn_benchmark: Annotated[bool, Meta(description="Let cuDNN time its convolution algorithms for each new input shape and keep the fastest (warm-up pays it for warmed sizes). Eager on an H200: one batch-1 image 12.5% faster, batch 8 1.7% (one sample); not measured served. CUDA only.")] = False
@@ -294,6 +295,8 @@ class Settings(msgspec.Struct, kw_only=True):
         if self.batch_buckets is not None and self.compile_shapes != "static":
             out.append("--batch-buckets is set but --compile-shapes is not static: batches are "
                        "not padded, the buckets are ignored")
+        if self.aot_build != "background" and self.compile_method != "aot":
+            out.append("--aot-build is set but --compile-method is not aot: it is ignored")
         if self.token_ttl_s < 3600:
             out.append(f"--token-ttl-s is {self.token_ttl_s}s, below 3600: Qianfan's SDK "
                        "refreshes access tokens at most hourly, so its clients will see expired "
@@ -327,6 +330,7 @@ class Settings(msgspec.Struct, kw_only=True):
             compile_scope=self.compile_scope,
             compile_shapes=self.compile_shapes,
             compile_method=self.compile_method,
+            aot_build=self.aot_build,
             batch_buckets=_int_list(self.batch_buckets) if self.batch_buckets else (),
             quantize=self.quantize,
             attention_backend=self.attention_backend,

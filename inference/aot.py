@@ -30,8 +30,14 @@ How:
   size runs eagerly, unless the failure is its input check reporting a lower batch limit than
   asked (then batches above it run eagerly); out-of-memory errors go to the executor, which
   splits the batch.
-- **Never on the request path**: a package is built or loaded only during warm-up; while
-  serving (:meth:`AotUnet.serving`) a size without one runs eagerly.
+- **Never on the request path**: a package is built or loaded only during warm-up, or adopted
+  between batches (:meth:`AotUnet.adopt`); while serving (:meth:`AotUnet.serving`) a size
+  without one runs eagerly.
+- **Built in the background by default** (``--aot-build background``): a cold start does not
+  wait the minutes a package takes (255 s for the full-size UNet on an H200, §4.12). Warm-up
+  records the sizes without a package (:meth:`AotUnet.pending`) and runs them eagerly; the
+  engine has a child process build them (inference.aot_background) and, when it is done, has
+  the executor adopt them between batches. ``foreground`` builds in warm-up, before ready.
 """
 
 from __future__ import annotations
@@ -139,6 +145,16 @@ def _batch_of(args: tuple[Any, ...]) -> int | None:
     return int(sample.shape[0]) if isinstance(sample, torch.Tensor) and sample.dim() == 4 else None
 
 
+@dataclass(frozen=True)
+class _Pending:
+    """A size warm-up found no package for, waiting for a background build to make one."""
+
+    path: Path
+    signature: str
+    spec: Any
+    leaves: list[_Leaf]
+
+
 @dataclass
 class _Package:
     """A loaded package and the example it was exported for."""
@@ -184,8 +200,11 @@ class AotUnet:
 
     def __init__(self, unet: Any, folder: Path, *, max_batch: int,
                  inductor_configs: dict[str, Any] | None = None,
-                 build: Builder | None = None, load: Loader | None = None) -> None:
+                 build: Builder | None = None, load: Loader | None = None,
+                 background: bool = False) -> None:
         self.unet = unet
+        # Leave missing packages to a background build (pending) instead of building them.
+        self.background = background
         self.folder = folder
         self.max_batch = max_batch
         self.inductor_configs = dict(inductor_configs or {})
@@ -193,6 +212,7 @@ class AotUnet:
         self._load = load or _load_package
         self._packages: dict[tuple[int, int], _Package] = {}
         self._failed: set[tuple[int, int]] = set()
+        self._pending: dict[tuple[int, int], _Pending] = {}
         self._serving = False
         self._built = 0
         self._misses = 0
@@ -221,13 +241,17 @@ class AotUnet:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """A UNet call: on this size's package when it covers the call, else on the eager UNet."""
         batch = _batch_of(args)
+        waiting = False
         if (batch is not None and MIN_BATCH <= batch <= self.max_batch
                 and not _has_adapters(self.unet)):
             size = (int(args[0].shape[-2]), int(args[0].shape[-1]))
             package = self._packages.get(size)
             same = _float_timestep(args)
-            if package is None and not self._serving and size not in self._failed:
+            waiting = size in self._pending
+            if package is None and not self._serving and size not in self._failed \
+                    and not waiting:
                 package = self._prepare(size, same, kwargs, batch)
+                waiting = size in self._pending
             if package is not None:
                 leaves, spec = _flatten(same, kwargs)
                 if batch <= package.max_batch and package.matches(leaves, spec, batch):
@@ -236,9 +260,59 @@ class AotUnet:
                     except Exception as exc:  # noqa: BLE001 - any failure: eager from now on
                         if not self._limit(size, package, exc):
                             self._drop(size, exc)
-        if self._serving:
+        # A size waiting for its background build runs eagerly as expected, not as a miss:
+        # imagegate_aot_pending_packages shows it instead.
+        if self._serving and not waiting:
             self._misses += 1
         return self.unet._call_impl(*args, **kwargs)
+
+    # -- background builds --------------------------------------------------------------------
+
+    def pending(self) -> list[tuple[int, int]]:
+        """Latent sizes (height, width) that warm-up left to a background build."""
+        return sorted(self._pending)
+
+    def adopt(self) -> list[tuple[int, int]]:
+        """Load the packages a background build made for the pending sizes; the sizes adopted.
+
+        Executor thread only, between batches: a load is not a compile, but it takes the
+        pipeline's thread for as long as it runs (a shared library and one UNet call at the
+        largest batch, which loads the package's kernels so that no request pays for it, and
+        finds a lower batch limit as warm-up's largest batch does). A size whose package is
+        missing, does not load, carries another signature or fails its first call runs
+        eagerly for the rest of this process, logged; the next start tries again.
+        """
+        adopted: list[tuple[int, int]] = []
+        for size, wanted in list(self._pending.items()):
+            del self._pending[size]
+            started = time.perf_counter()
+            try:
+                run, stored = self._load(wanted.path, self.unet)
+                if stored != wanted.signature:
+                    raise ValueError("it was exported for other calls")
+                package = _Package(run=run, spec=wanted.spec, leaves=wanted.leaves,
+                                   max_batch=self.max_batch)
+                try:
+                    _first_call(package, package.max_batch)
+                except Exception as exc:  # a lower batch limit is learned; the rest fail
+                    if not self._limit(size, package, exc):
+                        raise
+                    _first_call(package, package.max_batch)
+            except Exception as exc:  # noqa: BLE001 - any failure: this size stays eager
+                from inference.executor import is_oom
+
+                logger.error("the AOT package for latent %dx%d from the background build "
+                             "cannot serve (%s: %s); that size runs eagerly until a restart",
+                             *size, type(exc).__name__, exc)
+                self._failed.add(size)
+                if is_oom(exc):
+                    _free_cached_memory()
+                continue
+            self._packages[size] = package
+            adopted.append(size)
+            logger.info("AOT package for latent %dx%d adopted in %.2fs: %s", *size,
+                        time.perf_counter() - started, wanted.path)
+        return adopted
 
     def _limit(self, size: tuple[int, int], package: _Package, exc: Exception) -> bool:
         """Lower the package's batch limit to what its input check says it was compiled for.
@@ -291,6 +365,11 @@ class AotUnet:
                     logger.info("AOT package for latent %dx%d loaded from %s in %.2fs",
                                 *size, path, time.perf_counter() - started)
                     return self._keep(size, run, spec, leaves)
+            if self.background:
+                self._pending[size] = _Pending(path, signature, spec, leaves)
+                logger.info("no AOT package for latent %dx%d yet: it runs eagerly until a "
+                            "background build makes one", *size)
+                return None
             self._build_at(path, args, kwargs, signature)
             self._built += 1
             run, stored = self._load(path, self.unet)
@@ -375,6 +454,34 @@ def _float_timestep(args: tuple[Any, ...]) -> tuple[Any, ...]:
     if timestep.data_ptr() % ALIGNMENT:
         timestep = timestep.clone()
     return (args[0], timestep, *args[2:])
+
+
+def _first_call(package: _Package, batch: int) -> None:
+    """Run ``package`` once on zeros at ``batch``, so its kernels load now.
+
+    Its kernels are loaded at their first use; a package adopted while serving would otherwise
+    charge that to the first request it serves. Zeros are a valid UNet input (a noise-free
+    latent at timestep 0). Skipped for an example with a non-contiguous tensor, which zeros
+    would not reproduce.
+    """
+    import torch
+    from torch.utils._pytree import tree_unflatten
+
+    if any(leaf.tensor and not leaf.contiguous for leaf in package.leaves):
+        return
+    values = [torch.zeros((batch, *leaf.rest) if leaf.batch else leaf.rest,
+                          dtype=leaf.dtype, device=leaf.device) if leaf.tensor else leaf.value
+              for leaf in package.leaves]
+    args, kwargs = tree_unflatten(values, package.spec)
+    with torch.inference_mode():
+        package.run(*args, **kwargs)
+
+
+def _free_cached_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _forward_parameters(unet: Any) -> Iterator[str]:

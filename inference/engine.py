@@ -7,6 +7,7 @@ validates canonical requests, and runs them through the scheduler and executor.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import secrets
@@ -18,6 +19,7 @@ from typing import Any
 import msgspec
 
 from inference import __version__
+from inference.aot_background import Builder, build_in_child
 from inference.batch import Batch, BatchKey, Slot, Ticket
 from inference.buckets import BatchBuckets
 from inference.compile import (
@@ -73,6 +75,9 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     compile_shapes: str = "dynamic"
     # jit (torch.compile) or aot (torch.export + AOTInductor packages; inference.aot).
     compile_method: str = "jit"
+    # aot only: build missing packages in a child process while serving eagerly ("background",
+    # inference.aot_background) or in warm-up, before ready ("foreground").
+    aot_build: str = "background"
     # Batch sizes static-shape graphs are compiled for (empty: 1, 2, 4, … up to the maximum).
     batch_buckets: tuple[int, ...] = ()
     quantize: str = "none"
@@ -199,7 +204,8 @@ def diffusers_runner_factory(config: EngineConfig) -> tuple[BatchRunner, ModelIn
         logger.info("compile cache %s (%s)", cache_dir, "warm" if warm else "cold")
         # Classifier-free guidance runs both halves of every image in one UNet batch.
         aot = apply_compile(base, options, aot_folder=cache_dir / "aot",
-                            max_batch=2 * config.max_batch_images)
+                            max_batch=2 * config.max_batch_images,
+                            aot_background=config.aot_build == "background")
     samplers = SamplerRegistry.standard()
     controlnets = load_controlnets(config.controlnets, device=choice.device, dtype=choice.dtype,
                                    tiny_root=tiny_root)
@@ -266,12 +272,16 @@ class Engine:
         runner_factory: RunnerFactory = diffusers_runner_factory,
         samplers: SamplerRegistry | None = None,
         styles: StyleBook | None = None,
+        aot_builder: Builder = build_in_child,
     ) -> None:
         self.config = config
         self.metrics = metrics
         self.samplers = samplers or SamplerRegistry.standard()
         self.styles = styles or StyleBook.builtin()
         self._runner_factory = runner_factory
+        self._aot_builder = aot_builder
+        # The background AOT build and adoption (None when there is none).
+        self._background: asyncio.Task[None] | None = None
         self.state = EngineState.LOADING
         self.info: ModelInfo | None = None
         self.error: str | None = None
@@ -341,6 +351,38 @@ class Engine:
         self.metrics.ready.set(1)
         self.metrics.started.set(1)
         logger.info("ready in %.1fs", time.perf_counter() - started)
+        self._start_background_build(watch)
+
+    def _start_background_build(self, watch: object) -> None:
+        """Have a child build the AOT packages warm-up left pending (see inference.aot_background)."""
+        pending = getattr(watch, "pending", None)
+        sizes = pending() if callable(pending) else []
+        if not sizes:
+            return
+        self.metrics.aot_pending.set(len(sizes))
+        self._background = asyncio.create_task(self._build_in_background(watch),
+                                               name="imagegate-aot-build")
+
+    async def _build_in_background(self, watch: Any) -> None:
+        assert self._executor is not None
+        sizes = watch.pending()
+        started = time.perf_counter()
+        logger.info("building the AOT packages for latent sizes %s in the background; those "
+                    "sizes run eagerly until it ends", ", ".join(f"{h}x{w}" for h, w in sizes))
+        try:
+            built = await self._aot_builder(self.config, watch.folder)
+        except Exception:  # the server serves on, eagerly
+            logger.exception("the background AOT build could not run")
+            built = False
+        # Whatever it made is adopted, even after a failure: a size per package.
+        adopted = await self._executor.call(watch.adopt)
+        self.metrics.aot_pending.set(len(watch.pending()))
+        if adopted:
+            self.metrics.compiles.labels("background").inc(len(adopted))
+        logger.log(logging.INFO if built and len(adopted) == len(sizes) else logging.ERROR,
+                   "background AOT build %s after %.1fs: %d of %d sizes now run on packages",
+                   "done" if built else "failed", time.perf_counter() - started, len(adopted),
+                   len(sizes))
 
     def batch_buckets(self) -> BatchBuckets | None:
         """The batch sizes every call is padded to, when the graphs are compiled static."""
@@ -420,6 +462,11 @@ class Engine:
             return
         self.state = EngineState.DRAINING
         self.metrics.ready.set(0)
+        if self._background is not None and not self._background.done():
+            # Stops the child; its sizes were eager all along and need nothing else.
+            self._background.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._background
         if self._scheduler is not None:
             await self._scheduler.drain(timeout)
         if self._executor is not None:

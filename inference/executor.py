@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
@@ -20,6 +22,8 @@ from inference.errors import Cancelled, GenerationFailed, InferenceError, OutOfM
 from inference.runner import BatchRunner, StepTimes
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -109,6 +113,10 @@ class Executor:
                         batch.key.height, len(batch.slots),
                         " (LoRA)" if batch.key.loras else "")
         return outcome
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the executor thread, between batches (the one thread the pipeline has)."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
 
     def shutdown(self) -> None:
         """Stop the thread once the running batch (if any) is done."""

@@ -118,9 +118,16 @@ class Metrics:
         )
         self.compiles = Counter(
             "imagegate_compiles",
-            "torch.compile graph compilations by reason (warmup, request). "
+            "torch.compile graphs and AOT packages compiled, by reason (warmup, request, "
+            "background: packages a background build made, counted when adopted). "
             "'request' must stay 0: a compile on the request path stalls every queued request.",
             ["reason"], registry=r,
+        )
+        self.aot_pending = Gauge(
+            "imagegate_aot_pending_packages",
+            "Warm-up sizes whose AOT package a background build is still making; they run "
+            "eagerly until it ends (--aot-build background).",
+            registry=r,
         )
         self.eager_batches = Counter(
             "imagegate_eager_batches",
@@ -150,7 +157,7 @@ class Metrics:
         )
         for cause in ERROR_CAUSES:
             self.errors.labels("openai", cause)
-        for reason in ("warmup", "request"):
+        for reason in ("warmup", "request", "background"):
             self.compiles.labels(reason)
 
     def render(self) -> bytes:

@@ -1,0 +1,279 @@
+"""AOT packages built in the background (``--aot-build background``, inference.aot_background).
+
+The router and engine tests use the stand-in compiler of tests/test_aot.py (a package is a file
+with a signature; "running" it runs the eager UNet, counted), so no test here compiles: the
+background build is simulated by what the child really runs, the headless engine with
+foreground builds, in this process. Two tests start the real child process, with compile off,
+to check its plumbing: it starts, runs the headless engine, exits, and dies when cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from inference.aot_background import (
+    build_in_child,
+    decode_config,
+    encode_config,
+    warm_up_headless,
+)
+from inference.engine import Engine, EngineConfig, diffusers_runner_factory
+from inference.request import GenerationRequest
+from observability.metrics import Metrics
+from tests import serving
+from tests.test_aot import StandInCompiler, eager, inputs, routed
+
+
+def test_a_background_router_leaves_a_missing_package_pending_and_runs_its_size_eagerly(
+        tmp_path):
+    compiler = StandInCompiler()
+    unet, router = routed(tmp_path, build=compiler.build, load=compiler.load, background=True)
+    args, kwargs = inputs(2)
+    torch.testing.assert_close(unet(*args, **kwargs)[0], eager(unet, args, kwargs))  # warm-up
+    unet(*inputs(4)[0], **inputs(4)[1])  # a second warm-up batch: still one pending entry
+    assert compiler.built == [], "warm-up built a package although builds are left to a child"
+    assert router.pending() == [(8, 8)]
+    with router.serving():
+        for batch in (2, 8):
+            args, kwargs = inputs(batch)
+            torch.testing.assert_close(unet(*args, **kwargs)[0], eager(unet, args, kwargs))
+    assert router.misses() == 0, "a size waiting for its build counted as an unexpected miss"
+    assert compiler.package_calls == 0 and router.count() == 0
+
+
+def test_adopting_takes_the_package_the_child_built_and_serves_on_it(tmp_path):
+    """The child is a foreground router over the same weights (what the headless engine is):
+    the package it saves carries the signature the parent's warm-up recorded."""
+    compiler = StandInCompiler()
+    unet, parent = routed(tmp_path, build=compiler.build, load=compiler.load, background=True)
+    unet(*inputs(2)[0], **inputs(2)[1])
+    assert parent.adopt() == [], "adopted a package nobody built"
+    assert parent.pending() == [], "a size whose build made nothing stays pending"
+    # That size is now given up for this process; a fresh parent tries again.
+    unet, parent = routed(tmp_path, build=compiler.build, load=compiler.load, background=True)
+    unet(*inputs(2)[0], **inputs(2)[1])
+    child_unet, child = routed(tmp_path, build=compiler.build, load=compiler.load)
+    child_unet.load_state_dict(unet.state_dict())
+    child_unet(*inputs(2)[0], **inputs(2)[1])
+    assert child.count() == 1 and len(compiler.built) == 1
+    calls = compiler.package_calls
+    assert parent.adopt() == [(8, 8)]
+    assert compiler.package_calls > calls, "adoption did not run the package once (kernel load)"
+    assert parent.pending() == []
+    calls = compiler.package_calls
+    with parent.serving():
+        for batch in (2, 5, 8):
+            args, kwargs = inputs(batch)
+            torch.testing.assert_close(unet(*args, **kwargs)[0], eager(unet, args, kwargs))
+    assert compiler.package_calls == calls + 3 and parent.misses() == 0
+
+
+def test_adopting_finds_a_lower_batch_limit_before_any_request_does(tmp_path, caplog):
+    """As warm-up's largest batch does in the foreground (on a CPU inductor compiled 15 of 16)."""
+    compiler = StandInCompiler(compiled_up_to=5)
+    unet, parent = routed(tmp_path, max_batch=8, build=compiler.build, load=compiler.load,
+                          background=True)
+    unet(*inputs(2)[0], **inputs(2)[1])
+    child_unet, _ = routed(tmp_path, max_batch=8, build=compiler.build, load=compiler.load)
+    child_unet.load_state_dict(unet.state_dict())
+    child_unet(*inputs(2)[0], **inputs(2)[1])
+    with caplog.at_level(logging.WARNING, logger="inference.aot"):
+        assert parent.adopt() == [(8, 8)]
+    assert any("up to 5" in r.getMessage() for r in caplog.records)
+    calls = compiler.package_calls
+    with parent.serving():
+        for batch in (5, 6):
+            args, kwargs = inputs(batch)
+            torch.testing.assert_close(unet(*args, **kwargs)[0], eager(unet, args, kwargs))
+    assert compiler.package_calls == calls + 1, "batch 6 reached the package"
+    assert parent.misses() == 1
+
+
+def test_a_package_built_for_other_calls_is_not_adopted(tmp_path, caplog):
+    compiler = StandInCompiler()
+    unet, parent = routed(tmp_path, max_batch=8, build=compiler.build, load=compiler.load,
+                          background=True)
+    unet(*inputs(2)[0], **inputs(2)[1])
+    other_unet, _ = routed(tmp_path, max_batch=16, build=compiler.build, load=compiler.load)
+    other_unet(*inputs(2)[0], **inputs(2)[1])
+    with caplog.at_level(logging.ERROR, logger="inference.aot"):
+        assert parent.adopt() == []
+    assert any("cannot serve" in r.getMessage() and "other calls" in r.getMessage()
+               for r in caplog.records)
+    calls = compiler.package_calls
+    with parent.serving():
+        unet(*inputs(2)[0], **inputs(2)[1])
+    assert compiler.package_calls == calls and parent.misses() == 1
+
+
+# -- the engine: ready first, eager meanwhile, packages adopted between batches --------------
+
+
+def _aot_config(tmp_path: Path, **overrides: Any) -> EngineConfig:
+    shutil.copytree(serving.CACHE_DIR, tmp_path, dirs_exist_ok=True)
+    return EngineConfig(cache_dir=tmp_path, compile=True, compile_scope="unet",
+                        compile_shapes="batch", compile_method="aot", max_batch_images=2,
+                        warmup_sizes=((64, 64),), **overrides)
+
+
+def _factory_with(compiler: StandInCompiler) -> Any:
+    def factory(config: EngineConfig) -> Any:
+        runner, info = diffusers_runner_factory(config)
+        runner.compile_watch._build = compiler.build
+        runner.compile_watch._load = compiler.load
+        return runner, info
+    return factory
+
+
+async def _wait_for(condition: Any, what: str, deadline_s: float = 120.0) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up after {deadline_s:.0f}s waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def compile_env(monkeypatch):
+    # The compile cache points inductor and Triton at its folder through the environment.
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+
+
+async def test_the_engine_is_ready_before_the_build_and_adopts_its_packages_after(
+        tmp_path, compile_env):
+    parent_compiler, child_compiler = StandInCompiler(), StandInCompiler()
+    release = asyncio.Event()
+    seen: list[EngineConfig] = []
+
+    async def child(config: EngineConfig, folder: Path) -> bool:
+        seen.append(config)
+        await release.wait()
+        await warm_up_headless(config, runner_factory=_factory_with(child_compiler))
+        return True
+
+    metrics = Metrics()
+    engine = Engine(_aot_config(tmp_path), metrics, runner_factory=_factory_with(parent_compiler),
+                    aot_builder=child)
+    await engine.start()
+    try:
+        assert engine.ready and parent_compiler.built == []
+        assert metrics.registry.get_sample_value("imagegate_aot_pending_packages") == 1
+        await _wait_for(lambda: seen, "the background build to start")
+        assert seen[0].aot_build == "background", "the builder gets the server's own settings"
+        request = GenerationRequest(prompt="a lighthouse", width=64, height=64, steps=2, seed=7)
+        before = await engine.generate(request)
+        assert parent_compiler.package_calls == 0, "a request ran on a package nobody built"
+        assert metrics.registry.get_sample_value("imagegate_eager_batches_total") in (None, 0.0)
+
+        release.set()
+        await _wait_for(lambda: metrics.registry.get_sample_value(
+            "imagegate_aot_pending_packages") == 0, "the package to be adopted")
+        assert len(child_compiler.built) == 1, "the headless engine built no package"
+        assert metrics.registry.get_sample_value("imagegate_compiles_total",
+                                                 {"reason": "background"}) == 1
+        assert metrics.registry.get_sample_value("imagegate_compiles_total",
+                                                 {"reason": "request"}) == 0
+        calls = parent_compiler.package_calls
+        after = await engine.generate(request)
+        assert parent_compiler.package_calls >= calls + 2, "the request did not use the package"
+        # The stand-in package runs the eager UNet: same seed, same image.
+        assert [i.data for i in after.images] == [i.data for i in before.images]
+    finally:
+        await engine.drain(10)
+
+
+async def test_draining_stops_a_background_build_in_progress(tmp_path, compile_env):
+    started, stopped = asyncio.Event(), asyncio.Event()
+
+    async def child(config: EngineConfig, folder: Path) -> bool:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
+        return True
+
+    engine = Engine(_aot_config(tmp_path), Metrics(),
+                    runner_factory=_factory_with(StandInCompiler()), aot_builder=child)
+    await engine.start()
+    await asyncio.wait_for(started.wait(), 60)
+    await asyncio.wait_for(engine.drain(10), 60)
+    assert stopped.is_set(), "drain left the background build running"
+
+
+async def test_a_failed_build_leaves_the_server_serving_eagerly(tmp_path, compile_env, caplog):
+    async def child(config: EngineConfig, folder: Path) -> bool:
+        return False
+
+    metrics = Metrics()
+    engine = Engine(_aot_config(tmp_path), metrics,
+                    runner_factory=_factory_with(StandInCompiler()), aot_builder=child)
+    with caplog.at_level(logging.ERROR):
+        await engine.start()
+        try:
+            await _wait_for(lambda: metrics.registry.get_sample_value(
+                "imagegate_aot_pending_packages") == 0, "the failed build to be reported")
+            result = await engine.generate(GenerationRequest(prompt="x", width=64, height=64,
+                                                             steps=2))
+            assert len(result.images) == 1
+        finally:
+            await engine.drain(10)
+    assert any("background AOT build failed" in r.getMessage() for r in caplog.records)
+    assert metrics.registry.get_sample_value("imagegate_compiles_total",
+                                             {"reason": "background"}) == 0
+
+
+# -- the real child process (compile off: its plumbing, not a compile) -------------------------
+
+
+def _plain_config() -> EngineConfig:
+    return EngineConfig(cache_dir=serving.CACHE_DIR, compile=False, warmup_sizes=((64, 64),),
+                        max_batch_images=1, warmup_batch_sizes=(1,))
+
+
+async def test_the_child_runs_the_headless_engine_on_the_servers_settings_and_exits(tmp_path):
+    folder = tmp_path / "aot"
+    assert await asyncio.wait_for(build_in_child(_plain_config(), folder), 240)
+    log = (folder / "build.log").read_text()
+    assert "ready in" in log and "background AOT build done" in log, log[-2000:]
+    assert not list(folder.glob("build-*.json")), "the settings file was left behind"
+
+
+async def test_cancelling_the_build_kills_the_child(tmp_path, caplog):
+    folder = tmp_path / "aot"
+    with caplog.at_level(logging.INFO, logger="inference.aot_background"):
+        task = asyncio.create_task(build_in_child(_plain_config(), folder))
+        await _wait_for(lambda: any("started (pid" in r.getMessage() for r in caplog.records),
+                        "the child to start")
+    pid = int(re.search(r"pid (\d+)", next(
+        r.getMessage() for r in caplog.records if "started (pid" in r.getMessage()))[1])
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 60)
+
+    def gone() -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    await _wait_for(gone, f"child {pid} to exit")
+
+
+def test_the_child_reads_back_the_settings_it_is_given():
+    original = EngineConfig(warmup_sizes=((64, 96),), controlnets=(("canny", "/m/c"),),
+                            lora_dir=Path("/loras"), aot_build="foreground")
+    decoded = decode_config(encode_config(original), EngineConfig)
+    assert decoded == original and isinstance(decoded.lora_dir, Path)
