@@ -35,12 +35,12 @@ case "${1:-}" in
     ;;
   session)
     # One device call that fits a whole session (15 min of device time, start-up included, at
-    # most 10 min per call): plan item ${2:-au}, then, in the seconds left of ${3:-575}, that
+    # most 10 min per call): plan item ${2:-d}, then, in the seconds left of ${3:-575}, that
     # item's served phase again (plan ITEM+: the same weights, the compile cache it left, a
     # second sample of the served figures). On 2026-11-27 item 0u took 354 s and its second
     # served phase 131 s (docs/benchmarks.md §4.9).
     : "${OUT:?set OUT to the folder the results go to}"
-    item=${2:-au}
+    item=${2:-d}
     end=$(( $(date +%s) + ${3:-575} ))
     timeout $(( end - $(date +%s) )) sh "$0" plan "$item" || echo "item $item ended with $?"
     left=$(( end - $(date +%s) ))
@@ -76,7 +76,14 @@ case "${1:-}" in
       # warm start that loads the package without dynamo's trace (58 s for 0u in §4.9), and
       # whether a call without dynamo's guards and Python wrapper is faster. §4.12 measured the
       # cold start (283 s) and one request (0.848 s); its time ran out before the warm start.
-      au) phases=served,warm serve="$unet --compile-method aot" more='--sizes 1024 --ready-limit 560' ;;
+      # Since 2026-11-27 (later session) aot builds in the background by default; au keeps
+      # §4.12's flow, the package built in warm-up before ready.
+      au) phases=served,warm serve="$unet --compile-method aot --aot-build foreground"
+          more='--sizes 1024 --ready-limit 560' ;;
+      # The default recipe since then (aot, built in the background; §4.13): ready after an
+      # eager warm-up, three requests served eagerly while the child builds, the time until its
+      # package serves, then the served figures on it and the warm start (loads the package).
+      d) phases=served,warm serve='--compile-method auto' more='--sizes 1024 --live-limit 560' ;;
       # CUDA graphs with static shapes: whole UNet and decoder, buckets 1 and 8 (each bucket's
       # graphs took about 138 s to compile in §4.9's bare run: may not fit one call).
       g) phases=served more='--sizes 1024 --ready-limit 560'
@@ -100,7 +107,7 @@ case "${1:-}" in
       4) set -- python3 -m bench.compile_features --scope full --shapes batch ;;
       # How much of a whole-UNet warm start is dynamo's trace on this host (measured in §4.9).
       t) set -- python3 -m bench.dynamo_trace ;;
-      *) echo "plan items: 0u gu g 0 0c 1 1b 2 2b 3 4 t, and ITEM+ (docs/benchmarks.md §4.4, §4.7-4.9)" >&2
+      *) echo "plan items: d au 0u gu g 0 0c 1 1b 2 2b 3 4 t, and ITEM+ (docs/benchmarks.md §4.4, §4.7-4.9)" >&2
          exit 2 ;;
     esac
     if [ -n "$again" ]; then

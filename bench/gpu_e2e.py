@@ -400,6 +400,7 @@ def main():
         srv.stop()
 
     if "barec" in phases:
+        from gateway.settings import Settings
         from inference.compile import (
             CompileCache,
             CompileOptions,
@@ -408,20 +409,23 @@ def main():
         )
 
         served = argparse.ArgumentParser(add_help=False)
-        served.add_argument("--compile-scope", default="blocks")
-        served.add_argument("--compile-shapes", default="dynamic")
+        for flag in ("--compile-scope", "--compile-shapes", "--compile-method"):
+            served.add_argument(flag, default="auto")
         served.add_argument("--compile-mode", default="default")
-        served.add_argument("--compile-method", default="jit")
+        served.add_argument("--quantize", default="none")
         served.add_argument("--attention-backend", default="auto")
         recipe, _ = served.parse_known_args(shlex.split(a.serve_args))
         if recipe.attention_backend != "auto" and cuda:
             from inference.attention import prefer_attention_backend
 
             prefer_attention_backend(recipe.attention_backend, "cuda")
-        scope = recipe.compile_scope
-        # The served phases' recipe, for a fair comparison.
-        options = CompileOptions(scope=scope, shapes=recipe.compile_shapes,
-                                 mode=recipe.compile_mode, method=recipe.compile_method)
+        # The served phases' recipe, resolved as the server resolves it, for a fair comparison.
+        scope, shapes, method = Settings.from_sources({
+            "compile_scope": recipe.compile_scope, "compile_shapes": recipe.compile_shapes,
+            "compile_method": recipe.compile_method, "compile_mode": recipe.compile_mode,
+            "quantize": recipe.quantize}, environ={}).compile_recipe()
+        options = CompileOptions(scope=scope, shapes=shapes, mode=recipe.compile_mode,
+                                 method=method)
         CompileCache(cache / "bare-compile").activate()
         prepare_for_compile(pipe, options)
         aot_folder = None
@@ -436,7 +440,7 @@ def main():
         emit(phase="barec", compile_and_warm_s=round(time.perf_counter() - t, 1))
         b1 = min(bare_time(pipe, 1, steps, size) for _ in range(3))
         b8 = bare_time(pipe, 8, steps, size)
-        emit(phase="barec", mode=f"compiled ({scope}, {recipe.compile_shapes} shapes)", b1_s=round(b1, 3), b8_s=round(b8, 3),
+        emit(phase="barec", mode=f"compiled ({scope}, {shapes} shapes, {method})", b1_s=round(b1, 3), b8_s=round(b8, 3),
              b8_img_s=round(8 / b8, 3))
     pipe = None
     if cuda:

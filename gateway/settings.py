@@ -18,6 +18,7 @@ from msgspec import Meta
 
 from gateway.sizes import parse_size
 from inference import EngineConfig
+from inference.compile import AOT_MODES as AOT_COMPILE_MODES
 from inference.controlnet import parse_controlnets
 
 ENV_PREFIX = "IMAGEGATE_"
@@ -101,9 +102,9 @@ class Settings(msgspec.Struct, kw_only=True):
     dtype: Annotated[Literal["auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32", "half"], Meta(description="auto (CUDA: bf16 or fp16; CPU: fp32), bfloat16, float16 or float32.")] = "auto"
     compile: Annotated[bool | None, Meta(description="torch.compile the UNet and VAE decoder (default: on for CUDA, off for CPU).")] = None
     compile_mode: Annotated[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"], Meta(description="torch.compile mode: reduce-overhead and max-autotune record CUDA graphs (warm-up then runs every batch size up to --max-batch-images unless shapes are static).")] = "default"
-    compile_scope: Annotated[Literal["blocks", "unet", "full"], Meta(description="What torch.compile compiles: blocks (the UNet's repeated transformer blocks; fast cold start), unet (the whole UNet; the VAE decoder stays eager) or full (the whole UNet and VAE decoder).")] = "blocks"
-    compile_shapes: Annotated[Literal["dynamic", "static", "batch"], Meta(description="dynamic: one shape-generic graph serves every batch size and resolution. static: one graph per batch bucket and warm-up size (needed for CUDA graphs); batches are padded up to a bucket. batch (with --compile-scope unet or full): only the batch dimension is dynamic, one graph per warm-up size, no padding.")] = "dynamic"
-    compile_method: Annotated[Literal["jit", "aot"], Meta(description="jit: torch.compile, whose dynamo re-traces the model at every start. aot (with --compile-scope unet --compile-shapes batch, mode default or max-autotune-no-cudagraphs, no --quantize): torch.export + AOTInductor, one package per warm-up size kept in the compile cache, loaded at later starts without tracing. On an H200: a 283 s cold start, one request in 0.85 s; its warm start not yet measured.")] = "jit"
+    compile_scope: Annotated[Literal["auto", "blocks", "unet", "full"], Meta(description="What is compiled: blocks (the UNet's repeated transformer blocks), unet (the whole UNet; the VAE decoder stays eager) or full (the whole UNet and VAE decoder). auto: unet when the recipe is aot (see --compile-method), else blocks.")] = "auto"
+    compile_shapes: Annotated[Literal["auto", "dynamic", "static", "batch"], Meta(description="dynamic: one shape-generic graph serves every batch size and resolution. static: one graph per batch bucket and warm-up size (needed for CUDA graphs); batches are padded up to a bucket. batch (with --compile-scope unet or full): only the batch dimension is dynamic, one graph per warm-up size, no padding. auto: batch when the recipe is aot, else dynamic.")] = "auto"
+    compile_method: Annotated[Literal["auto", "jit", "aot"], Meta(description="jit: torch.compile, whose dynamo re-traces the model at every start. aot: torch.export + AOTInductor, the whole UNet with a dynamic batch (scope unet, shapes batch; mode default or max-autotune-no-cudagraphs; no --quantize), one package per warm-up size kept in the compile cache and loaded at later starts without tracing; see --aot-build. auto (the default): aot when no other compile flag asks for something it cannot do (--compile-scope, --compile-shapes, a CUDA-graph --compile-mode, --quantize), else jit with scope blocks and dynamic shapes. On an H200, aot served one request in 0.85 s against the jit blocks recipe's 1.11 s.")] = "auto"
     aot_build: Annotated[Literal["background", "foreground"], Meta(description="With --compile-method aot, where a missing package is built. background: ready once warm-up has run eagerly; a child process builds the packages (a second copy of the model in accelerator memory meanwhile) and the server adopts them between batches; those sizes run eagerly until then (imagegate_aot_pending_packages). foreground: warm-up builds them before ready (283 s for one size on an H200).")] = "background"
     batch_buckets: Annotated[str | None, Meta(description="With --compile-shapes static: the batch sizes compiled, comma-separated (default: 1,2,4,… up to --max-batch-images, which is always one).")] = None
     attention_backend: Annotated[Literal["auto", "cudnn", "flash", "efficient", "math"], Meta(description="Preferred attention kernel (a preference: others stay as fallbacks). auto keeps torch's order (FlashAttention first); cudnn puts cuDNN's kernels first, reported faster on Hopper. CUDA kernels are refused on the CPU.")] = "auto"
@@ -266,15 +267,16 @@ class Settings(msgspec.Struct, kw_only=True):
             except ValueError:
                 problems.append(f"{src(name)}: expected batch sizes from 1 to max-batch-images "
                                 f"({self.max_batch_images}) separated by commas, got {text!r}")
-        if self.compile_shapes == "batch" and self.compile_scope == "blocks":
+        scope, shapes, method = self.compile_recipe()
+        if shapes == "batch" and scope == "blocks":
             problems.append(f"{src('compile_shapes')}: batch needs --compile-scope unet or full "
                             "(regional compilation cannot mark the blocks' batch dimension)")
-        if self.compile_method == "aot":
+        if method == "aot":
             aot_needs = [f"--{flag}" for flag, ok in (
-                ("compile-scope unet", self.compile_scope == "unet"),
-                ("compile-shapes batch", self.compile_shapes == "batch"),
+                ("compile-scope unet", scope == "unet"),
+                ("compile-shapes batch", shapes == "batch"),
                 ("compile-mode default or max-autotune-no-cudagraphs",
-                 self.compile_mode in ("default", "max-autotune-no-cudagraphs")),
+                 self.compile_mode in AOT_COMPILE_MODES),
                 ("quantize none", self.quantize == "none")) if not ok]
             if aot_needs:
                 problems.append(f"{src('compile_method')}: aot needs {', '.join(aot_needs)} "
@@ -295,13 +297,34 @@ class Settings(msgspec.Struct, kw_only=True):
         if self.batch_buckets is not None and self.compile_shapes != "static":
             out.append("--batch-buckets is set but --compile-shapes is not static: batches are "
                        "not padded, the buckets are ignored")
-        if self.aot_build != "background" and self.compile_method != "aot":
+        if self.aot_build != "background" and self.compile_recipe()[2] != "aot":
             out.append("--aot-build is set but --compile-method is not aot: it is ignored")
         if self.token_ttl_s < 3600:
             out.append(f"--token-ttl-s is {self.token_ttl_s}s, below 3600: Qianfan's SDK "
                        "refreshes access tokens at most hourly, so its clients will see expired "
                        "tokens")
         return out
+
+    def compile_recipe(self) -> tuple[str, str, str]:
+        """(scope, shapes, method) with every ``auto`` resolved.
+
+        The default recipe is the whole UNet compiled ahead of time (aot, built in the
+        background): on an H200 it served one request fastest (docs/benchmarks.md §4.12), and
+        built in the background its cold start waits for no compile. A compile flag that asks
+        for what aot cannot do (another scope or shapes, CUDA graphs, quantized weights) gets
+        the jit recipe instead, with the defaults it always had (blocks, dynamic shapes).
+        """
+        scope, shapes, method = self.compile_scope, self.compile_shapes, self.compile_method
+        if method == "auto":
+            aot_fits = (scope in ("auto", "unet") and shapes in ("auto", "batch")
+                        and self.compile_mode in AOT_COMPILE_MODES and self.quantize == "none")
+            untouched = scope == "auto" and shapes == "auto"
+            method = "aot" if aot_fits and untouched else "jit"
+        if method == "aot":
+            return (scope if scope != "auto" else "unet",
+                    shapes if shapes != "auto" else "batch", method)
+        return (scope if scope != "auto" else "blocks",
+                shapes if shapes != "auto" else "dynamic", method)
 
     def quality_table(self) -> dict[str, int]:
         """``quality_steps`` parsed to a dict."""
@@ -327,9 +350,9 @@ class Settings(msgspec.Struct, kw_only=True):
             dtype=self.dtype,
             compile=self.compile,
             compile_mode=self.compile_mode,
-            compile_scope=self.compile_scope,
-            compile_shapes=self.compile_shapes,
-            compile_method=self.compile_method,
+            compile_scope=self.compile_recipe()[0],
+            compile_shapes=self.compile_recipe()[1],
+            compile_method=self.compile_recipe()[2],
             aot_build=self.aot_build,
             batch_buckets=_int_list(self.batch_buckets) if self.batch_buckets else (),
             quantize=self.quantize,

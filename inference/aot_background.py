@@ -157,8 +157,9 @@ async def warm_up_headless(config: EngineConfig, runner_factory: Any = None) -> 
     from inference.engine import Engine
     from observability.metrics import Metrics
 
-    # Foreground: the child is where the packages are built.
-    config = msgspec.structs.replace(config, aot_build="foreground")
+    # Foreground: the child is where the packages are built. No ControlNets: warm-up does not
+    # use them, they are not part of the compile cache's key, and they cost memory.
+    config = msgspec.structs.replace(config, aot_build="foreground", controlnets=())
     engine = (Engine(config, Metrics()) if runner_factory is None
               else Engine(config, Metrics(), runner_factory=runner_factory))
     try:

@@ -97,13 +97,36 @@ def test_bad_settings_stop_the_start_with_one_line_each(args, env, names):
 
 
 def test_ahead_of_time_compile_names_every_setting_it_needs():
-    res = run_cli("serve", "--compile-method", "aot", "--quantize", "fp8")
+    res = run_cli("serve", "--compile-method", "aot", "--quantize", "fp8",
+                  "--compile-scope", "full", "--compile-shapes", "dynamic")
     assert res.returncode == 2, res.stderr
     line = res.stderr.strip()
     assert line.startswith("imagegate: --compile-method: aot needs"), line
     for needed in ("--compile-scope unet", "--compile-shapes batch", "--quantize none"):
         assert needed in line, line
     assert "--compile-mode" not in line, "the default mode was reported as a problem"
+
+
+@pytest.mark.parametrize(
+    ("values", "recipe"),
+    [
+        # No compile flag: the whole UNet ahead of time (built in the background).
+        ({}, ("unet", "batch", "aot")),
+        ({"compile_method": "aot"}, ("unet", "batch", "aot")),
+        ({"compile_mode": "max-autotune-no-cudagraphs"}, ("unet", "batch", "aot")),
+        # A flag aot cannot honour, or any recipe flag: jit with the defaults it always had.
+        ({"quantize": "fp8"}, ("blocks", "dynamic", "jit")),
+        ({"compile_mode": "reduce-overhead"}, ("blocks", "dynamic", "jit")),
+        ({"compile_method": "jit"}, ("blocks", "dynamic", "jit")),
+        ({"compile_scope": "unet", "compile_shapes": "batch"}, ("unet", "batch", "jit")),
+        ({"compile_scope": "full"}, ("full", "dynamic", "jit")),
+    ],
+)
+def test_the_compile_recipe_resolves_auto(values, recipe):
+    settings = Settings.from_sources(values, environ={})
+    assert settings.compile_recipe() == recipe
+    config = settings.engine_config()
+    assert (config.compile_scope, config.compile_shapes, config.compile_method) == recipe
 
 
 def test_friendly_spellings_and_empty_variables():
