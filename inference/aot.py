@@ -153,6 +153,17 @@ class _Pending:
     signature: str
     spec: Any
     leaves: list[_Leaf]
+    # The file warm-up found at ``path`` (a package for other calls), until the build replaces it.
+    stale: tuple[int, int] | None = None
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """A file's modification time and size (None when absent): tells a new package from the old."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size
 
 
 @dataclass
@@ -272,8 +283,12 @@ class AotUnet:
         """Latent sizes (height, width) that warm-up left to a background build."""
         return sorted(self._pending)
 
-    def adopt(self) -> list[tuple[int, int]]:
+    def adopt(self, *, final: bool = True) -> list[tuple[int, int]]:
         """Load the packages a background build made for the pending sizes; the sizes adopted.
+
+        While the build runs (``final`` False) only the sizes whose package has appeared are
+        taken, so a second warm-up size does not wait for the first's build; once it has ended,
+        every pending size is settled.
 
         Executor thread only, between batches: a load is not a compile, but it takes the
         pipeline's thread for as long as it runs (a shared library and one UNet call at the
@@ -284,9 +299,14 @@ class AotUnet:
         """
         adopted: list[tuple[int, int]] = []
         for size, wanted in list(self._pending.items()):
+            current = _stamp(wanted.path)
+            if not final and current in (None, wanted.stale):
+                continue  # not built yet (the build renames a package in when it is complete)
             del self._pending[size]
             started = time.perf_counter()
             try:
+                if current is None:
+                    raise FileNotFoundError(f"the build made no package at {wanted.path}")
                 run, stored = self._load(wanted.path, self.unet)
                 if stored != wanted.signature:
                     raise ValueError("it was exported for other calls")
@@ -366,7 +386,7 @@ class AotUnet:
                                 *size, path, time.perf_counter() - started)
                     return self._keep(size, run, spec, leaves)
             if self.background:
-                self._pending[size] = _Pending(path, signature, spec, leaves)
+                self._pending[size] = _Pending(path, signature, spec, leaves, _stamp(path))
                 logger.info("no AOT package for latent %dx%d yet: it runs eagerly until a "
                             "background build makes one", *size)
                 return None

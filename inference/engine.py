@@ -58,6 +58,8 @@ MAX_CONTROL_UNITS = 3
 CONTROL_WEIGHT_RANGE = (0.0, 2.0)
 MAX_LORAS = 5
 LORA_WEIGHT_RANGE = (-5.0, 5.0)
+# How often a background AOT build's folder is checked for finished packages.
+AOT_POLL_S = 5.0
 
 
 
@@ -369,20 +371,38 @@ class Engine:
         started = time.perf_counter()
         logger.info("building the AOT packages for latent sizes %s in the background; those "
                     "sizes run eagerly until it ends", ", ".join(f"{h}x{w}" for h, w in sizes))
+        build = asyncio.ensure_future(self._aot_builder(self.config, watch.folder))
+        adopted: list[tuple[int, int]] = []
         try:
-            built = await self._aot_builder(self.config, watch.folder)
+            # Each package as soon as it is there: with two warm-up sizes the first serves
+            # while the second builds.
+            while not (await asyncio.wait({build}, timeout=AOT_POLL_S))[0]:
+                adopted += await self._adopt(watch, final=False)
+        finally:
+            if not build.done():  # this task was cancelled (drain): stop the child too
+                build.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await build
+        try:
+            built = build.result()
         except Exception:  # the server serves on, eagerly
             logger.exception("the background AOT build could not run")
             built = False
         # Whatever it made is adopted, even after a failure: a size per package.
-        adopted = await self._executor.call(watch.adopt)
-        self.metrics.aot_pending.set(len(watch.pending()))
-        if adopted:
-            self.metrics.compiles.labels("background").inc(len(adopted))
+        adopted += await self._adopt(watch, final=True)
         logger.log(logging.INFO if built and len(adopted) == len(sizes) else logging.ERROR,
                    "background AOT build %s after %.1fs: %d of %d sizes now run on packages",
                    "done" if built else "failed", time.perf_counter() - started, len(adopted),
                    len(sizes))
+
+    async def _adopt(self, watch: Any, *, final: bool) -> list[tuple[int, int]]:
+        """Adopt built packages on the executor thread, between batches; count them."""
+        assert self._executor is not None
+        adopted = await self._executor.call(lambda: watch.adopt(final=final))
+        self.metrics.aot_pending.set(len(watch.pending()))
+        if adopted:
+            self.metrics.compiles.labels("background").inc(len(adopted))
+        return adopted
 
     def batch_buckets(self) -> BatchBuckets | None:
         """The batch sizes every call is padded to, when the graphs are compiled static."""

@@ -78,6 +78,27 @@ def test_adopting_takes_the_package_the_child_built_and_serves_on_it(tmp_path):
     assert compiler.package_calls == calls + 3 and parent.misses() == 0
 
 
+def test_while_the_build_runs_only_finished_packages_are_adopted(tmp_path):
+    """A package is renamed into place when complete; one for other calls that warm-up found
+    there is not taken for the new one until the build has replaced it."""
+    compiler = StandInCompiler()
+    old_unet, _ = routed(tmp_path, max_batch=16, build=compiler.build, load=compiler.load)
+    old_unet(*inputs(2)[0], **inputs(2)[1])  # a package for other calls (another max batch)
+    unet, parent = routed(tmp_path, build=compiler.build, load=compiler.load, background=True)
+    unet(*inputs(2)[0], **inputs(2)[1])
+    unet(*inputs(2, size=4)[0], **inputs(2, size=4)[1])
+    assert parent.pending() == [(4, 4), (8, 8)]
+    assert parent.adopt(final=False) == [], "took the old package for the one being built"
+    assert parent.pending() == [(4, 4), (8, 8)]
+    child_unet, _ = routed(tmp_path, build=compiler.build, load=compiler.load)
+    child_unet.load_state_dict(unet.state_dict())
+    child_unet(*inputs(2, size=4)[0], **inputs(2, size=4)[1])  # the child's first size
+    assert parent.adopt(final=False) == [(4, 4)]
+    assert parent.pending() == [(8, 8)]
+    assert parent.adopt(final=True) == [], "the stale package was adopted when the build ended"
+    assert parent.pending() == []
+
+
 def test_adopting_finds_a_lower_batch_limit_before_any_request_does(tmp_path, caplog):
     """As warm-up's largest batch does in the foreground (on a CPU inductor compiled 15 of 16)."""
     compiler = StandInCompiler(compiled_up_to=5)
@@ -188,6 +209,37 @@ async def test_the_engine_is_ready_before_the_build_and_adopts_its_packages_afte
         assert parent_compiler.package_calls >= calls + 2, "the request did not use the package"
         # The stand-in package runs the eager UNet: same seed, same image.
         assert [i.data for i in after.images] == [i.data for i in before.images]
+    finally:
+        await engine.drain(10)
+
+
+async def test_a_package_serves_as_soon_as_it_is_built_while_the_build_goes_on(
+        tmp_path, compile_env, monkeypatch):
+    import inference.engine
+
+    monkeypatch.setattr(inference.engine, "AOT_POLL_S", 0.05)
+    child_compiler = StandInCompiler()
+    finish = asyncio.Event()
+
+    async def child(config: EngineConfig, folder: Path) -> bool:
+        await warm_up_headless(config, runner_factory=_factory_with(child_compiler))
+        await finish.wait()  # a second size still building
+        return True
+
+    metrics = Metrics()
+    engine = Engine(_aot_config(tmp_path), metrics,
+                    runner_factory=_factory_with(StandInCompiler()), aot_builder=child)
+    await engine.start()
+    try:
+        await _wait_for(lambda: metrics.registry.get_sample_value(
+            "imagegate_compiles_total", {"reason": "background"}) == 1,
+            "the package to be adopted while the build still runs")
+        assert engine._background is not None and not engine._background.done()
+        assert metrics.registry.get_sample_value("imagegate_aot_pending_packages") == 0
+        finish.set()
+        await asyncio.wait_for(engine._background, 60)
+        assert metrics.registry.get_sample_value("imagegate_compiles_total",
+                                                 {"reason": "background"}) == 1
     finally:
         await engine.drain(10)
 
