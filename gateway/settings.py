@@ -104,7 +104,7 @@ class Settings(msgspec.Struct, kw_only=True):
     compile_mode: Annotated[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"], Meta(description="torch.compile mode: reduce-overhead and max-autotune record CUDA graphs (warm-up then runs every batch size up to --max-batch-images unless shapes are static).")] = "default"
     compile_scope: Annotated[Literal["auto", "blocks", "unet", "full"], Meta(description="What is compiled: blocks (the UNet's repeated transformer blocks), unet (the whole UNet; the VAE decoder stays eager) or full (the whole UNet and VAE decoder). auto: unet when the recipe is aot (see --compile-method), else blocks.")] = "auto"
     compile_shapes: Annotated[Literal["auto", "dynamic", "static", "batch"], Meta(description="dynamic: one shape-generic graph serves every batch size and resolution. static: one graph per batch bucket and warm-up size (needed for CUDA graphs); batches are padded up to a bucket. batch (with --compile-scope unet or full): only the batch dimension is dynamic, one graph per warm-up size, no padding. auto: batch when the recipe is aot, else dynamic.")] = "auto"
-    compile_method: Annotated[Literal["auto", "jit", "aot"], Meta(description="jit: torch.compile, whose dynamo re-traces the model at every start. aot: torch.export + AOTInductor, the whole UNet with a dynamic batch (scope unet, shapes batch; mode default or max-autotune-no-cudagraphs; no --quantize), one package per warm-up size kept in the compile cache and loaded at later starts without tracing; see --aot-build. auto (the default): aot when no other compile flag asks for something it cannot do (--compile-scope, --compile-shapes, a CUDA-graph --compile-mode, --quantize), else jit with scope blocks and dynamic shapes. On an H200, aot served one request in 0.85 s against the jit blocks recipe's 1.11 s.")] = "auto"
+    compile_method: Annotated[Literal["auto", "jit", "aot"], Meta(description="jit: torch.compile, whose dynamo re-traces the model at every start. aot: torch.export + AOTInductor, the whole UNet with a dynamic batch (scope unet, shapes batch; mode default or max-autotune-no-cudagraphs; no --quantize), one package per warm-up size kept in the compile cache and loaded at later starts without tracing; see --aot-build. auto (the default): aot when --compile-scope and --compile-shapes are not given, the mode records no CUDA graphs and --quantize is none; otherwise jit (scope blocks and dynamic shapes unless given). On an H200, aot served one request in 0.85 s against the jit blocks recipe's 1.11 s.")] = "auto"
     aot_build: Annotated[Literal["background", "foreground"], Meta(description="With --compile-method aot, where a missing package is built. background: ready once warm-up has run eagerly; a child process builds the packages (a second copy of the model in accelerator memory meanwhile) and the server adopts them between batches; those sizes run eagerly until then (imagegate_aot_pending_packages). foreground: warm-up builds them before ready (283 s for one size on an H200).")] = "background"
     batch_buckets: Annotated[str | None, Meta(description="With --compile-shapes static: the batch sizes compiled, comma-separated (default: 1,2,4,… up to --max-batch-images, which is always one).")] = None
     attention_backend: Annotated[Literal["auto", "cudnn", "flash", "efficient", "math"], Meta(description="Preferred attention kernel (a preference: others stay as fallbacks). auto keeps torch's order (FlashAttention first); cudnn puts cuDNN's kernels first, reported faster on Hopper. CUDA kernels are refused on the CPU.")] = "auto"
@@ -268,7 +268,8 @@ class Settings(msgspec.Struct, kw_only=True):
                 problems.append(f"{src(name)}: expected batch sizes from 1 to max-batch-images "
                                 f"({self.max_batch_images}) separated by commas, got {text!r}")
         scope, shapes, method = self.compile_recipe()
-        if shapes == "batch" and scope == "blocks":
+        # Only a batch asked for: one that aot's "auto" resolved to is aot's own message below.
+        if self.compile_shapes == "batch" and scope == "blocks":
             problems.append(f"{src('compile_shapes')}: batch needs --compile-scope unet or full "
                             "(regional compilation cannot mark the blocks' batch dimension)")
         if method == "aot":
@@ -312,14 +313,15 @@ class Settings(msgspec.Struct, kw_only=True):
         background): on an H200 it served one request fastest (docs/benchmarks.md §4.12), and
         built in the background its cold start waits for no compile. A compile flag that asks
         for what aot cannot do (another scope or shapes, CUDA graphs, quantized weights) gets
-        the jit recipe instead, with the defaults it always had (blocks, dynamic shapes).
+        the jit recipe instead, with the defaults it always had (blocks, dynamic shapes); so
+        does any explicit scope or shapes, so that a recipe spelled out keeps its meaning.
         """
         scope, shapes, method = self.compile_scope, self.compile_shapes, self.compile_method
         if method == "auto":
-            aot_fits = (scope in ("auto", "unet") and shapes in ("auto", "batch")
-                        and self.compile_mode in AOT_COMPILE_MODES and self.quantize == "none")
-            untouched = scope == "auto" and shapes == "auto"
-            method = "aot" if aot_fits and untouched else "jit"
+            default_recipe = (scope == "auto" and shapes == "auto"
+                              and self.compile_mode in AOT_COMPILE_MODES
+                              and self.quantize == "none")
+            method = "aot" if default_recipe else "jit"
         if method == "aot":
             return (scope if scope != "auto" else "unet",
                     shapes if shapes != "auto" else "batch", method)

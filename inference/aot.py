@@ -42,6 +42,7 @@ How:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
@@ -321,12 +322,20 @@ class AotUnet:
             except Exception as exc:  # noqa: BLE001 - any failure: this size stays eager
                 from inference.executor import is_oom
 
+                if is_oom(exc):
+                    _free_cached_memory()
+                if not final:
+                    # Perhaps the build's own process held the memory: try once more when it
+                    # has ended, not at every poll before.
+                    self._pending[size] = dataclasses.replace(wanted, stale=current)
+                    logger.warning("the AOT package for latent %dx%d could not be adopted yet "
+                                   "(%s: %s); trying again when the build ends", *size,
+                                   type(exc).__name__, exc)
+                    continue
                 logger.error("the AOT package for latent %dx%d from the background build "
                              "cannot serve (%s: %s); that size runs eagerly until a restart",
                              *size, type(exc).__name__, exc)
                 self._failed.add(size)
-                if is_oom(exc):
-                    _free_cached_memory()
                 continue
             self._packages[size] = package
             adopted.append(size)

@@ -29,6 +29,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -46,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 # The child's CPU niceness: its compile workers must not starve the server's launch thread.
 NICENESS = 10
-# The child's log, next to the packages it builds (overwritten by each build).
+# The child's log, next to the packages it builds (each build appends, after a header line).
 LOG_NAME = "build.log"
 LOCK_NAME = ".build.lock"
 # After SIGTERM, how long the child (and its compile workers) get before SIGKILL.
@@ -65,14 +66,19 @@ async def build_in_child(config: EngineConfig, folder: Path) -> bool:
     clears later.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    spec = folder / f"build-{os.getpid()}.json"
+    # Replicas sharing the folder may all be pid 1 in their containers.
+    spec = folder / f"build-{os.getpid()}-{secrets.token_hex(4)}.json"
     spec.write_bytes(encode_config(config))
     root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
     log_path = folder / LOG_NAME
     try:
-        with log_path.open("wb") as log:
+        # Appended to: another replica's build may be writing to it too.
+        with log_path.open("ab") as log:
+            log.write(f"--- background AOT build for pid {os.getpid()} at "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+            log.flush()
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "inference.aot_background", str(spec), str(os.getpid()),
                 stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT,
@@ -116,6 +122,8 @@ def _decode_path(kind: type, value: Any) -> Any:
 async def _stop(process: asyncio.subprocess.Process) -> None:
     """SIGTERM the child's process group (the child and its compile workers), then SIGKILL."""
     for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, STOP_GRACE_S)):
+        if process.returncode is not None:
+            return  # reaped: its process-group id may belong to another process by now
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, sig)
         try:
@@ -157,9 +165,12 @@ async def warm_up_headless(config: EngineConfig, runner_factory: Any = None) -> 
     from inference.engine import Engine
     from observability.metrics import Metrics
 
-    # Foreground: the child is where the packages are built. No ControlNets: warm-up does not
-    # use them, they are not part of the compile cache's key, and they cost memory.
-    config = msgspec.structs.replace(config, aot_build="foreground", controlnets=())
+    # Foreground: the child is where the packages are built. Only the warm-up calls packages
+    # are exported from (less time, and less memory beside the server's). No ControlNets:
+    # warm-up does not use them, they are not part of the compile cache's key, and they cost
+    # memory.
+    config = msgspec.structs.replace(config, aot_build="foreground", warmup_build_only=True,
+                                     controlnets=())
     engine = (Engine(config, Metrics()) if runner_factory is None
               else Engine(config, Metrics(), runner_factory=runner_factory))
     try:

@@ -80,6 +80,10 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     # aot only: build missing packages in a child process while serving eagerly ("background",
     # inference.aot_background) or in warm-up, before ready ("foreground").
     aot_build: str = "background"
+    # The background build's headless engine (inference.aot_background): warm-up runs only each
+    # size's first shape, once: the call a package is exported from. The server adopting the
+    # package runs it at the largest batch itself.
+    warmup_build_only: bool = False
     # Batch sizes static-shape graphs are compiled for (empty: 1, 2, 4, … up to the maximum).
     batch_buckets: tuple[int, ...] = ()
     quantize: str = "none"
@@ -366,6 +370,13 @@ class Engine:
                                                name="imagegate-aot-build")
 
     async def _build_in_background(self, watch: Any) -> None:
+        try:
+            await self._build_and_adopt(watch)
+        except Exception:  # a task nobody awaits: log it; the sizes left pending stay eager
+            logger.exception("the background AOT build's adoption failed; the sizes it had not "
+                             "adopted run eagerly until a restart")
+
+    async def _build_and_adopt(self, watch: Any) -> None:
         assert self._executor is not None
         sizes = watch.pending()
         started = time.perf_counter()
@@ -452,6 +463,12 @@ class Engine:
         # Two step counts per shape: the second run is warm (no first-call or compile cost) and
         # the pair separates per-step cost from per-image cost for the admission cost model.
         runs = [(w, h, b, steps) for (w, h, b) in shapes for steps in (2, 3)]
+        if self.config.warmup_build_only:
+            # Each size's smallest batch comes first, as in the server's own warm-up.
+            firsts: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+            for w, h, b in shapes:
+                firsts.setdefault((w, h), (w, h, b, 2))
+            runs = list(firsts.values())
         for i, (w, h, b, steps) in enumerate(runs, 1):
             t0 = time.perf_counter()
             request = GenerationRequest(prompt="warm-up", n=b, width=w, height=h, steps=steps,
@@ -483,10 +500,13 @@ class Engine:
         self.state = EngineState.DRAINING
         self.metrics.ready.set(0)
         if self._background is not None and not self._background.done():
-            # Stops the child; its sizes were eager all along and need nothing else.
+            # Stops the child; its sizes were eager all along and need nothing else. Its time
+            # comes out of the drain's, which the orchestrator's grace period is sized to.
+            stopping = time.monotonic()
             self._background.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._background
+            timeout = max(0.0, timeout - (time.monotonic() - stopping))
         if self._scheduler is not None:
             await self._scheduler.drain(timeout)
         if self._executor is not None:

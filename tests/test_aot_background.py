@@ -99,6 +99,24 @@ def test_while_the_build_runs_only_finished_packages_are_adopted(tmp_path):
     assert parent.pending() == []
 
 
+def test_a_package_that_fails_while_the_build_runs_is_tried_again_when_it_ends(tmp_path):
+    """The build's own process may hold the memory the first call needs: not a final verdict."""
+    compiler = StandInCompiler()
+    unet, parent = routed(tmp_path, build=compiler.build, load=compiler.load, background=True)
+    unet(*inputs(2)[0], **inputs(2)[1])
+    child_unet, _ = routed(tmp_path, build=compiler.build, load=compiler.load)
+    child_unet.load_state_dict(unet.state_dict())
+    child_unet(*inputs(2)[0], **inputs(2)[1])
+    compiler.fail_run = RuntimeError("CUDA error: out of memory")
+    assert parent.adopt(final=False) == []
+    assert parent.pending() == [(8, 8)]
+    loaded = len(compiler.loaded)
+    assert parent.adopt(final=False) == []
+    assert len(compiler.loaded) == loaded, "polls retried the same package before the build ended"
+    compiler.fail_run = None
+    assert parent.adopt(final=True) == [(8, 8)]
+
+
 def test_adopting_finds_a_lower_batch_limit_before_any_request_does(tmp_path, caplog):
     """As warm-up's largest batch does in the foreground (on a CPU inductor compiled 15 of 16)."""
     compiler = StandInCompiler(compiled_up_to=5)
@@ -200,6 +218,9 @@ async def test_the_engine_is_ready_before_the_build_and_adopts_its_packages_afte
         await _wait_for(lambda: metrics.registry.get_sample_value(
             "imagegate_aot_pending_packages") == 0, "the package to be adopted")
         assert len(child_compiler.built) == 1, "the headless engine built no package"
+        # The headless engine ran only the run the package is exported from: 2 steps, each
+        # one UNet call on the package it built (the full warm-up would make 12 more).
+        assert child_compiler.package_calls == 2, "the child ran more than the export's run"
         assert metrics.registry.get_sample_value("imagegate_compiles_total",
                                                  {"reason": "background"}) == 1
         assert metrics.registry.get_sample_value("imagegate_compiles_total",

@@ -84,6 +84,8 @@ def test_local_model_not_found_does_not_talk_about_the_hub(tmp_path):
         ([], {"IMAGEGATE_COMPILE_METHOD": "ahead"}, ["IMAGEGATE_COMPILE_METHOD"]),
         (["--compile-method", "aot", "--compile-scope", "unet", "--compile-shapes", "batch",
           "--compile-mode", "reduce-overhead"], {}, ["--compile-method"]),
+        # One line: the batch shape aot resolved to is not reported as if it had been asked for.
+        (["--compile-method", "aot", "--compile-scope", "blocks"], {}, ["--compile-method"]),
     ],
 )
 def test_bad_settings_stop_the_start_with_one_line_each(args, env, names):
