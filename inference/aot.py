@@ -213,10 +213,13 @@ class AotUnet:
     def __init__(self, unet: Any, folder: Path, *, max_batch: int,
                  inductor_configs: dict[str, Any] | None = None,
                  build: Builder | None = None, load: Loader | None = None,
-                 background: bool = False) -> None:
+                 background: bool = False, layout: Callable[[], None] | None = None) -> None:
         self.unet = unet
         # Leave missing packages to a background build (pending) instead of building them.
         self.background = background
+        # The UNet's layout change the packages are built for, when the engine deferred it to
+        # the first adoption (eager runs faster without it); run once, before any load.
+        self._layout = layout
         self.folder = folder
         self.max_batch = max_batch
         self.inductor_configs = dict(inductor_configs or {})
@@ -308,6 +311,13 @@ class AotUnet:
             try:
                 if current is None:
                     raise FileNotFoundError(f"the build made no package at {wanted.path}")
+                if self._layout is not None:
+                    # Before binding: a package reads the live tensors in the layout it was
+                    # built for, and checks names, not strides.
+                    layout, self._layout = self._layout, None
+                    layout()
+                    logger.info("UNet switched to the packages' layout (fused QKV, "
+                                "channels-last)")
                 run, stored = self._load(wanted.path, self.unet)
                 if stored != wanted.signature:
                     raise ValueError("it was exported for other calls")

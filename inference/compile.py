@@ -54,7 +54,7 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
@@ -202,12 +202,15 @@ def prepare_for_compile(pipe: Any, options: CompileOptions) -> None:
 
 
 def apply_compile(pipe: Any, options: CompileOptions, *, aot_folder: Path | None = None,
-                  max_batch: int = 16, aot_background: bool = False) -> Any:
+                  max_batch: int = 16, aot_background: bool = False,
+                  aot_layout: Callable[[], None] | None = None) -> Any:
     """Compile ``pipe`` in place according to ``options`` (nothing runs yet; warm-up traces).
 
     With ``method="aot"`` returns the :class:`inference.aot.AotUnet` installed on the UNet
     (packages under ``aot_folder``, UNet batches up to ``max_batch``, missing ones left to a
-    background build with ``aot_background``), which is also the compile watch; otherwise None.
+    background build with ``aot_background``; ``aot_layout``, when given, is the layout change
+    :func:`prepare_for_compile` makes, deferred to the first package adopted), which is also the
+    compile watch; otherwise None.
     """
     import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
@@ -217,7 +220,7 @@ def apply_compile(pipe: Any, options: CompileOptions, *, aot_folder: Path | None
     if options.shapes == "batch" and options.scope == "blocks":
         raise ValueError("a dynamic batch only (shapes='batch') needs scope='full' or 'unet'")
     if options.method == "aot":
-        return _install_aot(pipe, options, aot_folder, max_batch, aot_background)
+        return _install_aot(pipe, options, aot_folder, max_batch, aot_background, aot_layout)
     if options.shapes != "dynamic":
         limit_name = ("recompile_limit" if hasattr(dynamo_config, "recompile_limit")
                       else "cache_size_limit")
@@ -256,7 +259,7 @@ AOT_MODES = {"default": {}, "max-autotune-no-cudagraphs": {"max_autotune": True}
 
 
 def _install_aot(pipe: Any, options: CompileOptions, folder: Path | None, max_batch: int,
-                 background: bool) -> Any:
+                 background: bool, layout: Callable[[], None] | None) -> Any:
     from inference.aot import AotUnet, remove_stale_temporaries
 
     if options.scope != "unet" or options.shapes != "batch":
@@ -268,7 +271,8 @@ def _install_aot(pipe: Any, options: CompileOptions, folder: Path | None, max_ba
         raise ValueError("ahead-of-time compile needs a folder for its packages")
     remove_stale_temporaries(folder)
     router = AotUnet(pipe.unet, folder, max_batch=max_batch,
-                     inductor_configs=AOT_MODES[options.mode], background=background)
+                     inductor_configs=AOT_MODES[options.mode], background=background,
+                     layout=layout)
     pipe.unet._compiled_call_impl = router
     logger.info("AOT compile armed (scope=unet, mode=%s, batch up to %d, %s builds): packages "
                 "in %s", options.mode, max_batch, "background" if background else "foreground",

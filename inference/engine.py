@@ -193,11 +193,9 @@ def diffusers_runner_factory(config: EngineConfig) -> tuple[BatchRunner, ModelIn
                              method=config.compile_method,  # type: ignore[arg-type]
                              # LoRA adapters would miss fused attention projections.
                              fuse_qkv=lora_dir is None)
-    if compile_on:
-        prepare_for_compile(base, options)
-    quantize_unet(base, config.quantize, choice.device)  # type: ignore[arg-type]
     cache_dir: Path | None = None
     aot = None
+    defer_layout = False
     if compile_on:
         key = cache_key(str(source.path), choice.dtype, options,
                         compile_key_extras(config, refiner_name), device=choice.device)
@@ -208,10 +206,23 @@ def diffusers_runner_factory(config: EngineConfig) -> tuple[BatchRunner, ModelIn
 
             warm = bool(packages_in(cache_dir / "aot"))
         logger.info("compile cache %s (%s)", cache_dir, "warm" if warm else "cold")
+        # The layout change (fused QKV, channels-last) made bare eager batches of 8 14% slower
+        # on an H200 (docs/benchmarks.md §4.2). While a background build makes the packages,
+        # which are built for that layout, the server runs eagerly: it changes the layout when
+        # it adopts the first package, and never if the build fails.
+        defer_layout = (options.method == "aot" and config.aot_build == "background"
+                        and not warm)
+        if not defer_layout:
+            prepare_for_compile(base, options)
+    quantize_unet(base, config.quantize, choice.device)  # type: ignore[arg-type]
+    if compile_on:
+        assert cache_dir is not None
         # Classifier-free guidance runs both halves of every image in one UNet batch.
         aot = apply_compile(base, options, aot_folder=cache_dir / "aot",
                             max_batch=2 * config.max_batch_images,
-                            aot_background=config.aot_build == "background")
+                            aot_background=config.aot_build == "background",
+                            aot_layout=(lambda: prepare_for_compile(base, options))
+                            if defer_layout else None)
     samplers = SamplerRegistry.standard()
     controlnets = load_controlnets(config.controlnets, device=choice.device, dtype=choice.dtype,
                                    tiny_root=tiny_root)

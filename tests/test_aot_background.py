@@ -10,6 +10,7 @@ to check its plumbing: it starts, runs the headless engine, exits, and dies when
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import re
@@ -18,8 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from inference.aot_background import (
     build_in_child,
@@ -174,6 +177,16 @@ def _factory_with(compiler: StandInCompiler) -> Any:
     return factory
 
 
+def _fused(unet: Any) -> bool:
+    """True once the UNet has the packages' layout: channels-last weights (and fused QKV,
+    which tiny-sdxl does not get: its LoRA folder turns fusing off)."""
+    return unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def _pixels(result: Any) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(result.images[0].data)), dtype=np.float32)
+
+
 async def _wait_for(condition: Any, what: str, deadline_s: float = 120.0) -> None:
     deadline = time.monotonic() + deadline_s
     while not condition():
@@ -209,6 +222,8 @@ async def test_the_engine_is_ready_before_the_build_and_adopts_its_packages_afte
         assert metrics.registry.get_sample_value("imagegate_aot_pending_packages") == 1
         await _wait_for(lambda: seen, "the background build to start")
         assert seen[0].aot_build == "background", "the builder gets the server's own settings"
+        unet = engine._runner.base.unet  # type: ignore[union-attr]
+        assert not _fused(unet), "the layout changed before any package was adopted"
         request = GenerationRequest(prompt="a lighthouse", width=64, height=64, steps=2, seed=7)
         before = await engine.generate(request)
         assert parent_compiler.package_calls == 0, "a request ran on a package nobody built"
@@ -218,6 +233,7 @@ async def test_the_engine_is_ready_before_the_build_and_adopts_its_packages_afte
         await _wait_for(lambda: metrics.registry.get_sample_value(
             "imagegate_aot_pending_packages") == 0, "the package to be adopted")
         assert len(child_compiler.built) == 1, "the headless engine built no package"
+        assert _fused(unet), "the package was adopted without the layout it was built for"
         # The headless engine ran only the run the package is exported from: 2 steps, each
         # one UNet call on the package it built (the full warm-up would make 12 more).
         assert child_compiler.package_calls == 2, "the child ran more than the export's run"
@@ -228,8 +244,10 @@ async def test_the_engine_is_ready_before_the_build_and_adopts_its_packages_afte
         calls = parent_compiler.package_calls
         after = await engine.generate(request)
         assert parent_compiler.package_calls >= calls + 2, "the request did not use the package"
-        # The stand-in package runs the eager UNet: same seed, same image.
-        assert [i.data for i in after.images] == [i.data for i in before.images]
+        # The stand-in package runs the eager UNet: same seed, the same image up to the
+        # rounding the layout change brings (fused QKV sums in another order).
+        difference = np.abs(_pixels(after) - _pixels(before))
+        assert difference.mean() < 1.0 and difference.max() <= 8, difference.max()
     finally:
         await engine.drain(10)
 
