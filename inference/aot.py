@@ -102,7 +102,7 @@ def _leaf(value: Any, batch: int) -> _Leaf:
                  batch=batched, contiguous=value.is_contiguous())
 
 
-def _signature(leaves: list[_Leaf], spec: Any, max_batch: int) -> str:
+def _signature(leaves: list[_Leaf], spec: Any, max_batch: int, static: bool = False) -> str:
     """What a package was exported for, as text stored in it (compared when it is loaded)."""
     import json
 
@@ -110,6 +110,8 @@ def _signature(leaves: list[_Leaf], spec: Any, max_batch: int) -> str:
 
     return json.dumps({
         "format": FORMAT, "max_batch": max_batch, "spec": treespec_dumps(spec),
+        # Only when static: the UNet's batch-dynamic packages keep the signatures they had.
+        **({"static": True} if static else {}),
         "leaves": [[str(leaf.dtype), getattr(leaf.device, "type", None), list(leaf.rest),
                     leaf.dims, leaf.batch, leaf.contiguous] if leaf.tensor else repr(leaf.value)
                    for leaf in leaves],
@@ -118,7 +120,7 @@ def _signature(leaves: list[_Leaf], spec: Any, max_batch: int) -> str:
 
 def packages_in(folder: Path) -> list[Path]:
     """The complete packages in ``folder`` (not the temporary files of a build)."""
-    return sorted(p for p in folder.glob("unet-*.pt2") if ".tmp." not in p.name)
+    return sorted(p for p in folder.glob("*.pt2") if ".tmp." not in p.name)
 
 
 def remove_stale_temporaries(folder: Path, older_than_s: float = STALE_TEMPORARY_S) -> None:
@@ -205,16 +207,29 @@ class AotUnet:
     """Runs a UNet's calls on its ahead-of-time packages, or eagerly; counts both.
 
     Installed as the UNet's ``_compiled_call_impl`` (the hook ``nn.Module.compile`` uses), so
-    the pipeline keeps its diffusers UNet. Also the engine's compile watch: :meth:`count` is
-    packages built, :meth:`misses` calls run eagerly while serving, :meth:`serving` the request
-    stance. Executor thread only.
+    the pipeline keeps its diffusers UNet. Also a compile watch (:class:`AotWatch` joins the
+    engine's routers): :meth:`count` is packages built, :meth:`misses` calls run eagerly while
+    serving, :meth:`serving` the request stance. Executor thread only.
+
+    The same router serves the VAE decoder under ``--compile-scope full``
+    (:func:`decoder_router`): ``name`` prefixes its package files, ``min_batch`` to
+    ``max_batch`` is the batch range it routes, ``static`` exports that one batch size without
+    a dynamic dimension, and ``count_outside`` says whether calls outside the range count as
+    eager misses (a UNet batch of one does; a decoder batch of several, which is left eager on
+    purpose, does not).
     """
 
     def __init__(self, unet: Any, folder: Path, *, max_batch: int,
                  inductor_configs: dict[str, Any] | None = None,
                  build: Builder | None = None, load: Loader | None = None,
-                 background: bool = False, layout: Callable[[], None] | None = None) -> None:
+                 background: bool = False, layout: Callable[[], None] | None = None,
+                 name: str = "unet", min_batch: int = MIN_BATCH, static: bool = False,
+                 count_outside: bool = True) -> None:
         self.unet = unet
+        self.name = name
+        self.min_batch = min_batch
+        self.static = static
+        self.count_outside = count_outside
         # Leave missing packages to a background build (pending) instead of building them.
         self.background = background
         # The UNet's layout change the packages are built for, when the engine deferred it to
@@ -257,8 +272,8 @@ class AotUnet:
         """A UNet call: on this size's package when it covers the call, else on the eager UNet."""
         batch = _batch_of(args)
         waiting = False
-        if (batch is not None and MIN_BATCH <= batch <= self.max_batch
-                and not _has_adapters(self.unet)):
+        routed = batch is not None and self.min_batch <= batch <= self.max_batch
+        if routed and not _has_adapters(self.unet):
             size = (int(args[0].shape[-2]), int(args[0].shape[-1]))
             package = self._packages.get(size)
             same = _float_timestep(args)
@@ -277,7 +292,7 @@ class AotUnet:
                             self._drop(size, exc)
         # A size waiting for its background build runs eagerly as expected, not as a miss:
         # imagegate_aot_pending_packages shows it instead.
-        if self._serving and not waiting:
+        if self._serving and not waiting and (routed or self.count_outside):
             self._misses += 1
         return self.unet._call_impl(*args, **kwargs)
 
@@ -338,18 +353,18 @@ class AotUnet:
                     # Perhaps the build's own process held the memory: try once more when it
                     # has ended, not at every poll before.
                     self._pending[size] = dataclasses.replace(wanted, stale=current)
-                    logger.warning("the AOT package for latent %dx%d could not be adopted yet "
-                                   "(%s: %s); trying again when the build ends", *size,
+                    logger.warning("the AOT %s package for latent %dx%d could not be adopted yet "
+                                   "(%s: %s); trying again when the build ends", self.name, *size,
                                    type(exc).__name__, exc)
                     continue
-                logger.error("the AOT package for latent %dx%d from the background build "
+                logger.error("the AOT %s package for latent %dx%d from the background build "
                              "cannot serve (%s: %s); that size runs eagerly until a restart",
-                             *size, type(exc).__name__, exc)
+                             self.name, *size, type(exc).__name__, exc)
                 self._failed.add(size)
                 continue
             self._packages[size] = package
             adopted.append(size)
-            logger.info("AOT package for latent %dx%d adopted in %.2fs: %s", *size,
+            logger.info("AOT %s package for latent %dx%d adopted in %.2fs: %s", self.name, *size,
                         time.perf_counter() - started, wanted.path)
         return adopted
 
@@ -367,8 +382,8 @@ class AotUnet:
         if found is None or not MIN_BATCH <= int(found[1]) < package.max_batch:
             return False
         package.max_batch = int(found[1])
-        logger.warning("the AOT package for latent %dx%d was compiled for UNet batches up to %d "
-                       "(asked for %d): larger batches run eagerly", *size, package.max_batch,
+        logger.warning("the AOT %s package for latent %dx%d was compiled for UNet batches up to %d "
+                       "(asked for %d): larger batches run eagerly", self.name, *size, package.max_batch,
                        self.max_batch)
         return True
 
@@ -378,18 +393,18 @@ class AotUnet:
 
         if is_oom(exc):
             raise exc  # the executor frees memory and retries the batch in halves
-        logger.error("the AOT package for latent %dx%d failed a call (%s: %s); that size runs "
-                     "eagerly from now on", *size, type(exc).__name__, exc)
+        logger.error("the AOT %s package for latent %dx%d failed a call (%s: %s); that size runs "
+                     "eagerly from now on", self.name, *size, type(exc).__name__, exc)
         self._packages.pop(size, None)
         self._failed.add(size)
 
     def _prepare(self, size: tuple[int, int], args: tuple[Any, ...], kwargs: dict[str, Any],
                  batch: int) -> _Package | None:
         """Load this size's package, or build it from this call; None to run this call eagerly."""
-        path = self.folder / f"unet-{size[0]}x{size[1]}.pt2"
+        path = self.folder / f"{self.name}-{size[0]}x{size[1]}.pt2"
         flat, spec = _flatten(args, kwargs)
         leaves = [_leaf(v, batch) for v in flat]
-        signature = _signature(leaves, spec, self.max_batch)
+        signature = _signature(leaves, spec, self.max_batch, self.static)
         started = time.perf_counter()
         try:
             if path.is_file():
@@ -398,16 +413,16 @@ class AotUnet:
                     if stored != signature:
                         raise ValueError("it was exported for other calls")
                 except Exception as exc:  # noqa: BLE001 - stale, foreign or damaged: rebuild it
-                    logger.warning("AOT package %s cannot serve this UNet (%s); building it again",
-                                   path, exc)
+                    logger.warning("AOT package %s cannot serve this %s (%s); building it again",
+                                   path, self.name, exc)
                 else:
-                    logger.info("AOT package for latent %dx%d loaded from %s in %.2fs",
-                                *size, path, time.perf_counter() - started)
+                    logger.info("AOT %s package for latent %dx%d loaded from %s in %.2fs",
+                                self.name, *size, path, time.perf_counter() - started)
                     return self._keep(size, run, spec, leaves)
             if self.background:
                 self._pending[size] = _Pending(path, signature, spec, leaves, _stamp(path))
-                logger.info("no AOT package for latent %dx%d yet: it runs eagerly until a "
-                            "background build makes one", *size)
+                logger.info("no AOT %s package for latent %dx%d yet: it runs eagerly until a "
+                            "background build makes one", self.name, *size)
                 return None
             self._build_at(path, args, kwargs, signature)
             self._built += 1
@@ -416,11 +431,11 @@ class AotUnet:
                 raise RuntimeError("the package built does not carry its signature")
         except Exception:
             # Serve anyway: this size runs on the eager UNet, which warm-up logs and counts.
-            logger.exception("AOT compile of the UNet at latent %dx%d failed; that size runs "
-                             "eagerly", *size)
+            logger.exception("AOT compile of the %s at latent %dx%d failed; that size runs "
+                             "eagerly", self.name, *size)
             self._failed.add(size)
             return None
-        logger.info("AOT package for latent %dx%d built in %.1fs: %s", *size,
+        logger.info("AOT %s package for latent %dx%d built in %.1fs: %s", self.name, *size,
                     time.perf_counter() - started, path)
         return self._keep(size, run, spec, leaves)
 
@@ -446,17 +461,19 @@ class AotUnet:
         import torch
         from torch.utils._pytree import tree_map
 
-        dim = torch.export.Dim("batch", min=MIN_BATCH, max=max_batch)
-        example = _batch_of(args)
+        shapes: dict[str, Any] | None = None  # static: every size as in the example
+        if not self.static:
+            dim = torch.export.Dim("batch", min=MIN_BATCH, max=max_batch)
+            example = _batch_of(args)
 
-        def dynamic(value: Any) -> Any:
-            batched = (isinstance(value, torch.Tensor) and value.dim() > 0
-                       and value.shape[0] == example)
-            return {0: dim} if batched else None
+            def dynamic(value: Any) -> Any:
+                batched = (isinstance(value, torch.Tensor) and value.dim() > 0
+                           and value.shape[0] == example)
+                return {0: dim} if batched else None
 
-        names = list(_forward_parameters(unet))
-        shapes = {**{names[i]: tree_map(dynamic, a) for i, a in enumerate(args)},
-                  **{k: tree_map(dynamic, v) for k, v in kwargs.items()}}
+            names = list(_forward_parameters(unet))
+            shapes = {**{names[i]: tree_map(dynamic, a) for i, a in enumerate(args)},
+                      **{k: tree_map(dynamic, v) for k, v in kwargs.items()}}
         hook = unet._compiled_call_impl
         unet._compiled_call_impl = None  # export calls the module: not back into this router
         try:
@@ -493,6 +510,67 @@ def _float_timestep(args: tuple[Any, ...]) -> tuple[Any, ...]:
     if timestep.data_ptr() % ALIGNMENT:
         timestep = timestep.clone()
     return (args[0], timestep, *args[2:])
+
+
+class AotWatch:
+    """The engine's compile watch over its AOT routers (the UNet's, and the decoder's).
+
+    Sums their counts, holds the serving stance on all of them, and lists and adopts their
+    pending packages (labelled ``name HxW``) for the background build.
+    """
+
+    def __init__(self, routers: list[AotUnet]) -> None:
+        self.routers = routers
+        self.folder = routers[0].folder
+
+    def count(self) -> int:
+        """Packages built by this process, all routers."""
+        return sum(r.count() for r in self.routers)
+
+    def misses(self) -> int:
+        """Calls, while serving, that no package covered, all routers."""
+        return sum(r.misses() for r in self.routers)
+
+    @contextmanager
+    def serving(self) -> Iterator[None]:
+        """Every router's serving stance at once."""
+        from contextlib import ExitStack
+
+        with ExitStack() as stack:
+            for router in self.routers:
+                stack.enter_context(router.serving())
+            yield
+
+    def pending(self) -> list[str]:
+        """The packages warm-up left to a background build, as ``name HxW``."""
+        return [f"{r.name} {h}x{w}" for r in self.routers for h, w in r.pending()]
+
+    def adopt(self, *, final: bool = True) -> list[str]:
+        """Adopt what the build made, router by router (see :meth:`AotUnet.adopt`)."""
+        return [f"{r.name} {h}x{w}" for r in self.routers for h, w in r.adopt(final=final)]
+
+
+def decoder_router(decoder: Any, folder: Path, **kwargs: Any) -> AotUnet:
+    """The VAE decoder's router: one static package per size for a batch of one.
+
+    One image's decode is what a lone request waits for after its last step (50-100 ms eager
+    on an H200, docs/benchmarks.md §4.12); batches of several stay eager, where the decode is a
+    few percent of the batch and a batch-dynamic decoder graph at 1024² needs 64-bit indexing
+    at batch 8 (§4.7).
+    """
+    return AotUnet(decoder, folder, max_batch=1, min_batch=1, static=True, name="decoder",
+                   count_outside=False, **kwargs)
+
+
+def run_once(action: Callable[[], None]) -> Callable[[], None]:
+    """``action`` that does its work at the first call only (a layout change routers share)."""
+    done = [False]
+
+    def once() -> None:
+        if not done[0]:
+            done[0] = True
+            action()
+    return once
 
 
 def _first_call(package: _Package, batch: int) -> None:

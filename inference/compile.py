@@ -190,13 +190,16 @@ def prepare_for_compile(pipe: Any, options: CompileOptions) -> None:
         # diffusers loads LoRA weights onto the unfused to_q/to_k/to_v, which fused attention
         # never calls: with adapters possible, the engine turns fuse_qkv off (see LoraAdapters).
         try:
-            # Under ``unet`` the VAE (decoder, and encoder for img2img) stays as loaded.
-            pipe.fuse_qkv_projections(unet=True, vae=options.scope == "full")
+            # Under ``unet`` the VAE (decoder, and encoder for img2img) stays as loaded; under
+            # aot too (see below).
+            pipe.fuse_qkv_projections(unet=True,
+                                      vae=options.scope == "full" and options.method == "jit")
         except Exception as exc:  # noqa: BLE001 - an optimisation; keep serving without it
             logger.warning("could not fuse QKV projections: %s", exc)
     if options.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
-        if options.scope == "full":
+        # aot compiles the decoder for one image only; its batches run eagerly, as loaded.
+        if options.scope == "full" and options.method == "jit":
             # Only the compiled decoder was measured with it; an eager one keeps its layout.
             pipe.vae.to(memory_format=torch.channels_last)
 
@@ -206,7 +209,8 @@ def apply_compile(pipe: Any, options: CompileOptions, *, aot_folder: Path | None
                   aot_layout: Callable[[], None] | None = None) -> Any:
     """Compile ``pipe`` in place according to ``options`` (nothing runs yet; warm-up traces).
 
-    With ``method="aot"`` returns the :class:`inference.aot.AotUnet` installed on the UNet
+    With ``method="aot"`` returns the :class:`inference.aot.AotWatch` over the routers
+    installed on the UNet and, under scope ``full``, on the VAE decoder (one image's decode)
     (packages under ``aot_folder``, UNet batches up to ``max_batch``, missing ones left to a
     background build with ``aot_background``; ``aot_layout``, when given, is the layout change
     :func:`prepare_for_compile` makes, deferred to the first package adopted), which is also the
@@ -260,24 +264,28 @@ AOT_MODES = {"default": {}, "max-autotune-no-cudagraphs": {"max_autotune": True}
 
 def _install_aot(pipe: Any, options: CompileOptions, folder: Path | None, max_batch: int,
                  background: bool, layout: Callable[[], None] | None) -> Any:
-    from inference.aot import AotUnet, remove_stale_temporaries
+    from inference.aot import AotUnet, AotWatch, decoder_router, remove_stale_temporaries, run_once
 
-    if options.scope != "unet" or options.shapes != "batch":
-        raise ValueError("ahead-of-time compile (method='aot') needs scope='unet', shapes='batch'")
+    if options.scope not in ("unet", "full") or options.shapes != "batch":
+        raise ValueError("ahead-of-time compile (method='aot') needs scope 'unet' or 'full' "
+                         "and shapes='batch'")
     if options.mode not in AOT_MODES:
         raise ValueError(f"ahead-of-time compile takes mode {' or '.join(AOT_MODES)}, "
                          f"not {options.mode!r} (it records no CUDA graphs)")
     if folder is None:
         raise ValueError("ahead-of-time compile needs a folder for its packages")
     remove_stale_temporaries(folder)
-    router = AotUnet(pipe.unet, folder, max_batch=max_batch,
-                     inductor_configs=AOT_MODES[options.mode], background=background,
-                     layout=layout)
-    pipe.unet._compiled_call_impl = router
-    logger.info("AOT compile armed (scope=unet, mode=%s, batch up to %d, %s builds): packages "
-                "in %s", options.mode, max_batch, "background" if background else "foreground",
-                folder)
-    return router
+    shared = {"inductor_configs": AOT_MODES[options.mode], "background": background,
+              "layout": run_once(layout) if layout is not None else None}
+    routers = [AotUnet(pipe.unet, folder, max_batch=max_batch, **shared)]
+    pipe.unet._compiled_call_impl = routers[0]
+    if options.scope == "full":
+        routers.append(decoder_router(pipe.vae.decoder, folder, **shared))
+        pipe.vae.decoder._compiled_call_impl = routers[1]
+    logger.info("AOT compile armed (scope=%s, mode=%s, UNet batch up to %d, %s builds): "
+                "packages in %s", options.scope, options.mode, max_batch,
+                "background" if background else "foreground", folder)
+    return AotWatch(routers)
 
 
 def _compiled_decoder(vae: Any, options: CompileOptions, kwargs: dict[str, Any]) -> Any:

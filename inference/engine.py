@@ -391,10 +391,10 @@ class Engine:
         assert self._executor is not None
         sizes = watch.pending()
         started = time.perf_counter()
-        logger.info("building the AOT packages for latent sizes %s in the background; those "
-                    "sizes run eagerly until it ends", ", ".join(f"{h}x{w}" for h, w in sizes))
+        logger.info("building the AOT packages %s in the background; their calls run eagerly "
+                    "until each is adopted", ", ".join(sizes))
         build = asyncio.ensure_future(self._aot_builder(self.config, watch.folder))
-        adopted: list[tuple[int, int]] = []
+        adopted: list[str] = []
         try:
             # Each package as soon as it is there: with two warm-up sizes the first serves
             # while the second builds.
@@ -413,11 +413,11 @@ class Engine:
         # Whatever it made is adopted, even after a failure: a size per package.
         adopted += await self._adopt(watch, final=True)
         logger.log(logging.INFO if built and len(adopted) == len(sizes) else logging.ERROR,
-                   "background AOT build %s after %.1fs: %d of %d sizes now run on packages",
+                   "background AOT build %s after %.1fs: %d of %d packages adopted",
                    "done" if built else "failed", time.perf_counter() - started, len(adopted),
                    len(sizes))
 
-    async def _adopt(self, watch: Any, *, final: bool) -> list[tuple[int, int]]:
+    async def _adopt(self, watch: Any, *, final: bool) -> list[str]:
         """Adopt built packages on the executor thread, between batches; count them."""
         assert self._executor is not None
         adopted = await self._executor.call(lambda: watch.adopt(final=final))

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from inference.aot import AotUnet
+from inference.aot import AotUnet, AotWatch
 from inference.compile import CompileOptions, apply_compile, cache_key
 
 
@@ -89,7 +89,8 @@ class StandInCompiler:
 
         def run(*args: Any, **kwargs: Any) -> Any:
             self.package_calls += 1
-            self.timesteps.append(args[1])
+            if len(args) > 1:  # a UNet's call (the decoder's has no timestep)
+                self.timesteps.append(args[1])
             if self.fail_run is not None:
                 raise self.fail_run
             if self.compiled_up_to is not None and args[0].shape[0] > self.compiled_up_to:
@@ -235,17 +236,77 @@ def test_aot_is_installed_on_the_whole_unet_and_refuses_what_it_cannot_compile(t
 
     unet = StandInUNet()
     pipe = types.SimpleNamespace(unet=unet)
-    router = apply_compile(pipe, CompileOptions(scope="unet", shapes="batch", method="aot"),
-                           aot_folder=tmp_path, max_batch=16)
-    assert isinstance(router, AotUnet) and unet._compiled_call_impl is router
-    assert router.max_batch == 16 and router.folder == tmp_path
-    for options in (CompileOptions(scope="full", shapes="batch", method="aot"),
+    watch = apply_compile(pipe, CompileOptions(scope="unet", shapes="batch", method="aot"),
+                          aot_folder=tmp_path, max_batch=16)
+    assert isinstance(watch, AotWatch) and [r.name for r in watch.routers] == ["unet"]
+    router = watch.routers[0]
+    assert unet._compiled_call_impl is router
+    assert router.max_batch == 16 and router.folder == tmp_path == watch.folder
+    # full: the decoder too, one image at a time.
+    decoder = StandInDecoder()
+    pipe = types.SimpleNamespace(unet=StandInUNet(), vae=types.SimpleNamespace(decoder=decoder))
+    watch = apply_compile(pipe, CompileOptions(scope="full", shapes="batch", method="aot"),
+                          aot_folder=tmp_path, max_batch=16)
+    assert [r.name for r in watch.routers] == ["unet", "decoder"]
+    assert decoder._compiled_call_impl is watch.routers[1]
+    assert (watch.routers[1].min_batch, watch.routers[1].max_batch) == (1, 1)
+    for options in (CompileOptions(scope="blocks", shapes="dynamic", method="aot"),
                     CompileOptions(scope="unet", shapes="static", method="aot"),
                     CompileOptions(scope="unet", shapes="batch", method="aot",
                                    mode="reduce-overhead")):
         with pytest.raises(ValueError, match="ahead-of-time"):
             apply_compile(types.SimpleNamespace(unet=StandInUNet()), options,
                           aot_folder=tmp_path)
+
+
+class StandInDecoder(torch.nn.Module):
+    """The VAE decoder's call (one latent tensor in, an image-sized tensor out), cheaply."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 3, 3, padding=1)
+
+    def forward(self, sample, latent_embeds=None):
+        return torch.nn.functional.interpolate(torch.nn.functional.silu(self.conv(sample)),
+                                               scale_factor=2.0)
+
+
+def test_the_decoder_router_takes_one_image_and_leaves_batches_eager_uncounted(tmp_path):
+    from inference.aot import decoder_router
+
+    compiler = StandInCompiler()
+    decoder = StandInDecoder().eval().requires_grad_(False)
+    router = decoder_router(decoder, tmp_path, build=compiler.build, load=compiler.load)
+    decoder._compiled_call_impl = router
+    one = torch.randn(1, 4, 8, 8)
+    decoder(one)  # warm-up: the first decode of one image builds the package
+    assert [p.name.split(".")[0] for p in compiler.built] == ["decoder-8x8"]
+    assert '"static": true' in (tmp_path / "decoder-8x8.pt2").read_text()
+    calls = compiler.package_calls
+    with router.serving():
+        torch.testing.assert_close(decoder(one), decoder._call_impl(one))
+        decoder(torch.randn(3, 4, 8, 8))  # a batch: eager by design, not a miss
+        decoder(torch.randn(1, 4, 4, 4))  # one image at an unwarmed size: a miss
+    assert compiler.package_calls == calls + 1
+    assert router.misses() == 1
+
+
+def test_a_real_static_package_serves_one_image_and_matches_the_eager_module(tmp_path):
+    from inference.aot import decoder_router
+
+    decoder = StandInDecoder().eval().requires_grad_(False)
+    router = decoder_router(decoder, tmp_path)
+    decoder._compiled_call_impl = router
+    with torch.inference_mode():
+        one = torch.randn(1, 4, 8, 8)
+        decoder(one)  # warm-up: exported and compiled for exactly this shape
+        assert router.count() == 1
+        with router.serving():
+            other = torch.randn(1, 4, 8, 8)
+            torch.testing.assert_close(decoder(other), decoder._call_impl(other))
+            assert router.misses() == 0
+            decoder(torch.randn(2, 4, 8, 8))
+        assert router.misses() == 0 and router.count() == 1
 
 
 def test_aot_packages_have_a_cache_key_of_their_own(tmp_path):
@@ -344,8 +405,11 @@ def test_the_engine_installs_the_router_as_its_compile_watch_under_the_keyed_cac
     config = EngineConfig(cache_dir=tmp_path, compile=True, compile_scope="unet",
                           compile_shapes="batch", compile_method="aot", max_batch_images=4)
     runner, info = diffusers_runner_factory(config)
-    router = runner.compile_watch
-    assert isinstance(router, AotUnet) and info.compiled
+    watch = runner.compile_watch
+    assert isinstance(watch, AotWatch) and info.compiled
+    assert len(watch.routers) == 1, "scope unet routes the UNet only"
+    router = watch.routers[0]
+    assert isinstance(router, AotUnet)
     assert runner.base.unet._compiled_call_impl is router
     assert router.max_batch == 8, "guidance doubles the largest batch"
     assert router.folder == Path(info.compile_cache) / "aot"

@@ -171,8 +171,9 @@ def _aot_config(tmp_path: Path, **overrides: Any) -> EngineConfig:
 def _factory_with(compiler: StandInCompiler) -> Any:
     def factory(config: EngineConfig) -> Any:
         runner, info = diffusers_runner_factory(config)
-        runner.compile_watch._build = compiler.build
-        runner.compile_watch._load = compiler.load
+        for router in runner.compile_watch.routers:
+            router._build = compiler.build
+            router._load = compiler.load
         return runner, info
     return factory
 

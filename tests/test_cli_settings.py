@@ -100,11 +100,11 @@ def test_bad_settings_stop_the_start_with_one_line_each(args, env, names):
 
 def test_ahead_of_time_compile_names_every_setting_it_needs():
     res = run_cli("serve", "--compile-method", "aot", "--quantize", "fp8",
-                  "--compile-scope", "full", "--compile-shapes", "dynamic")
+                  "--compile-scope", "blocks", "--compile-shapes", "dynamic")
     assert res.returncode == 2, res.stderr
     line = res.stderr.strip()
     assert line.startswith("imagegate: --compile-method: aot needs"), line
-    for needed in ("--compile-scope unet", "--compile-shapes batch", "--quantize none"):
+    for needed in ("--compile-scope unet or full", "--compile-shapes batch", "--quantize none"):
         assert needed in line, line
     assert "--compile-mode" not in line, "the default mode was reported as a problem"
 
@@ -115,6 +115,7 @@ def test_ahead_of_time_compile_names_every_setting_it_needs():
         # No compile flag: the whole UNet ahead of time (built in the background).
         ({}, ("unet", "batch", "aot")),
         ({"compile_method": "aot"}, ("unet", "batch", "aot")),
+        ({"compile_method": "aot", "compile_scope": "full"}, ("full", "batch", "aot")),
         ({"compile_mode": "max-autotune-no-cudagraphs"}, ("unet", "batch", "aot")),
         # A flag aot cannot honour, or any recipe flag: jit with the defaults it always had.
         ({"quantize": "fp8"}, ("blocks", "dynamic", "jit")),
