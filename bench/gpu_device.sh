@@ -80,10 +80,13 @@ case "${1:-}" in
       # §4.12's flow, the package built in warm-up before ready.
       au) phases=served,warm serve="$unet --compile-method aot --aot-build foreground"
           more='--sizes 1024 --ready-limit 560' ;;
-      # The default recipe since then (aot, built in the background; §4.13): ready after an
-      # eager warm-up, three requests served eagerly while the child builds, the time until its
-      # package serves, then the served figures on it and the warm start (loads the package).
+      # The default recipe since then (aot, the UNet and one image's decoder, built in the
+      # background; §4.13): ready after an eager warm-up, three requests served eagerly while
+      # the child builds, the time until its packages serve, then the served figures on them
+      # and the warm start (loads the packages). du: the same without the decoder's package.
       d) phases=served,warm serve='--compile-method auto' more='--sizes 1024 --live-limit 560' ;;
+      du) phases=served,warm serve='--compile-method aot --compile-scope unet'
+          more='--sizes 1024 --live-limit 560' ;;
       # CUDA graphs with static shapes: whole UNet and decoder, buckets 1 and 8 (each bucket's
       # graphs took about 138 s to compile in §4.9's bare run: may not fit one call).
       g) phases=served more='--sizes 1024 --ready-limit 560'
@@ -107,7 +110,7 @@ case "${1:-}" in
       4) set -- python3 -m bench.compile_features --scope full --shapes batch ;;
       # How much of a whole-UNet warm start is dynamo's trace on this host (measured in §4.9).
       t) set -- python3 -m bench.dynamo_trace ;;
-      *) echo "plan items: d au 0u gu g 0 0c 1 1b 2 2b 3 4 t, and ITEM+ (docs/benchmarks.md §4.4, §4.7-4.9)" >&2
+      *) echo "plan items: d du au 0u gu g 0 0c 1 1b 2 2b 3 4 t, and ITEM+ (docs/benchmarks.md §4.4, §4.7-4.9)" >&2
          exit 2 ;;
     esac
     if [ -n "$again" ]; then

@@ -102,7 +102,7 @@ class Settings(msgspec.Struct, kw_only=True):
     dtype: Annotated[Literal["auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32", "half"], Meta(description="auto (CUDA: bf16 or fp16; CPU: fp32), bfloat16, float16 or float32.")] = "auto"
     compile: Annotated[bool | None, Meta(description="torch.compile the UNet and VAE decoder (default: on for CUDA, off for CPU).")] = None
     compile_mode: Annotated[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"], Meta(description="torch.compile mode: reduce-overhead and max-autotune record CUDA graphs (warm-up then runs every batch size up to --max-batch-images unless shapes are static).")] = "default"
-    compile_scope: Annotated[Literal["auto", "blocks", "unet", "full"], Meta(description="What is compiled: blocks (the UNet's repeated transformer blocks), unet (the whole UNet; the VAE decoder stays eager) or full (the whole UNet and VAE decoder; with --compile-method aot the decoder of one image, batches of several eager). auto: unet when the recipe is aot (see --compile-method), else blocks.")] = "auto"
+    compile_scope: Annotated[Literal["auto", "blocks", "unet", "full"], Meta(description="What is compiled: blocks (the UNet's repeated transformer blocks), unet (the whole UNet; the VAE decoder stays eager) or full (the whole UNet and VAE decoder; with --compile-method aot the decoder of one image, batches of several eager). auto: full when the recipe is aot (see --compile-method), else blocks.")] = "auto"
     compile_shapes: Annotated[Literal["auto", "dynamic", "static", "batch"], Meta(description="dynamic: one shape-generic graph serves every batch size and resolution. static: one graph per batch bucket and warm-up size (needed for CUDA graphs); batches are padded up to a bucket. batch (with --compile-scope unet or full): only the batch dimension is dynamic, one graph per warm-up size, no padding. auto: batch when the recipe is aot, else dynamic.")] = "auto"
     compile_method: Annotated[Literal["auto", "jit", "aot"], Meta(description="jit: torch.compile, whose dynamo re-traces the model at every start. aot: torch.export + AOTInductor, the whole UNet with a dynamic batch (scope unet, or full to add the VAE decoder for one image; shapes batch; mode default or max-autotune-no-cudagraphs; no --quantize), one package per warm-up size kept in the compile cache and loaded at later starts without tracing; see --aot-build. auto (the default): aot when --compile-scope and --compile-shapes are not given, the mode records no CUDA graphs and --quantize is none; otherwise jit (scope blocks and dynamic shapes unless given). On an H200, aot served one request in 0.85 s against the jit blocks recipe's 1.11 s.")] = "auto"
     aot_build: Annotated[Literal["background", "foreground"], Meta(description="With --compile-method aot, where a missing package is built. background: ready once warm-up has run eagerly; a child process builds the packages (a second copy of the model in accelerator memory meanwhile) and the server adopts them between batches; those sizes run eagerly until then (imagegate_aot_pending_packages). foreground: warm-up builds them before ready (283 s for one size on an H200).")] = "background"
@@ -309,9 +309,11 @@ class Settings(msgspec.Struct, kw_only=True):
     def compile_recipe(self) -> tuple[str, str, str]:
         """(scope, shapes, method) with every ``auto`` resolved.
 
-        The default recipe is the whole UNet compiled ahead of time (aot, built in the
-        background): on an H200 it served one request fastest (docs/benchmarks.md §4.12), and
-        built in the background its cold start waits for no compile. A compile flag that asks
+        The default recipe is the whole UNet, and the VAE decoder for one image, compiled ahead
+        of time (aot, built in the background): on an H200 the UNet's package served one
+        request fastest (docs/benchmarks.md §4.12), the one recipe measured under 0.8 s had the
+        decoder compiled too (§4.9), and built in the background its cold start waits for no
+        compile. The decoder's package is not measured on a GPU yet (§4.13). A compile flag that asks
         for what aot cannot do (another scope or shapes, CUDA graphs, quantized weights) gets
         the jit recipe instead, with the defaults it always had (blocks, dynamic shapes); so
         does any explicit scope or shapes, so that a recipe spelled out keeps its meaning.
@@ -323,7 +325,8 @@ class Settings(msgspec.Struct, kw_only=True):
                               and self.quantize == "none")
             method = "aot" if default_recipe else "jit"
         if method == "aot":
-            return (scope if scope != "auto" else "unet",
+            # full: the decoder too, for one image (what a lone request waits for last).
+            return (scope if scope != "auto" else "full",
                     shapes if shapes != "auto" else "batch", method)
         return (scope if scope != "auto" else "blocks",
                 shapes if shapes != "auto" else "dynamic", method)

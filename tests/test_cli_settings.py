@@ -112,11 +112,12 @@ def test_ahead_of_time_compile_names_every_setting_it_needs():
 @pytest.mark.parametrize(
     ("values", "recipe"),
     [
-        # No compile flag: the whole UNet ahead of time (built in the background).
-        ({}, ("unet", "batch", "aot")),
-        ({"compile_method": "aot"}, ("unet", "batch", "aot")),
-        ({"compile_method": "aot", "compile_scope": "full"}, ("full", "batch", "aot")),
-        ({"compile_mode": "max-autotune-no-cudagraphs"}, ("unet", "batch", "aot")),
+        # No compile flag: the whole UNet and one image's decoder ahead of time (built in the
+        # background).
+        ({}, ("full", "batch", "aot")),
+        ({"compile_method": "aot"}, ("full", "batch", "aot")),
+        ({"compile_method": "aot", "compile_scope": "unet"}, ("unet", "batch", "aot")),
+        ({"compile_mode": "max-autotune-no-cudagraphs"}, ("full", "batch", "aot")),
         # A flag aot cannot honour, or any recipe flag: jit with the defaults it always had.
         ({"quantize": "fp8"}, ("blocks", "dynamic", "jit")),
         ({"compile_mode": "reduce-overhead"}, ("blocks", "dynamic", "jit")),
