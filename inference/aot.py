@@ -178,6 +178,10 @@ class _Package:
     leaves: list[_Leaf]
     # Lowered when the package's own input check says it was compiled for fewer (see _limit).
     max_batch: int
+    # One weight's name and address when the package was bound to the module's tensors: a
+    # package reads them by address, so a module whose tensors were replaced since (``.to()``
+    # to another dtype makes new ones) must not run it.
+    anchor: tuple[str, int] | None = None
 
     def matches(self, leaves: list[Any], spec: Any, batch: int) -> bool:
         """True when a call with these flattened inputs is one this package computes."""
@@ -282,6 +286,10 @@ class AotUnet:
                     and not waiting:
                 package = self._prepare(size, same, kwargs, batch)
                 waiting = size in self._pending
+            if package is not None and not _anchored(self.unet, package.anchor):
+                self._drop(size, RuntimeError(
+                    "the module's weights were replaced since the package was bound to them"))
+                package = None
             if package is not None:
                 leaves, spec = _flatten(same, kwargs)
                 if batch <= package.max_batch and package.matches(leaves, spec, batch):
@@ -337,7 +345,7 @@ class AotUnet:
                 if stored != wanted.signature:
                     raise ValueError("it was exported for other calls")
                 package = _Package(run=run, spec=wanted.spec, leaves=wanted.leaves,
-                                   max_batch=self.max_batch)
+                                   max_batch=self.max_batch, anchor=_anchor(self.unet))
                 try:
                     _first_call(package, package.max_batch)
                 except Exception as exc:  # a lower batch limit is learned; the rest fail
@@ -441,7 +449,8 @@ class AotUnet:
 
     def _keep(self, size: tuple[int, int], run: Callable[..., Any], spec: Any,
               leaves: list[_Leaf]) -> _Package:
-        package = _Package(run=run, spec=spec, leaves=leaves, max_batch=self.max_batch)
+        package = _Package(run=run, spec=spec, leaves=leaves, max_batch=self.max_batch,
+                           anchor=_anchor(self.unet))
         self._packages[size] = package
         return package
 
@@ -592,6 +601,23 @@ def _first_call(package: _Package, batch: int) -> None:
     args, kwargs = tree_unflatten(values, package.spec)
     with torch.inference_mode():
         package.run(*args, **kwargs)
+
+
+def _anchor(module: Any) -> tuple[str, int] | None:
+    """The name and address of ``module``'s first weight (None for a module without one)."""
+    for name, parameter in module.named_parameters():
+        return name, parameter.data_ptr()
+    return None
+
+
+def _anchored(module: Any, anchor: tuple[str, int] | None) -> bool:
+    """True while ``module``'s weight named in ``anchor`` is still at the address recorded."""
+    if anchor is None:
+        return True
+    try:
+        return module.get_parameter(anchor[0]).data_ptr() == anchor[1]
+    except AttributeError:
+        return False
 
 
 def _free_cached_memory() -> None:

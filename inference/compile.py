@@ -279,13 +279,27 @@ def _install_aot(pipe: Any, options: CompileOptions, folder: Path | None, max_ba
               "layout": run_once(layout) if layout is not None else None}
     routers = [AotUnet(pipe.unet, folder, max_batch=max_batch, **shared)]
     pipe.unet._compiled_call_impl = routers[0]
-    if options.scope == "full":
+    if options.scope == "full" and _vae_recasts(pipe.vae):
+        # The pipeline casts such a VAE to float32 for every decode and back after it, making
+        # new weight tensors each time; a package reads its weights where they were.
+        logger.warning("the VAE decoder is not compiled ahead of time: it is float16 with "
+                       "force_upcast, so the pipeline re-casts its weights at every decode")
+    elif options.scope == "full":
         routers.append(decoder_router(pipe.vae.decoder, folder, **shared))
         pipe.vae.decoder._compiled_call_impl = routers[1]
     logger.info("AOT compile armed (scope=%s, mode=%s, UNet batch up to %d, %s builds): "
                 "packages in %s", options.scope, options.mode, max_batch,
                 "background" if background else "foreground", folder)
     return AotWatch(routers)
+
+
+def _vae_recasts(vae: Any) -> bool:
+    """True when SDXL's pipeline casts ``vae`` to float32 around every decode (and back)."""
+    import torch
+
+    config = getattr(vae, "config", None)
+    return getattr(vae, "dtype", None) == torch.float16 and bool(
+        getattr(config, "force_upcast", False))
 
 
 def _compiled_decoder(vae: Any, options: CompileOptions, kwargs: dict[str, Any]) -> Any:

@@ -259,6 +259,37 @@ def test_aot_is_installed_on_the_whole_unet_and_refuses_what_it_cannot_compile(t
                           aot_folder=tmp_path)
 
 
+def test_a_float16_vae_that_the_pipeline_recasts_gets_no_decoder_package(tmp_path, caplog):
+    """SDXL's pipeline casts such a VAE to float32 for each decode and back, making new
+    tensors: a package bound to the old ones would read freed memory."""
+    import types
+
+    vae = types.SimpleNamespace(decoder=StandInDecoder().half(), dtype=torch.float16,
+                                config=types.SimpleNamespace(force_upcast=True))
+    pipe = types.SimpleNamespace(unet=StandInUNet(), vae=vae)
+    with caplog.at_level(logging.WARNING, logger="inference.compile"):
+        watch = apply_compile(pipe, CompileOptions(scope="full", shapes="batch", method="aot"),
+                              aot_folder=tmp_path, max_batch=16)
+    assert [r.name for r in watch.routers] == ["unet"]
+    assert vae.decoder._compiled_call_impl is None
+    assert any("force_upcast" in r.getMessage() for r in caplog.records)
+
+
+def test_a_package_whose_module_got_new_weight_tensors_is_dropped(tmp_path, caplog):
+    """A package reads its weights by address: after ``.to()`` made new tensors it must not
+    run (it would read freed memory); the size runs eagerly, logged."""
+    compiler = StandInCompiler()
+    unet, router = routed(tmp_path, build=compiler.build, load=compiler.load)
+    unet(*inputs(2)[0], **inputs(2)[1])  # warm-up
+    unet.to(torch.float64).to(torch.float32)  # the same values in new tensors
+    calls = compiler.package_calls
+    with caplog.at_level(logging.ERROR, logger="inference.aot"), router.serving():
+        args, kwargs = inputs(2)
+        torch.testing.assert_close(unet(*args, **kwargs)[0], eager(unet, args, kwargs))
+    assert compiler.package_calls == calls, "the package ran on weights it no longer knows"
+    assert any("weights were replaced" in r.getMessage() for r in caplog.records)
+
+
 class StandInDecoder(torch.nn.Module):
     """The VAE decoder's call (one latent tensor in, an image-sized tensor out), cheaply."""
 
