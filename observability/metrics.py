@@ -125,8 +125,9 @@ class Metrics:
         )
         self.aot_pending = Gauge(
             "imagegate_aot_pending_packages",
-            "Warm-up sizes whose AOT package a background build is still making; they run "
-            "eagerly until it ends (--aot-build background).",
+            "AOT packages (the UNet's, the decoder's, per warm-up size) a background build is "
+            "still making; their calls run eagerly until each is adopted (--aot-build "
+            "background).",
             registry=r,
         )
         self.eager_batches = Counter(
