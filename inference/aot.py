@@ -338,9 +338,7 @@ class AotUnet:
                     # Before binding: a package reads the live tensors in the layout it was
                     # built for, and checks names, not strides.
                     layout, self._layout = self._layout, None
-                    layout()
-                    logger.info("UNet switched to the packages' layout (fused QKV, "
-                                "channels-last)")
+                    layout()  # shared by the routers; runs once
                 run, stored = self._load(wanted.path, self.unet)
                 if stored != wanted.signature:
                     raise ValueError("it was exported for other calls")

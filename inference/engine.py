@@ -221,7 +221,7 @@ def diffusers_runner_factory(config: EngineConfig) -> tuple[BatchRunner, ModelIn
         aot = apply_compile(base, options, aot_folder=cache_dir / "aot",
                             max_batch=2 * config.max_batch_images,
                             aot_background=config.aot_build == "background",
-                            aot_layout=(lambda: prepare_for_compile(base, options))
+                            aot_layout=(lambda: _switch_layout(base, options))
                             if defer_layout else None)
     samplers = SamplerRegistry.standard()
     controlnets = load_controlnets(config.controlnets, device=choice.device, dtype=choice.dtype,
@@ -248,6 +248,14 @@ def diffusers_runner_factory(config: EngineConfig) -> tuple[BatchRunner, ModelIn
         lora_dir=str(lora_dir) if lora_dir is not None else None,
     )
     return runner, info
+
+
+def _switch_layout(pipe: Any, options: Any) -> None:
+    """The layout change deferred to the first AOT package adopted (see the runner factory)."""
+    from inference.compile import prepare_for_compile
+
+    prepare_for_compile(pipe, options)
+    logger.info("UNet switched to the AOT packages' layout (fused QKV, channels-last)")
 
 
 def compile_key_extras(config: EngineConfig, refiner: str | None) -> dict[str, Any]:
