@@ -313,10 +313,10 @@ class Settings(msgspec.Struct, kw_only=True):
         of time (aot, built in the background): on an H200 the UNet's package served one
         request fastest (docs/benchmarks.md §4.12), the one recipe measured under 0.8 s had the
         decoder compiled too (§4.9), and built in the background its cold start waits for no
-        compile. The decoder's package is not measured on a GPU yet (§4.13). A compile flag that asks
-        for what aot cannot do (another scope or shapes, CUDA graphs, quantized weights) gets
-        the jit recipe instead, with the defaults it always had (blocks, dynamic shapes); so
-        does any explicit scope or shapes, so that a recipe spelled out keeps its meaning.
+        compile. The decoder's package is not measured on a GPU yet (§4.13). A compile flag
+        that asks for what aot cannot do (CUDA graphs, quantized weights) gets the jit recipe
+        instead, with the defaults it always had (blocks, dynamic shapes); so does any explicit
+        scope or shapes, so that a recipe spelled out keeps its meaning.
         """
         scope, shapes, method = self.compile_scope, self.compile_shapes, self.compile_method
         if method == "auto":
@@ -347,6 +347,7 @@ class Settings(msgspec.Struct, kw_only=True):
 
     def engine_config(self) -> EngineConfig:
         """The slice of the settings the engine needs."""
+        scope, shapes, method = self.compile_recipe()
         return EngineConfig(
             model=self.model,
             refiner=self.refiner,
@@ -355,9 +356,9 @@ class Settings(msgspec.Struct, kw_only=True):
             dtype=self.dtype,
             compile=self.compile,
             compile_mode=self.compile_mode,
-            compile_scope=self.compile_recipe()[0],
-            compile_shapes=self.compile_recipe()[1],
-            compile_method=self.compile_recipe()[2],
+            compile_scope=scope,
+            compile_shapes=shapes,
+            compile_method=method,
             aot_build=self.aot_build,
             batch_buckets=_int_list(self.batch_buckets) if self.batch_buckets else (),
             quantize=self.quantize,

@@ -359,9 +359,9 @@ class AotUnet:
                     # Perhaps the build's own process held the memory: try once more when it
                     # has ended, not at every poll before.
                     self._pending[size] = dataclasses.replace(wanted, stale=current)
-                    logger.warning("the AOT %s package for latent %dx%d could not be adopted yet "
-                                   "(%s: %s); trying again when the build ends", self.name, *size,
-                                   type(exc).__name__, exc)
+                    logger.warning("the AOT %s package for latent %dx%d could not be adopted "
+                                   "yet (%s: %s); trying again when the build ends", self.name,
+                                   *size, type(exc).__name__, exc)
                     continue
                 logger.error("the AOT %s package for latent %dx%d from the background build "
                              "cannot serve (%s: %s); that size runs eagerly until a restart",
@@ -388,9 +388,9 @@ class AotUnet:
         if found is None or not MIN_BATCH <= int(found[1]) < package.max_batch:
             return False
         package.max_batch = int(found[1])
-        logger.warning("the AOT %s package for latent %dx%d was compiled for UNet batches up to %d "
-                       "(asked for %d): larger batches run eagerly", self.name, *size, package.max_batch,
-                       self.max_batch)
+        logger.warning("the AOT %s package for latent %dx%d was compiled for batches up to %d "
+                       "(asked for %d): larger batches run eagerly", self.name, *size,
+                       package.max_batch, self.max_batch)
         return True
 
     def _drop(self, size: tuple[int, int], exc: Exception) -> None:
