@@ -7,9 +7,10 @@ lines to $OUT/results.jsonl as they go, so a run cut short still reports what it
             as a folder; reused by a later call on the same machine that runs no bare phase
             (same weights, so its compile cache stays warm and fp8-vs-bf16 compares alike)
   bare      eager bf16: batch 1 and batch 8, 1024², 20 steps, CFG 5 (output_type="pt")
-  served    `imagegate serve --compile` (defaults: regional, shape-generic) on a cold compile
-            cache: ready time; with --aot-build background (the aot default) one request while
-            the child builds, then the time until its packages serve (pending reaches 0);
+  served    `imagegate serve --compile` (the default recipe: aot, the UNet and one image's
+            decoder, built in the background; --serve-args picks another) on a cold compile
+            cache: ready time; with a background build, three requests while the child
+            builds, then the time until its packages serve (pending reaches 0);
             one request at a time (with the server's breakdown of it: queue,
             pipeline, mean step, decode, encode), a burst mixing n=1..8 at two warmed sizes,
             24 requests at concurrency 8; request-path compiles read from /metrics
