@@ -1,4 +1,4 @@
-"""The UNet compiled ahead of time: torch.export + AOTInductor, one package per warm-up size.
+"""The UNet (and one image's VAE decode) compiled ahead of time: torch.export + AOTInductor.
 
 Why (issue 9): ``torch.compile`` re-traces the whole UNet with dynamo at every start, whatever
 its caches hold (16 s on an H200, docs/benchmarks.md §4.9), then loads its graphs from the
@@ -23,7 +23,7 @@ How:
   there is one copy in memory, as with ``torch.compile``.
 - **The package checks little**: AOTInductor runs whatever it is given unless
   ``AOTI_RUNTIME_CHECK_INPUTS`` is set (which this module sets, as a backstop), and even then it
-  cannot know a call's meaning. :class:`AotUnet` therefore checks every call against the
+  cannot know a call's meaning. :class:`AotRouter` therefore checks every call against the
   example's structure, dtypes, devices, layouts and non-batch sizes, and runs anything else
   (another size, ControlNet residuals, loaded LoRA adapters, a batch outside the range) on the
   eager UNet, counted as an eager call. A package that fails a call is dropped for good and its
@@ -31,11 +31,11 @@ How:
   asked (then batches above it run eagerly); out-of-memory errors go to the executor, which
   splits the batch.
 - **Never on the request path**: a package is built or loaded only during warm-up, or adopted
-  between batches (:meth:`AotUnet.adopt`); while serving (:meth:`AotUnet.serving`) a size
+  between batches (:meth:`AotRouter.adopt`); while serving (:meth:`AotRouter.serving`) a size
   without one runs eagerly.
 - **Built in the background by default** (``--aot-build background``): a cold start does not
   wait the minutes a package takes (255 s for the full-size UNet on an H200, §4.12). Warm-up
-  records the sizes without a package (:meth:`AotUnet.pending`) and runs them eagerly; the
+  records the sizes without a package (:meth:`AotRouter.pending`) and runs them eagerly; the
   engine has a child process build them (inference.aot_background) and, when it is done, has
   the executor adopt them between batches. ``foreground`` builds in warm-up, before ready.
 """
@@ -207,8 +207,8 @@ class _Package:
         return True
 
 
-class AotUnet:
-    """Runs a UNet's calls on its ahead-of-time packages, or eagerly; counts both.
+class AotRouter:
+    """Runs a module's calls on its ahead-of-time packages, or eagerly; counts both.
 
     Installed as the UNet's ``_compiled_call_impl`` (the hook ``nn.Module.compile`` uses), so
     the pipeline keeps its diffusers UNet. Also a compile watch (:class:`AotWatch` joins the
@@ -223,13 +223,13 @@ class AotUnet:
     purpose, does not).
     """
 
-    def __init__(self, unet: Any, folder: Path, *, max_batch: int,
+    def __init__(self, module: Any, folder: Path, *, max_batch: int,
                  inductor_configs: dict[str, Any] | None = None,
                  build: Builder | None = None, load: Loader | None = None,
                  background: bool = False, layout: Callable[[], None] | None = None,
                  name: str = "unet", min_batch: int = MIN_BATCH, static: bool = False,
                  count_outside: bool = True) -> None:
-        self.unet = unet
+        self.module = module
         self.name = name
         self.min_batch = min_batch
         self.static = static
@@ -237,7 +237,8 @@ class AotUnet:
         # Leave missing packages to a background build (pending) instead of building them.
         self.background = background
         # The UNet's layout change the packages are built for, when the engine deferred it to
-        # the first adoption (eager runs faster without it); run once, before any load.
+        # the first adoption (eager runs faster without it): before any load; the routers
+        # share it, wrapped in run_once.
         self._layout = layout
         self.folder = folder
         self.max_batch = max_batch
@@ -277,7 +278,7 @@ class AotUnet:
         batch = _batch_of(args)
         waiting = False
         routed = batch is not None and self.min_batch <= batch <= self.max_batch
-        if routed and not _has_adapters(self.unet):
+        if routed and not _has_adapters(self.module):
             size = (int(args[0].shape[-2]), int(args[0].shape[-1]))
             package = self._packages.get(size)
             same = _float_timestep(args)
@@ -286,7 +287,7 @@ class AotUnet:
                     and not waiting:
                 package = self._prepare(size, same, kwargs, batch)
                 waiting = size in self._pending
-            if package is not None and not _anchored(self.unet, package.anchor):
+            if package is not None and not _anchored(self.module, package.anchor):
                 self._drop(size, RuntimeError(
                     "the module's weights were replaced since the package was bound to them"))
                 package = None
@@ -302,7 +303,7 @@ class AotUnet:
         # imagegate_aot_pending_packages shows it instead.
         if self._serving and not waiting and (routed or self.count_outside):
             self._misses += 1
-        return self.unet._call_impl(*args, **kwargs)
+        return self.module._call_impl(*args, **kwargs)
 
     # -- background builds --------------------------------------------------------------------
 
@@ -337,13 +338,12 @@ class AotUnet:
                 if self._layout is not None:
                     # Before binding: a package reads the live tensors in the layout it was
                     # built for, and checks names, not strides.
-                    layout, self._layout = self._layout, None
-                    layout()  # shared by the routers; runs once
-                run, stored = self._load(wanted.path, self.unet)
+                    self._layout()
+                run, stored = self._load(wanted.path, self.module)
                 if stored != wanted.signature:
                     raise ValueError("it was exported for other calls")
                 package = _Package(run=run, spec=wanted.spec, leaves=wanted.leaves,
-                                   max_batch=self.max_batch, anchor=_anchor(self.unet))
+                                   max_batch=self.max_batch, anchor=_anchor(self.module))
                 try:
                     _first_call(package, package.max_batch)
                 except Exception as exc:  # a lower batch limit is learned; the rest fail
@@ -415,7 +415,7 @@ class AotUnet:
         try:
             if path.is_file():
                 try:
-                    run, stored = self._load(path, self.unet)
+                    run, stored = self._load(path, self.module)
                     if stored != signature:
                         raise ValueError("it was exported for other calls")
                 except Exception as exc:  # noqa: BLE001 - stale, foreign or damaged: rebuild it
@@ -432,7 +432,7 @@ class AotUnet:
                 return None
             self._build_at(path, args, kwargs, signature)
             self._built += 1
-            run, stored = self._load(path, self.unet)
+            run, stored = self._load(path, self.module)
             if stored != signature:
                 raise RuntimeError("the package built does not carry its signature")
         except Exception:
@@ -448,7 +448,7 @@ class AotUnet:
     def _keep(self, size: tuple[int, int], run: Callable[..., Any], spec: Any,
               leaves: list[_Leaf]) -> _Package:
         package = _Package(run=run, spec=spec, leaves=leaves, max_batch=self.max_batch,
-                           anchor=_anchor(self.unet))
+                           anchor=_anchor(self.module))
         self._packages[size] = package
         return package
 
@@ -458,12 +458,12 @@ class AotUnet:
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp.pt2")
         try:
-            self._build(self.unet, args, kwargs, self.max_batch, tmp, signature)
+            self._build(self.module, args, kwargs, self.max_batch, tmp, signature)
             tmp.replace(path)
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _export_and_compile(self, unet: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
+    def _export_and_compile(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
                             max_batch: int, path: Path, signature: str) -> None:
         import torch
         from torch.utils._pytree import tree_map
@@ -478,15 +478,15 @@ class AotUnet:
                            and value.shape[0] == example)
                 return {0: dim} if batched else None
 
-            names = list(_forward_parameters(unet))
+            names = list(_forward_parameters(module))
             shapes = {**{names[i]: tree_map(dynamic, a) for i, a in enumerate(args)},
                       **{k: tree_map(dynamic, v) for k, v in kwargs.items()}}
-        hook = unet._compiled_call_impl
-        unet._compiled_call_impl = None  # export calls the module: not back into this router
+        hook = module._compiled_call_impl
+        module._compiled_call_impl = None  # export calls the module: not back into this router
         try:
-            program = torch.export.export(unet, args, kwargs, dynamic_shapes=shapes, strict=False)
+            program = torch.export.export(module, args, kwargs, dynamic_shapes=shapes, strict=False)
         finally:
-            unet._compiled_call_impl = hook
+            module._compiled_call_impl = hook
         torch._inductor.aoti_compile_and_package(
             program, package_path=str(path),
             inductor_configs={
@@ -526,7 +526,7 @@ class AotWatch:
     pending packages (labelled ``name HxW``) for the background build.
     """
 
-    def __init__(self, routers: list[AotUnet]) -> None:
+    def __init__(self, routers: list[AotRouter]) -> None:
         self.routers = routers
         self.folder = routers[0].folder
 
@@ -553,11 +553,11 @@ class AotWatch:
         return [f"{r.name} {h}x{w}" for r in self.routers for h, w in r.pending()]
 
     def adopt(self, *, final: bool = True) -> list[str]:
-        """Adopt what the build made, router by router (see :meth:`AotUnet.adopt`)."""
+        """Adopt what the build made, router by router (see :meth:`AotRouter.adopt`)."""
         return [f"{r.name} {h}x{w}" for r in self.routers for h, w in r.adopt(final=final)]
 
 
-def decoder_router(decoder: Any, folder: Path, **kwargs: Any) -> AotUnet:
+def decoder_router(decoder: Any, folder: Path, **kwargs: Any) -> AotRouter:
     """The VAE decoder's router: one static package per size for a batch of one.
 
     One image's decode is what a lone request waits for after its last step (50-100 ms eager
@@ -565,7 +565,7 @@ def decoder_router(decoder: Any, folder: Path, **kwargs: Any) -> AotUnet:
     few percent of the batch and a batch-dynamic decoder graph at 1024² needs 64-bit indexing
     at batch 8 (§4.7).
     """
-    return AotUnet(decoder, folder, max_batch=1, min_batch=1, static=True, name="decoder",
+    return AotRouter(decoder, folder, max_batch=1, min_batch=1, static=True, name="decoder",
                    count_outside=False, **kwargs)
 
 
@@ -625,26 +625,26 @@ def _free_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _forward_parameters(unet: Any) -> Iterator[str]:
+def _forward_parameters(module: Any) -> Iterator[str]:
     import inspect
 
-    return iter(inspect.signature(unet.forward).parameters)
+    return iter(inspect.signature(module.forward).parameters)
 
 
-def _has_adapters(unet: Any) -> bool:
+def _has_adapters(module: Any) -> bool:
     """True while LoRA layers are in the UNet: the package was built without them."""
-    return bool(getattr(unet, "_hf_peft_config_loaded", False))
+    return bool(getattr(module, "_hf_peft_config_loaded", False))
 
 
-def _load_package(path: Path, unet: Any) -> tuple[Callable[..., Any], str | None]:
-    """Load an AOTInductor package, point it at ``unet``'s own tensors; it and its signature."""
+def _load_package(path: Path, module: Any) -> tuple[Callable[..., Any], str | None]:
+    """Load an AOTInductor package, point it at ``module``'s own tensors; it and its signature."""
     import torch
 
     # The package's own input checks (sizes within the compiled range, dtypes, strides), read
-    # by its code at its first call: a backstop behind AotUnet's checks, microseconds a call.
+    # by its code at its first call: a backstop behind AotRouter's checks, microseconds a call.
     os.environ.setdefault("AOTI_RUNTIME_CHECK_INPUTS", "1")
     model = torch._inductor.aoti_load_package(str(path))
-    state = unet.state_dict(keep_vars=True)
+    state = module.state_dict(keep_vars=True)
     model.load_constants({name: state[name].data for name in model.get_constant_fqns()},
                          check_full_update=True, user_managed=True)
     return model, model.get_metadata().get("imagegate_signature")

@@ -5,7 +5,7 @@ that waited for it reached ``/ready`` after 283 s (docs/benchmarks.md §4.12): p
 reference measurement waits, and four minutes in which a fresh replica serves nothing. With a
 background build, a cold start is ready once warm-up has run eagerly; the sizes without a
 package run eagerly until the child has built them, and the executor then adopts them between
-batches (:meth:`inference.aot.AotUnet.adopt`). A warm start finds its packages and starts no
+batches (:meth:`inference.aot.AotRouter.adopt`). A warm start finds its packages and starts no
 child.
 
 Why a child process and not a thread: the build is minutes of Python (``torch.export``,

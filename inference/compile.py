@@ -41,10 +41,11 @@ The design (issue 9), and why:
   hashes the model, dtype, torch/diffusers/CUDA versions, GPU name, compile options and (from the
   engine) the warm-up shape set, so a different model, torch or shape set never reuses stale
   artifacts.
-- **Or ahead of time** (``method="aot"``, with ``scope="unet"`` and ``shapes="batch"``): no
-  ``torch.compile`` at all; warm-up exports the UNet and compiles it with AOTInductor into one
-  package per size, which later starts load without dynamo re-tracing the UNet
-  (:mod:`inference.aot`).
+- **Or ahead of time** (``method="aot"``, with ``scope="unet"`` or ``"full"`` and
+  ``shapes="batch"``): no ``torch.compile`` at all; the UNet (and under ``full`` the VAE decoder
+  for one image) is exported and compiled with AOTInductor into one package per size, by a
+  background process or in warm-up, which later starts load without dynamo re-tracing the UNet
+  (:mod:`inference.aot`, :mod:`inference.aot_background`).
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ class CompileOptions(msgspec.Struct, frozen=True, kw_only=True):
     fuse_qkv: bool = True
     channels_last: bool = True
     # jit: torch.compile (dynamo traces at every start). aot: torch.export + AOTInductor, one
-    # package per warm-up size in the compile cache (inference.aot; scope unet, batch shapes).
+    # package per warm-up size in the compile cache (inference.aot; scope unet or full, batch
+    # shapes).
     method: Method = "jit"
 
 
@@ -264,7 +266,13 @@ AOT_MODES = {"default": {}, "max-autotune-no-cudagraphs": {"max_autotune": True}
 
 def _install_aot(pipe: Any, options: CompileOptions, folder: Path | None, max_batch: int,
                  background: bool, layout: Callable[[], None] | None) -> Any:
-    from inference.aot import AotUnet, AotWatch, decoder_router, remove_stale_temporaries, run_once
+    from inference.aot import (
+        AotRouter,
+        AotWatch,
+        decoder_router,
+        remove_stale_temporaries,
+        run_once,
+    )
 
     if options.scope not in ("unet", "full") or options.shapes != "batch":
         raise ValueError("ahead-of-time compile (method='aot') needs scope 'unet' or 'full' "
@@ -277,7 +285,7 @@ def _install_aot(pipe: Any, options: CompileOptions, folder: Path | None, max_ba
     remove_stale_temporaries(folder)
     shared = {"inductor_configs": AOT_MODES[options.mode], "background": background,
               "layout": run_once(layout) if layout is not None else None}
-    routers = [AotUnet(pipe.unet, folder, max_batch=max_batch, **shared)]
+    routers = [AotRouter(pipe.unet, folder, max_batch=max_batch, **shared)]
     pipe.unet._compiled_call_impl = routers[0]
     if options.scope == "full" and _vae_recasts(pipe.vae):
         # The pipeline casts such a VAE to float32 for every decode and back after it, making

@@ -381,10 +381,10 @@ class Engine:
     def _start_background_build(self, watch: object) -> None:
         """Have a child build the AOT packages warm-up left pending (see inference.aot_background)."""
         pending = getattr(watch, "pending", None)
-        sizes = pending() if callable(pending) else []
-        if not sizes:
+        packages = pending() if callable(pending) else []
+        if not packages:
             return
-        self.metrics.aot_pending.set(len(sizes))
+        self.metrics.aot_pending.set(len(packages))
         self._background = asyncio.create_task(self._build_in_background(watch),
                                                name="imagegate-aot-build")
 
@@ -397,10 +397,10 @@ class Engine:
 
     async def _build_and_adopt(self, watch: Any) -> None:
         assert self._executor is not None
-        sizes = watch.pending()
+        packages = watch.pending()
         started = time.perf_counter()
         logger.info("building the AOT packages %s in the background; their calls run eagerly "
-                    "until each is adopted", ", ".join(sizes))
+                    "until each is adopted", ", ".join(packages))
         build = asyncio.ensure_future(self._aot_builder(self.config, watch.folder))
         adopted: list[str] = []
         try:
@@ -418,12 +418,12 @@ class Engine:
         except Exception:  # the server serves on, eagerly
             logger.exception("the background AOT build could not run")
             built = False
-        # Whatever it made is adopted, even after a failure: a size per package.
+        # Whatever it made is adopted, even after a failure.
         adopted += await self._adopt(watch, final=True)
-        logger.log(logging.INFO if built and len(adopted) == len(sizes) else logging.ERROR,
+        logger.log(logging.INFO if built and len(adopted) == len(packages) else logging.ERROR,
                    "background AOT build %s after %.1fs: %d of %d packages adopted",
                    "done" if built else "failed", time.perf_counter() - started, len(adopted),
-                   len(sizes))
+                   len(packages))
 
     async def _adopt(self, watch: Any, *, final: bool) -> list[str]:
         """Adopt built packages on the executor thread, between batches; count them."""

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from inference.aot import AotUnet, AotWatch
+from inference.aot import AotRouter, AotWatch
 from inference.compile import CompileOptions, apply_compile, cache_key
 
 
@@ -50,9 +50,9 @@ def inputs(batch: int, size: int = 8, *, timestep: Any = None, dtype=torch.float
     }
 
 
-def routed(folder: Path, *, max_batch: int = 8, **kw: Any) -> tuple[StandInUNet, AotUnet]:
+def routed(folder: Path, *, max_batch: int = 8, **kw: Any) -> tuple[StandInUNet, AotRouter]:
     unet = StandInUNet().eval().requires_grad_(False)
-    router = AotUnet(unet, folder, max_batch=max_batch, **kw)
+    router = AotRouter(unet, folder, max_batch=max_batch, **kw)
     unet._compiled_call_impl = router
     return unet, router
 
@@ -156,7 +156,7 @@ def test_packages_are_built_and_loaded_only_in_warm_up(tmp_path):
     loads = len(compiler.loaded)
     _, later = routed(tmp_path, build=compiler.build, load=compiler.load)
     with torch.inference_mode(), later.serving():
-        later.unet(*inputs(2)[0], **inputs(2)[1])
+        later.module(*inputs(2)[0], **inputs(2)[1])
     assert len(compiler.loaded) == loads, "a package was loaded on a request"
     assert later.misses() == 1
 
@@ -354,10 +354,10 @@ def test_a_package_exported_for_other_calls_is_built_again(tmp_path):
     unet, _ = routed(tmp_path, max_batch=8, build=compiler.build, load=compiler.load)
     unet(*inputs(2)[0], **inputs(2)[1])
     _, wider = routed(tmp_path, max_batch=16, build=compiler.build, load=compiler.load)
-    wider.unet(*inputs(2)[0], **inputs(2)[1])
+    wider.module(*inputs(2)[0], **inputs(2)[1])
     assert len(compiler.built) == 2 and wider.count() == 1
     _, same = routed(tmp_path, max_batch=16, build=compiler.build, load=compiler.load)
-    same.unet(*inputs(2)[0], **inputs(2)[1])
+    same.module(*inputs(2)[0], **inputs(2)[1])
     assert len(compiler.built) == 2 and same.count() == 0
 
 
@@ -421,7 +421,7 @@ def test_a_package_compiled_for_fewer_batches_serves_those_and_the_rest_eagerly(
 
 def test_the_engine_installs_the_router_as_its_compile_watch_under_the_keyed_cache(
         tmp_path, monkeypatch):
-    """``--compile --compile-method aot``: the tiny pipeline's UNet routes through AotUnet, which
+    """``--compile --compile-method aot``: the tiny pipeline's UNet routes through AotRouter, which
     the runner hands the engine as its compile watch, with packages under the keyed folder.
     Nothing is compiled here (warm-up would)."""
     import shutil
@@ -440,7 +440,7 @@ def test_the_engine_installs_the_router_as_its_compile_watch_under_the_keyed_cac
     assert isinstance(watch, AotWatch) and info.compiled
     assert len(watch.routers) == 1, "scope unet routes the UNet only"
     router = watch.routers[0]
-    assert isinstance(router, AotUnet)
+    assert isinstance(router, AotRouter)
     assert runner.base.unet._compiled_call_impl is router
     assert router.max_batch == 8, "guidance doubles the largest batch"
     assert router.folder == Path(info.compile_cache) / "aot"
