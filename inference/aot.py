@@ -332,6 +332,8 @@ class AotRouter:
                 continue  # not built yet (the build renames a package in when it is complete)
             del self._pending[size]
             started = time.perf_counter()
+            # Seconds of each part, for the log: all of it holds the executor thread.
+            laid = loaded = started
             try:
                 if current is None:
                     raise FileNotFoundError(f"the build made no package at {wanted.path}")
@@ -339,7 +341,9 @@ class AotRouter:
                     # Before binding: a package reads the live tensors in the layout it was
                     # built for, and checks names, not strides.
                     self._layout()
+                laid = time.perf_counter()
                 run, stored = self._load(wanted.path, self.module)
+                loaded = time.perf_counter()
                 if stored != wanted.signature:
                     raise ValueError("it was exported for other calls")
                 package = _Package(run=run, spec=wanted.spec, leaves=wanted.leaves,
@@ -370,8 +374,11 @@ class AotRouter:
                 continue
             self._packages[size] = package
             adopted.append(size)
-            logger.info("AOT %s package for latent %dx%d adopted in %.2fs: %s", self.name, *size,
-                        time.perf_counter() - started, wanted.path)
+            done = time.perf_counter()
+            logger.info("AOT %s package for latent %dx%d adopted in %.2fs (layout %.2fs, load "
+                        "%.2fs, first call at batch %d %.2fs): %s", self.name, *size,
+                        done - started, laid - started, loaded - laid, package.max_batch,
+                        done - loaded, wanted.path)
         return adopted
 
     def _limit(self, size: tuple[int, int], package: _Package, exc: Exception) -> bool:
@@ -638,13 +645,37 @@ def _has_adapters(module: Any) -> bool:
 
 def _load_package(path: Path, module: Any) -> tuple[Callable[..., Any], str | None]:
     """Load an AOTInductor package, point it at ``module``'s own tensors; it and its signature."""
-    import torch
-
     # The package's own input checks (sizes within the compiled range, dtypes, strides), read
     # by its code at its first call: a backstop behind AotRouter's checks, microseconds a call.
     os.environ.setdefault("AOTI_RUNTIME_CHECK_INPUTS", "1")
-    model = torch._inductor.aoti_load_package(str(path))
+    model = _open_package(path)
     state = module.state_dict(keep_vars=True)
     model.load_constants({name: state[name].data for name in model.get_constant_fqns()},
                          check_full_update=True, user_managed=True)
     return model, model.get_metadata().get("imagegate_signature")
+
+
+def _open_package(path: Path) -> Any:
+    """The package at ``path``, opened by AOTInductor's own loader.
+
+    ``torch._inductor.aoti_load_package`` first compares the host with the one that built the
+    package, only to log a warning on a mismatch, and that comparison finds the CPU's vector
+    ISA by compiling and loading probe libraries, each in a new Python process: 10 s in a
+    fresh process on a 2-core CPU host, against 4 ms for the load itself. On an H200 (torch
+    2.11) the UNet package's load took 32 s of a 58 s warm start, the decoder's after it 0.01 s
+    (docs/benchmarks.md §4.14): the probe's cost, paid once per process. The compile cache's
+    key already names the GPU, torch and CUDA, so the comparison tells this server nothing:
+    the loader is called directly, as ``aoti_load_package`` itself does for older packages.
+    A torch without that loader gets ``aoti_load_package``.
+    """
+    import torch
+
+    try:
+        from torch.export.pt2_archive._package import AOTICompiledModel
+
+        loader = torch._C._aoti.AOTIModelPackageLoader
+    except (ImportError, AttributeError):
+        return torch._inductor.aoti_load_package(str(path))
+    # Arguments: the model's name in the package, run_single_threaded, num_runners and
+    # device_index, at aoti_load_package's defaults.
+    return AOTICompiledModel(loader(str(path), "model", False, 1, -1))

@@ -103,11 +103,13 @@ class StandInCompiler:
         return run, signature
 
 
-def test_a_real_package_serves_every_batch_of_its_size_and_matches_the_eager_unet(tmp_path):
+def test_a_real_package_serves_every_batch_of_its_size_and_matches_the_eager_unet(tmp_path,
+                                                                                 monkeypatch):
     """Exported at warm-up's first batch of two; later batches 2 to the maximum, and an integer
     timestep (DPM-Solver's), run the package with the eager UNet's results; another size, a
     larger batch, batch 1 run eagerly, counted; a second process loads the package instead of
-    building it, and the package reads the live weights, small ones included."""
+    building it, without probing the host's CPU (seconds, for a warning only), and the package
+    reads the live weights, small ones included."""
     unet, router = routed(tmp_path, max_batch=8)
     with torch.inference_mode():
         unet(*inputs(2)[0], **inputs(2)[1])  # warm-up
@@ -126,11 +128,18 @@ def test_a_real_package_serves_every_batch_of_its_size_and_matches_the_eager_une
             assert router.misses() == 3
         assert router.count() == 1, "a package was built outside warm-up"
 
+        def probed(device: str) -> dict[str, str]:
+            raise AssertionError(f"loading a package probed the host ({device})")
+
+        monkeypatch.setattr(torch._inductor.codecache, "get_device_information", probed)
         again, second = routed(tmp_path, max_batch=8)
         again.load_state_dict(unet.state_dict())
         args, kwargs = inputs(2)
         torch.testing.assert_close(again(*args, **kwargs)[0], eager(unet, args, kwargs))
         assert second.count() == 0, "the package in the cache was built again"
+        with second.serving():
+            again(*args, **kwargs)
+        assert second.misses() == 0, "the package in the cache did not load"
         # The package reads the live weights (one copy in memory): a change shows at once,
         # in a 4-element bias too (inductor inlines tensors that small unless told not to).
         again.conv.weight.mul_(2.0)
