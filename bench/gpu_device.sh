@@ -110,7 +110,10 @@ case "${1:-}" in
       4) set -- python3 -m bench.compile_features --scope full --shapes batch ;;
       # How much of a whole-UNet warm start is dynamo's trace on this host (measured in §4.9).
       t) set -- python3 -m bench.dynamo_trace ;;
-      *) echo "plan items: d du au 0u gu g 0 0c 1 1b 2 2b 3 4 t, and ITEM+ (docs/benchmarks.md §4.4, §4.7-4.9)" >&2
+      # How long opening an AOTInductor package takes with and without torch's host comparison
+      # (§4.14: 32-36 s of the default recipe's warm start; about 2 min with the build).
+      l) set -- python3 -m bench.aoti_load ;;
+      *) echo "plan items: d du au 0u gu g 0 0c 1 1b 2 2b 3 4 t l, and ITEM+ (docs/benchmarks.md §4.4, §4.7-4.9)" >&2
          exit 2 ;;
     esac
     if [ -n "$again" ]; then
