@@ -676,6 +676,10 @@ def _open_package(path: Path) -> Any:
         loader = torch._C._aoti.AOTIModelPackageLoader
     except (ImportError, AttributeError):
         return torch._inductor.aoti_load_package(str(path))
-    # Arguments: the model's name in the package, run_single_threaded, num_runners and
-    # device_index, at aoti_load_package's defaults.
-    return AOTICompiledModel(loader(str(path), "model", False, 1, -1))
+    try:
+        # The model's name in the package, run_single_threaded, num_runners and device_index,
+        # at aoti_load_package's defaults.
+        opened = loader(str(path), "model", False, 1, -1)
+    except TypeError:  # a torch whose loader takes other arguments
+        return torch._inductor.aoti_load_package(str(path))
+    return AOTICompiledModel(opened)

@@ -454,3 +454,20 @@ def test_the_engine_installs_the_router_as_its_compile_watch_under_the_keyed_cac
     assert router.max_batch == 8, "guidance doubles the largest batch"
     assert router.folder == Path(info.compile_cache) / "aot"
     assert router.folder.parent.parent == tmp_path / "compile"
+
+
+def test_a_torch_whose_package_loader_takes_other_arguments_loads_through_torch(monkeypatch,
+                                                                                tmp_path):
+    """The direct loader is torch's private API: when its call does not fit, the public
+    ``aoti_load_package`` opens the package instead of the size being rebuilt or dropped."""
+    from inference import aot
+
+    def other_signature(*args: object) -> None:
+        raise TypeError("incompatible constructor arguments")
+
+    opened: list[str] = []
+    monkeypatch.setattr(torch._C._aoti, "AOTIModelPackageLoader", other_signature)
+    monkeypatch.setattr(torch._inductor, "aoti_load_package",
+                        lambda path: opened.append(path) or "package")
+    assert aot._open_package(tmp_path / "unet-8x8.pt2") == "package"
+    assert opened == [str(tmp_path / "unet-8x8.pt2")]
