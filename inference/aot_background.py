@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 NICENESS = 10
 # The child's log, next to the packages it builds (each build appends, after a header line).
 LOG_NAME = "build.log"
+# The child's entry point; its arguments follow in sys.argv[1:].
+CHILD_MAIN = "import sys; from inference.aot_background import main; sys.exit(main())"
 LOCK_NAME = ".build.lock"
 # After SIGTERM, how long the child (and its compile workers) get before SIGKILL.
 STOP_GRACE_S = 5.0
@@ -79,8 +81,10 @@ async def build_in_child(config: EngineConfig, folder: Path) -> bool:
             log.write(f"--- background AOT build for pid {os.getpid()} at "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
             log.flush()
+            # Not ``-m inference.aot_background``: the package's import of the engine imports
+            # this module too, and runpy would then warn of, and run, a second copy of it.
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "inference.aot_background", str(spec), str(os.getpid()),
+                sys.executable, "-c", CHILD_MAIN, str(spec), str(os.getpid()),
                 stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT,
                 env=env, start_new_session=True)
         logger.info("background AOT build started (pid %d); its log: %s", process.pid, log_path)
@@ -180,7 +184,7 @@ async def warm_up_headless(config: EngineConfig, runner_factory: Any = None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The child: ``python -m inference.aot_background CONFIG.json PARENT_PID``."""
+    """The child, started by :func:`build_in_child` with ``CONFIG.json PARENT_PID`` as arguments."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
         print("usage: python -m inference.aot_background CONFIG.json PARENT_PID", file=sys.stderr)

@@ -339,6 +339,7 @@ async def test_the_child_runs_the_headless_engine_on_the_servers_settings_and_ex
     assert await asyncio.wait_for(build_in_child(_plain_config(), folder), 240)
     log = (folder / "build.log").read_text()
     assert "ready in" in log and "background AOT build done" in log, log[-2000:]
+    assert "found in sys.modules" not in log, "the child ran a second copy of its module"
     assert not list(folder.glob("build-*.json")), "the settings file was left behind"
 
 
