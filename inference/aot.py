@@ -663,7 +663,7 @@ def _open_package(path: Path) -> Any:
     ISA by compiling and loading probe libraries, each in a new Python process: 10 s in a
     fresh process on a 2-core CPU host, against 4 ms for the load itself. On an H200 (torch
     2.11) the UNet package's load took 32 s of a 58 s warm start, the decoder's after it 0.01 s
-    (docs/benchmarks.md §4.14): the probe's cost, paid once per process. The compile cache's
+    (docs/benchmarks.md §4.14): by all signs the probe's, paid once per process. The cache's
     key already names the GPU, torch and CUDA, so the comparison tells this server nothing:
     the loader is called directly, as ``aoti_load_package`` itself does for older packages.
     A torch without that loader gets ``aoti_load_package``.
