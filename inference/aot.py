@@ -124,9 +124,13 @@ def packages_in(folder: Path) -> list[Path]:
 
 
 def remove_stale_temporaries(folder: Path, older_than_s: float = STALE_TEMPORARY_S) -> None:
-    """Delete what builds killed long ago left; recent ones may be another replica's build."""
+    """Delete what builds killed long ago left; recent ones may be another replica's build.
+
+    Temporary packages, and the settings files of background builds whose server was killed
+    before it could delete them (inference.aot_background).
+    """
     now = time.time()
-    for path in folder.glob("*.tmp.pt2"):
+    for path in [*folder.glob("*.tmp.pt2"), *folder.glob("build-*.json")]:
         try:
             if now - path.stat().st_mtime > older_than_s:
                 path.unlink()
@@ -316,7 +320,8 @@ class AotRouter:
 
         While the build runs (``final`` False) only the sizes whose package has appeared are
         taken, so a second warm-up size does not wait for the first's build; once it has ended,
-        every pending size is settled.
+        every pending size is settled, unless LoRA layers are in the module: then nothing is
+        adopted and every size stays pending.
 
         Executor thread only, between batches: a load is not a compile, but it takes the
         pipeline's thread for as long as it runs (a shared library and one UNet call at the
@@ -326,6 +331,11 @@ class AotRouter:
         eagerly for the rest of this process, logged; the next start tries again.
         """
         adopted: list[tuple[int, int]] = []
+        if _has_adapters(self.module):
+            # A LoRA batch left its layers in (a compiled pipeline unloads them at the next
+            # plain batch): the weights' names differ from the package's until then. Not a
+            # failure: every size stays pending, for the next call.
+            return adopted
         for size, wanted in list(self._pending.items()):
             current = _stamp(wanted.path)
             if not final and current in (None, wanted.stale):
@@ -422,6 +432,11 @@ class AotRouter:
         try:
             if path.is_file():
                 try:
+                    if self._layout is not None:
+                        # Deferred for a cold start, but another replica's build put the
+                        # package here since: it reads the weights in the layout it was built
+                        # for, as at adoption.
+                        self._layout()
                     run, stored = self._load(path, self.module)
                     if stored != signature:
                         raise ValueError("it was exported for other calls")
@@ -581,9 +596,12 @@ def run_once(action: Callable[[], None]) -> Callable[[], None]:
     done = [False]
 
     def once() -> None:
+        # Marked done only once it has returned: one that failed part-way (out of memory while
+        # the child holds memory) runs again before the next package binds (both steps are
+        # safe to repeat).
         if not done[0]:
-            done[0] = True
             action()
+            done[0] = True
     return once
 
 

@@ -64,18 +64,18 @@ async def build_in_child(config: EngineConfig, folder: Path) -> bool:
 
     Returns True when the child exits cleanly. Cancelling this stops the child and its compile
     workers (their own process group), so a draining server leaves no build behind; what it
-    leaves is a temporary package file, which :func:`inference.aot.remove_stale_temporaries`
-    clears later.
+    leaves is a temporary package file (and, from a server killed outright, its settings
+    file), which :func:`inference.aot.remove_stale_temporaries` clears later.
     """
     folder.mkdir(parents=True, exist_ok=True)
     # Replicas sharing the folder may all be pid 1 in their containers.
     spec = folder / f"build-{os.getpid()}-{secrets.token_hex(4)}.json"
-    spec.write_bytes(encode_config(config))
     root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))}
     log_path = folder / LOG_NAME
     try:
+        spec.write_bytes(encode_config(config))  # in the try: a full disk leaves no part of it
         # Appended to: another replica's build may be writing to it too.
         with log_path.open("ab") as log:
             log.write(f"--- background AOT build for pid {os.getpid()} at "

@@ -211,7 +211,7 @@ def diffusers_runner_factory(config: EngineConfig) -> tuple[BatchRunner, ModelIn
         # which are built for that layout, the server runs eagerly: it changes the layout when
         # it adopts the first package, and never if the build fails.
         defer_layout = (options.method == "aot" and config.aot_build == "background"
-                        and not warm)
+                        and not warm and config.quantize == "none")  # before quantizing
         if not defer_layout:
             prepare_for_compile(base, options)
     quantize_unet(base, config.quantize, choice.device)  # type: ignore[arg-type]
@@ -371,6 +371,9 @@ class Engine:
         if info.compile_cache:
             await asyncio.get_running_loop().run_in_executor(
                 None, CompileCache(Path(info.compile_cache)).save)
+        if self.state is not EngineState.WARMING:
+            # A drain ran while this awaited: it stopped the threads, so nothing starts now.
+            return
         self._scheduler.start()
         self.state = EngineState.READY
         self.metrics.ready.set(1)
@@ -420,6 +423,11 @@ class Engine:
             built = False
         # Whatever it made is adopted, even after a failure.
         adopted += await self._adopt(watch, final=True)
+        while watch.pending():
+            # Left pending only while a LoRA batch's layers are in the UNet (AotRouter.adopt):
+            # the next plain batch unloads them.
+            await asyncio.sleep(AOT_POLL_S)
+            adopted += await self._adopt(watch, final=True)
         logger.log(logging.INFO if built and len(adopted) == len(packages) else logging.ERROR,
                    "background AOT build %s after %.1fs: %d of %d packages adopted",
                    "done" if built else "failed", time.perf_counter() - started, len(adopted),

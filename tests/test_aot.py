@@ -401,12 +401,16 @@ def test_stale_temporary_packages_are_swept_and_never_taken_for_packages(tmp_pat
     from inference.aot import packages_in, remove_stale_temporaries
 
     old, recent = tmp_path / "unet-8x8.1.aa.tmp.pt2", tmp_path / "unet-8x8.2.bb.tmp.pt2"
-    for path in (old, recent):
+    # A background build's settings file, from a server killed before it could delete it.
+    old_settings = tmp_path / "build-1-0a1b2c3d.json"
+    for path in (old, recent, old_settings):
         path.write_bytes(b"half")
     os.utime(old, (0, 0))
+    os.utime(old_settings, (0, 0))
     assert packages_in(tmp_path) == []
     remove_stale_temporaries(tmp_path)
     assert not old.exists() and recent.exists(), "a build in progress may be another replica's"
+    assert not old_settings.exists(), "a dead build's settings file was kept"
 
 
 def test_a_package_compiled_for_fewer_batches_serves_those_and_the_rest_eagerly(tmp_path, caplog):

@@ -24,6 +24,7 @@ import pytest
 import torch
 from PIL import Image
 
+from inference import aot
 from inference.aot_background import (
     build_in_child,
     decode_config,
@@ -158,6 +159,60 @@ def test_a_package_built_for_other_calls_is_not_adopted(tmp_path, caplog):
     assert compiler.package_calls == calls and parent.misses() == 1
 
 
+def test_a_package_another_build_left_before_warm_up_binds_after_the_deferred_layout(tmp_path):
+    """A cold start defers the layout change to the first adoption; a package that another
+    replica's build renamed in before warm-up is loaded there, so the layout changes first."""
+    compiler = StandInCompiler()
+    order: list[str] = []
+
+    def load(path: Path, module: Any) -> Any:
+        order.append("load")
+        return compiler.load(path, module)
+
+    child_unet, _ = routed(tmp_path, build=compiler.build, load=compiler.load)
+    child_unet(*inputs(2)[0], **inputs(2)[1])  # the other replica's build
+    unet, parent = routed(tmp_path, build=compiler.build, load=load, background=True,
+                          layout=aot.run_once(lambda: order.append("layout")))
+    unet.load_state_dict(child_unet.state_dict())
+    unet(*inputs(2)[0], **inputs(2)[1])  # warm-up finds the package
+    assert parent.pending() == [], "warm-up left a package it found to a build"
+    assert order == ["layout", "load"], f"the package bound before the layout changed: {order}"
+
+
+def test_no_package_is_adopted_while_lora_layers_are_in_the_unet(tmp_path):
+    """A LoRA batch leaves its layers in until the next plain batch: the weights' names differ
+    from the package's, which is not a reason to give the size up for this process."""
+    compiler = StandInCompiler()
+    unet, parent = routed(tmp_path, build=compiler.build, load=compiler.load, background=True)
+    unet(*inputs(2)[0], **inputs(2)[1])
+    child_unet, _ = routed(tmp_path, build=compiler.build, load=compiler.load)
+    child_unet.load_state_dict(unet.state_dict())
+    child_unet(*inputs(2)[0], **inputs(2)[1])
+    unet._hf_peft_config_loaded = True  # what peft sets while adapters are loaded
+    loaded = len(compiler.loaded)
+    assert parent.adopt(final=True) == []
+    assert parent.pending() == [(8, 8)], "the size was given up while LoRA layers were in"
+    assert len(compiler.loaded) == loaded, "a package was loaded onto the LoRA-wrapped weights"
+    unet._hf_peft_config_loaded = False
+    assert parent.adopt(final=True) == [(8, 8)]
+
+
+def test_a_layout_change_that_failed_part_way_runs_again():
+    calls: list[int] = []
+
+    def change() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA error: out of memory")
+
+    once = aot.run_once(change)
+    with pytest.raises(RuntimeError):
+        once()
+    once()
+    once()
+    assert len(calls) == 2, "a failed layout change was taken as done, or a done one repeated"
+
+
 # -- the engine: ready first, eager meanwhile, packages adopted between batches --------------
 
 
@@ -282,6 +337,79 @@ async def test_a_package_serves_as_soon_as_it_is_built_while_the_build_goes_on(
                                                  {"reason": "background"}) == 1
     finally:
         await engine.drain(10)
+
+
+async def test_a_build_that_ends_while_lora_layers_are_in_is_adopted_after_them(
+        tmp_path, compile_env, monkeypatch):
+    """The final adoption meets LoRA layers left by the last batch: the engine waits for a
+    plain batch to unload them, then adopts, rather than serving eagerly until a restart."""
+    import inference.engine
+
+    monkeypatch.setattr(inference.engine, "AOT_POLL_S", 0.05)
+    child_compiler = StandInCompiler()
+
+    metrics = Metrics()
+    engine: Engine | None = None
+
+    async def child(config: EngineConfig, folder: Path) -> bool:
+        assert engine is not None
+        # What a LoRA batch leaves in a compiled pipeline until the next plain batch.
+        engine._runner.base.unet._hf_peft_config_loaded = True  # type: ignore[union-attr]
+        await warm_up_headless(config, runner_factory=_factory_with(child_compiler))
+        returned.set()
+        return True
+
+    returned = asyncio.Event()
+    engine = Engine(_aot_config(tmp_path), metrics,
+                    runner_factory=_factory_with(StandInCompiler()), aot_builder=child)
+    await engine.start()
+    try:
+        await asyncio.wait_for(returned.wait(), 120)
+        for _ in range(5):  # the final adoption and a few polls after it, with the layers in
+            await asyncio.sleep(0.05)
+        assert metrics.registry.get_sample_value("imagegate_aot_pending_packages") == 1, \
+            "the size was given up (or adopted) while LoRA layers were in"
+        assert not engine._background.done(), "the engine stopped waiting for the layers to go"
+        engine._runner.base.unet._hf_peft_config_loaded = False  # the plain batch unloaded them
+        await _wait_for(lambda: metrics.registry.get_sample_value(
+            "imagegate_compiles_total", {"reason": "background"}) == 1,
+            "the package to be adopted once the layers were gone")
+        await asyncio.wait_for(engine._background, 60)
+        assert metrics.registry.get_sample_value("imagegate_aot_pending_packages") == 0
+    finally:
+        await engine.drain(10)
+
+
+async def test_a_drain_during_start_leaves_the_engine_stopped_and_builds_nothing(
+        tmp_path, compile_env, monkeypatch):
+    """SIGTERM while warm-up's compile cache is being saved: start() must not turn the
+    drained engine ready again, nor start a build."""
+    import threading
+
+    import inference.engine
+
+    saving, release = threading.Event(), threading.Event()
+
+    def slow_save(self: Any) -> None:
+        saving.set()
+        release.wait(60)
+
+    monkeypatch.setattr(inference.engine.CompileCache, "save", slow_save)
+    builds: list[Path] = []
+
+    async def child(config: EngineConfig, folder: Path) -> bool:
+        builds.append(folder)
+        return True
+
+    engine = Engine(_aot_config(tmp_path), Metrics(),
+                    runner_factory=_factory_with(StandInCompiler()), aot_builder=child)
+    starting = asyncio.create_task(engine.start())
+    await _wait_for(saving.is_set, "start() to reach the compile cache's save")
+    await engine.drain(10)
+    release.set()
+    await asyncio.wait_for(starting, 60)
+    assert not engine.ready, "start() made a drained engine ready"
+    assert engine._background is None and builds == [], "a drained engine started a build"
 
 
 async def test_draining_stops_a_background_build_in_progress(tmp_path, compile_env):
