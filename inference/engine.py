@@ -80,6 +80,8 @@ class EngineConfig(msgspec.Struct, kw_only=True):
     # aot only: build missing packages in a child process while serving eagerly ("background",
     # inference.aot_background) or in warm-up, before ready ("foreground").
     aot_build: str = "background"
+    # How long a background build may run before the child is stopped (its memory freed).
+    aot_build_timeout_s: float = 3600.0
     # The background build's headless engine (inference.aot_background): warm-up runs only each
     # size's first shape, once: the call a package is exported from. The server adopting the
     # package runs it at the largest batch itself.
@@ -406,21 +408,29 @@ class Engine:
                     "until each is adopted", ", ".join(packages))
         build = asyncio.ensure_future(self._aot_builder(self.config, watch.folder))
         adopted: list[str] = []
+        deadline = time.monotonic() + self.config.aot_build_timeout_s
         try:
             # Each package as soon as it is there: with two warm-up sizes the first serves
             # while the second builds.
             while not (await asyncio.wait({build}, timeout=AOT_POLL_S))[0]:
                 adopted += await self._adopt(watch, final=False)
+                if time.monotonic() > deadline:
+                    # A build that hangs would hold its copy of the model until the server
+                    # stops; what it finished is adopted below.
+                    logger.error("the background AOT build ran past --aot-build-timeout-s "
+                                 "(%.0fs): stopping it", self.config.aot_build_timeout_s)
+                    break
         finally:
-            if not build.done():  # this task was cancelled (drain): stop the child too
+            if not build.done():  # a drain cancelled this task, or the deadline: stop the child
                 build.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await build
-        try:
-            built = build.result()
-        except Exception:  # the server serves on, eagerly
-            logger.exception("the background AOT build could not run")
-            built = False
+        built = False
+        if not build.cancelled():  # cancelled: the deadline, logged above
+            try:
+                built = build.result()
+            except Exception:  # the server serves on, eagerly
+                logger.exception("the background AOT build could not run")
         # Whatever it made is adopted, even after a failure.
         adopted += await self._adopt(watch, final=True)
         while watch.pending():

@@ -432,6 +432,40 @@ async def test_draining_stops_a_background_build_in_progress(tmp_path, compile_e
     assert stopped.is_set(), "drain left the background build running"
 
 
+async def test_a_build_past_its_deadline_is_stopped_and_the_server_serves_on(
+        tmp_path, compile_env, monkeypatch, caplog):
+    import inference.engine
+
+    monkeypatch.setattr(inference.engine, "AOT_POLL_S", 0.05)
+    stopped = asyncio.Event()
+
+    async def child(config: EngineConfig, folder: Path) -> bool:
+        try:
+            await asyncio.Event().wait()  # a build that hangs
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
+        return True
+
+    metrics = Metrics()
+    engine = Engine(_aot_config(tmp_path, aot_build_timeout_s=0.3), metrics,
+                    runner_factory=_factory_with(StandInCompiler()), aot_builder=child)
+    with caplog.at_level(logging.ERROR):
+        await engine.start()
+        try:
+            assert engine._background is not None
+            await asyncio.wait_for(engine._background, 60)
+            assert stopped.is_set(), "the child was left running past its deadline"
+            assert not engine._background.cancelled(), "the deadline cancelled the engine's task"
+            assert metrics.registry.get_sample_value("imagegate_aot_pending_packages") == 0
+            result = await engine.generate(GenerationRequest(prompt="x", width=64, height=64,
+                                                             steps=2))
+            assert len(result.images) == 1
+        finally:
+            await engine.drain(10)
+    assert any("--aot-build-timeout-s" in r.getMessage() for r in caplog.records)
+
+
 async def test_a_failed_build_leaves_the_server_serving_eagerly(tmp_path, compile_env, caplog):
     async def child(config: EngineConfig, folder: Path) -> bool:
         return False
