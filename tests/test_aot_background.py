@@ -38,6 +38,14 @@ from tests import serving
 from tests.test_aot import StandInCompiler, eager, inputs, routed
 
 
+def build_as_the_child(tmp_path: Path, compiler: StandInCompiler, unet: Any,
+                       size: int = 8, **kw: Any) -> None:
+    """What the child does: a foreground router over the same weights exports the package."""
+    child_unet, _ = routed(tmp_path, build=compiler.build, load=compiler.load, **kw)
+    child_unet.load_state_dict(unet.state_dict())
+    child_unet(*inputs(2, size=size)[0], **inputs(2, size=size)[1])
+
+
 def test_a_background_router_leaves_a_missing_package_pending_and_runs_its_size_eagerly(
         tmp_path):
     compiler = StandInCompiler()
@@ -94,9 +102,7 @@ def test_while_the_build_runs_only_finished_packages_are_adopted(tmp_path):
     assert parent.pending() == [(4, 4), (8, 8)]
     assert parent.adopt(final=False) == [], "took the old package for the one being built"
     assert parent.pending() == [(4, 4), (8, 8)]
-    child_unet, _ = routed(tmp_path, build=compiler.build, load=compiler.load)
-    child_unet.load_state_dict(unet.state_dict())
-    child_unet(*inputs(2, size=4)[0], **inputs(2, size=4)[1])  # the child's first size
+    build_as_the_child(tmp_path, compiler, unet, size=4)  # the child's first size
     assert parent.adopt(final=False) == [(4, 4)]
     assert parent.pending() == [(8, 8)]
     assert parent.adopt(final=True) == [], "the stale package was adopted when the build ended"
@@ -108,9 +114,7 @@ def test_a_package_that_fails_while_the_build_runs_is_tried_again_when_it_ends(t
     compiler = StandInCompiler()
     unet, parent = routed(tmp_path, build=compiler.build, load=compiler.load, background=True)
     unet(*inputs(2)[0], **inputs(2)[1])
-    child_unet, _ = routed(tmp_path, build=compiler.build, load=compiler.load)
-    child_unet.load_state_dict(unet.state_dict())
-    child_unet(*inputs(2)[0], **inputs(2)[1])
+    build_as_the_child(tmp_path, compiler, unet)
     compiler.fail_run = RuntimeError("CUDA error: out of memory")
     assert parent.adopt(final=False) == []
     assert parent.pending() == [(8, 8)]
@@ -127,9 +131,7 @@ def test_adopting_finds_a_lower_batch_limit_before_any_request_does(tmp_path, ca
     unet, parent = routed(tmp_path, max_batch=8, build=compiler.build, load=compiler.load,
                           background=True)
     unet(*inputs(2)[0], **inputs(2)[1])
-    child_unet, _ = routed(tmp_path, max_batch=8, build=compiler.build, load=compiler.load)
-    child_unet.load_state_dict(unet.state_dict())
-    child_unet(*inputs(2)[0], **inputs(2)[1])
+    build_as_the_child(tmp_path, compiler, unet, max_batch=8)
     with caplog.at_level(logging.WARNING, logger="inference.aot"):
         assert parent.adopt() == [(8, 8)]
     assert any("up to 5" in r.getMessage() for r in caplog.records)
@@ -185,9 +187,7 @@ def test_no_package_is_adopted_while_lora_layers_are_in_the_unet(tmp_path):
     compiler = StandInCompiler()
     unet, parent = routed(tmp_path, build=compiler.build, load=compiler.load, background=True)
     unet(*inputs(2)[0], **inputs(2)[1])
-    child_unet, _ = routed(tmp_path, build=compiler.build, load=compiler.load)
-    child_unet.load_state_dict(unet.state_dict())
-    child_unet(*inputs(2)[0], **inputs(2)[1])
+    build_as_the_child(tmp_path, compiler, unet)
     unet._hf_peft_config_loaded = True  # what peft sets while adapters are loaded
     loaded = len(compiler.loaded)
     assert parent.adopt(final=True) == []
