@@ -347,7 +347,16 @@ async def test_a_build_that_ends_while_lora_layers_are_in_is_adopted_after_them(
 
     monkeypatch.setattr(inference.engine, "AOT_POLL_S", 0.05)
     child_compiler = StandInCompiler()
+    finals: list[list[str]] = []  # what each final adoption (after the build) adopted
+    adopt = aot.AotWatch.adopt
 
+    def counted(self: aot.AotWatch, *, final: bool = True) -> list[str]:
+        adopted = adopt(self, final=final)
+        if final:
+            finals.append(adopted)
+        return adopted
+
+    monkeypatch.setattr(aot.AotWatch, "adopt", counted)
     metrics = Metrics()
     engine: Engine | None = None
 
@@ -365,8 +374,9 @@ async def test_a_build_that_ends_while_lora_layers_are_in_is_adopted_after_them(
     await engine.start()
     try:
         await asyncio.wait_for(returned.wait(), 120)
-        for _ in range(5):  # the final adoption and a few polls after it, with the layers in
-            await asyncio.sleep(0.05)
+        await _wait_for(lambda: len(finals) >= 3,
+                        "the final adoption and two polls after it, with the layers in")
+        assert finals[:3] == [[], [], []], "a package was adopted onto LoRA-wrapped weights"
         assert metrics.registry.get_sample_value("imagegate_aot_pending_packages") == 1, \
             "the size was given up (or adopted) while LoRA layers were in"
         assert not engine._background.done(), "the engine stopped waiting for the layers to go"
