@@ -36,8 +36,9 @@ How:
 - **Built in the background by default** (``--aot-build background``): a cold start does not
   wait the minutes a package takes (255 s for the full-size UNet on an H200, §4.12). Warm-up
   records the sizes without a package (:meth:`AotRouter.pending`) and runs them eagerly; the
-  engine has a child process build them (inference.aot_background) and, when it is done, has
-  the executor adopt them between batches. ``foreground`` builds in warm-up, before ready.
+  engine has a child process build them (inference.aot_background) and has the executor adopt
+  each between batches as soon as it is complete. ``foreground`` builds in warm-up, before
+  ready.
 """
 
 from __future__ import annotations
