@@ -223,9 +223,10 @@ class AotRouter:
     The same router serves the VAE decoder under ``--compile-scope full``
     (:func:`decoder_router`): ``name`` prefixes its package files, ``min_batch`` to
     ``max_batch`` is the batch range it routes, ``static`` exports that one batch size without
-    a dynamic dimension, and ``count_outside`` says whether calls outside the range count as
-    eager misses (a UNet batch of one does; a decoder batch of several, which is left eager on
-    purpose, does not).
+    a dynamic dimension, ``split`` runs a larger batch as pieces of ``max_batch`` on the
+    package of its size (when there is one; else eagerly, whole), and ``count_outside`` says
+    whether calls outside the range count as eager misses (a UNet batch of one does; a decoder
+    batch waiting for its package does not).
     """
 
     def __init__(self, module: Any, folder: Path, *, max_batch: int,
@@ -233,11 +234,12 @@ class AotRouter:
                  build: Builder | None = None, load: Loader | None = None,
                  background: bool = False, layout: Callable[[], None] | None = None,
                  name: str = "unet", min_batch: int = MIN_BATCH, static: bool = False,
-                 count_outside: bool = True) -> None:
+                 split: bool = False, count_outside: bool = True) -> None:
         self.module = module
         self.name = name
         self.min_batch = min_batch
         self.static = static
+        self.split = split
         self.count_outside = count_outside
         # Leave missing packages to a background build (pending) instead of building them.
         self.background = background
@@ -281,6 +283,10 @@ class AotRouter:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         """A UNet call: on this size's package when it covers the call, else on the eager UNet."""
         batch = _batch_of(args)
+        if self.split and batch is not None and batch > self.max_batch:
+            pieces = self._in_pieces(args, kwargs)
+            if pieces is not None:
+                return pieces
         waiting = False
         routed = batch is not None and self.min_batch <= batch <= self.max_batch
         if routed and not _has_adapters(self.module):
@@ -309,6 +315,41 @@ class AotRouter:
         if self._serving and not waiting and (routed or self.count_outside):
             self._misses += 1
         return self.module._call_impl(*args, **kwargs)
+
+    def _in_pieces(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A batch above the package's size, as pieces of it on the package; None: run it whole.
+
+        Only the first input is split (the decoder's latents; any other tensor input means a
+        call this was not written for), and only when the package of its size serves: each
+        piece then goes through :meth:`__call__`, with every check and fallback a call of the
+        package's own size gets. Why: on an H200 the one-image package decoded an image in
+        38 ms, against about 74 ms an image for the eager decoder at batches of 2-8
+        (docs/benchmarks.md §4.14's histograms), and one image at a time needs a fraction of a
+        batch's activation memory.
+        """
+        import torch
+
+        first = args[0] if args else None
+        if not isinstance(first, torch.Tensor) or _has_adapters(self.module):
+            return None
+        size = (int(first.shape[-2]), int(first.shape[-1]))
+        if size not in self._packages:
+            return None
+        rest, _ = _flatten(args[1:], kwargs)
+        if any(isinstance(value, torch.Tensor) for value in rest):
+            return None
+        outputs = []
+        for piece in first.split(self.max_batch):
+            if piece.data_ptr() % ALIGNMENT:
+                piece = piece.clone()
+            outputs.append(self(piece, *args[1:], **kwargs))
+        if not all(isinstance(out, torch.Tensor) for out in outputs):
+            # Not the module this was written for: its batches run whole from now on.
+            logger.warning("the %s returned %s, not a tensor: its batches run eagerly, whole",
+                           self.name, type(outputs[0]).__name__)
+            self.split = False
+            return None
+        return torch.cat(outputs)
 
     # -- background builds --------------------------------------------------------------------
 
@@ -584,12 +625,13 @@ def decoder_router(decoder: Any, folder: Path, **kwargs: Any) -> AotRouter:
     """The VAE decoder's router: one static package per size for a batch of one.
 
     One image's decode is what a lone request waits for after its last step (50-100 ms eager
-    on an H200, docs/benchmarks.md §4.12); batches of several stay eager, where the decode is a
-    few percent of the batch and a batch-dynamic decoder graph at 1024² needs 64-bit indexing
-    at batch 8 (§4.7).
+    on an H200, docs/benchmarks.md §4.12). A batch of several is decoded one image at a time
+    on that package once it serves (38 ms an image, against about 74 ms eager in batches,
+    §4.14), and eagerly, whole, until then; one static graph rather than a batch-dynamic one,
+    which at 1024² needs 64-bit indexing at batch 8 (§4.7).
     """
     return AotRouter(decoder, folder, max_batch=1, min_batch=1, static=True, name="decoder",
-                   count_outside=False, **kwargs)
+                     split=True, count_outside=False, **kwargs)
 
 
 def run_once(action: Callable[[], None]) -> Callable[[], None]:

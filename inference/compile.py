@@ -200,7 +200,7 @@ def prepare_for_compile(pipe: Any, options: CompileOptions) -> None:
             logger.warning("could not fuse QKV projections: %s", exc)
     if options.channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
-        # aot compiles the decoder for one image only; its batches run eagerly, as loaded.
+        # aot's decoder keeps its layout as loaded: its package was measured so (§4.14).
         if options.scope == "full" and options.method == "jit":
             # Only the compiled decoder was measured with it; an eager one keeps its layout.
             pipe.vae.to(memory_format=torch.channels_last)

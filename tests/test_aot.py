@@ -311,7 +311,7 @@ class StandInDecoder(torch.nn.Module):
                                                scale_factor=2.0)
 
 
-def test_the_decoder_router_takes_one_image_and_leaves_batches_eager_uncounted(tmp_path):
+def test_the_decoder_router_takes_one_image_and_a_batch_one_image_at_a_time(tmp_path):
     from inference.aot import decoder_router
 
     compiler = StandInCompiler()
@@ -323,12 +323,44 @@ def test_the_decoder_router_takes_one_image_and_leaves_batches_eager_uncounted(t
     assert [p.name.split(".")[0] for p in compiler.built] == ["decoder-8x8"]
     assert '"static": true' in (tmp_path / "decoder-8x8.pt2").read_text()
     calls = compiler.package_calls
+    three = torch.randn(3, 4, 8, 8)
     with router.serving():
         torch.testing.assert_close(decoder(one), decoder._call_impl(one))
-        decoder(torch.randn(3, 4, 8, 8))  # a batch: eager by design, not a miss
+        # A batch: each image on the one-image package, in order, as the eager batch would be.
+        torch.testing.assert_close(decoder(three), decoder._call_impl(three))
         decoder(torch.randn(1, 4, 4, 4))  # one image at an unwarmed size: a miss
-    assert compiler.package_calls == calls + 1
+        decoder(torch.randn(2, 4, 4, 4))  # a batch there: eager, whole, not a miss
+    assert compiler.package_calls == calls + 1 + 3
     assert router.misses() == 1
+    assert len(compiler.built) == 1
+
+
+def test_a_decoder_batch_waiting_for_its_background_package_runs_whole_and_uncounted(tmp_path):
+    from inference.aot import decoder_router
+
+    compiler = StandInCompiler()
+    decoder = StandInDecoder().eval().requires_grad_(False)
+    router = decoder_router(decoder, tmp_path, build=compiler.build, load=compiler.load,
+                            background=True)
+    decoder._compiled_call_impl = router
+    decoder(torch.randn(1, 4, 8, 8))  # warm-up: no package yet, left to the build
+    assert router.pending() == [(8, 8)]
+    batch = torch.randn(4, 4, 8, 8)
+    with router.serving():
+        torch.testing.assert_close(decoder(batch), decoder._call_impl(batch))
+    assert compiler.package_calls == 0 and router.misses() == 0
+    # The child's foreground router over the same weights builds the package; once adopted,
+    # a batch goes image by image.
+    child = StandInDecoder().eval().requires_grad_(False)
+    child.load_state_dict(decoder.state_dict())
+    child._compiled_call_impl = decoder_router(child, tmp_path, build=compiler.build,
+                                               load=compiler.load)
+    child(torch.randn(1, 4, 8, 8))
+    assert router.adopt() == [(8, 8)]
+    calls = compiler.package_calls
+    with router.serving():
+        torch.testing.assert_close(decoder(batch), decoder._call_impl(batch))
+    assert compiler.package_calls == calls + 4 and router.misses() == 0
 
 
 def test_a_real_static_package_serves_one_image_and_matches_the_eager_module(tmp_path):
@@ -345,7 +377,8 @@ def test_a_real_static_package_serves_one_image_and_matches_the_eager_module(tmp
             other = torch.randn(1, 4, 8, 8)
             torch.testing.assert_close(decoder(other), decoder._call_impl(other))
             assert router.misses() == 0
-            decoder(torch.randn(2, 4, 8, 8))
+            two = torch.randn(2, 4, 8, 8)  # one image at a time on the one-image package
+            torch.testing.assert_close(decoder(two), decoder._call_impl(two))
         assert router.misses() == 0 and router.count() == 1
 
 
