@@ -357,6 +357,10 @@ class AotRouter:
         """Latent sizes (height, width) that warm-up left to a background build."""
         return sorted(self._pending)
 
+    def failed(self) -> list[tuple[int, int]]:
+        """Latent sizes whose package could not be built, loaded or run: they run eagerly."""
+        return sorted(self._failed)
+
     def adopt(self, *, final: bool = True) -> list[tuple[int, int]]:
         """Load the packages a background build made for the pending sizes; the sizes adopted.
 
@@ -615,6 +619,10 @@ class AotWatch:
     def pending(self) -> list[str]:
         """The packages warm-up left to a background build, as ``name HxW``."""
         return [f"{r.name} {h}x{w}" for r in self.routers for h, w in r.pending()]
+
+    def failed(self) -> list[str]:
+        """The packages that could not be built, loaded or run, as ``name HxW``."""
+        return [f"{r.name} {h}x{w}" for r in self.routers for h, w in r.failed()]
 
     def adopt(self, *, final: bool = True) -> list[str]:
         """Adopt what the build made, router by router (see :meth:`AotRouter.adopt`)."""

@@ -62,10 +62,11 @@ Builder = Callable[["EngineConfig", Path], Awaitable[bool]]
 async def build_in_child(config: EngineConfig, folder: Path) -> bool:
     """Run the headless engine in a child process until its warm-up has built the packages.
 
-    Returns True when the child exits cleanly. Cancelling this stops the child and its compile
-    workers (their own process group), so a draining server leaves no build behind; what it
-    leaves is a temporary package file (and, from a server killed outright, its settings
-    file), which :func:`inference.aot.remove_stale_temporaries` clears later.
+    Returns True when the child exits cleanly, having built every package (status 1: it could
+    not build one; its log says which and why). Cancelling this stops the child and its
+    compile workers (their own process group), so a draining server leaves no build behind;
+    what it leaves is a temporary package file (and, from a server killed outright, its
+    settings file), which :func:`inference.aot.remove_stale_temporaries` clears later.
     """
     folder.mkdir(parents=True, exist_ok=True)
     # Replicas sharing the folder may all be pid 1 in their containers.
@@ -161,10 +162,11 @@ def _exit_with(parent: int) -> None:
     threading.Thread(target=watch, name="imagegate-parent-watch", daemon=True).start()
 
 
-async def warm_up_headless(config: EngineConfig, runner_factory: Any = None) -> None:
+async def warm_up_headless(config: EngineConfig, runner_factory: Any = None) -> list[str]:
     """What the child runs: the engine's start (load, warm-up: the foreground builds), then stop.
 
-    ``runner_factory`` replaces the model loader (tests); the child uses the engine's own.
+    Returns the packages (``name HxW``) it could not build. ``runner_factory`` replaces the
+    model loader (tests); the child uses the engine's own.
     """
     from inference.engine import Engine
     from observability.metrics import Metrics
@@ -179,6 +181,7 @@ async def warm_up_headless(config: EngineConfig, runner_factory: Any = None) -> 
               else Engine(config, Metrics(), runner_factory=runner_factory))
     try:
         await engine.start()
+        return engine.failed_packages()
     finally:
         await engine.drain(timeout=30.0)
 
@@ -199,7 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     config = decode_config(spec.read_bytes(), EngineConfig)
     started = time.perf_counter()
     with _build_lock(spec.parent):
-        asyncio.run(warm_up_headless(config))
+        failed = asyncio.run(warm_up_headless(config))
+    if failed:
+        # A status the server logs, pointing at this log and the traceback above.
+        logger.error("background AOT build failed in %.1fs: no package for %s",
+                     time.perf_counter() - started, ", ".join(failed))
+        return 1
     logger.info("background AOT build done in %.1fs", time.perf_counter() - started)
     return 0
 

@@ -568,6 +568,11 @@ class Engine:
         """True when requests are accepted."""
         return self.state is EngineState.READY
 
+    def failed_packages(self) -> list[str]:
+        """AOT packages (``name HxW``) this process could not build or load; they run eagerly."""
+        failed = getattr(self._executor.watch if self._executor else None, "failed", None)
+        return failed() if callable(failed) else []
+
     def has_room(self, images: int) -> bool:
         """True unless the queue is too full for ``images`` more (admission for async APIs)."""
         return self._scheduler.has_room(images) if self._scheduler else True

@@ -498,6 +498,18 @@ async def test_a_failed_build_leaves_the_server_serving_eagerly(tmp_path, compil
                                              {"reason": "background"}) == 0
 
 
+async def test_the_headless_engine_names_the_packages_it_could_not_build(tmp_path, compile_env):
+    # What the child's exit status comes from: 1 when this list is not empty.
+    built = StandInCompiler()
+    config = _aot_config(tmp_path, aot_build="background")
+    assert await warm_up_headless(config, runner_factory=_factory_with(built)) == []
+    assert len(built.built) == 1
+    config = _aot_config(tmp_path / "other", aot_build="background")
+    failing = StandInCompiler(fail_build=True)
+    assert await warm_up_headless(config, runner_factory=_factory_with(failing)) == [
+        "unet 8x8"]
+
+
 # -- the real child process (compile off: its plumbing, not a compile) -------------------------
 
 
