@@ -3,8 +3,10 @@
 PNG through Pillow costs 150-200 ms for a 1024² image even at zlib level 1, a quarter of a
 compiled SDXL step loop on a fast GPU. When the ``fpng`` package is installed (a default
 dependency), 8-bit RGB PNGs are written by fpng instead: about 5 ms for 1024², lossless, valid
-PNG, slightly larger files. JPEG (libjpeg-turbo) and WebP stay with Pillow. Both release the GIL,
-so pool threads encode in parallel.
+PNG, slightly larger files. JPEG (libjpeg-turbo) and WebP stay with Pillow, which releases the
+GIL, so pool threads encode those in parallel. fpng (0.1.0) and base64 hold it: a batch's PNGs
+are written one after another, about 22 ms each with base64 on an H200's host, so the last of
+a batch of eight waits about 0.18 s (docs/benchmarks.md §4.15).
 """
 
 from __future__ import annotations
