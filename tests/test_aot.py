@@ -363,7 +363,7 @@ def test_a_decoder_batch_waiting_for_its_background_package_runs_whole_and_uncou
     assert compiler.package_calls == calls + 4 and router.misses() == 0
 
 
-def test_a_real_static_package_serves_one_image_and_matches_the_eager_module(tmp_path):
+def test_a_real_static_package_serves_one_image_and_matches_the_eager_module(tmp_path, caplog):
     from inference.aot import decoder_router
 
     decoder = StandInDecoder().eval().requires_grad_(False)
@@ -371,8 +371,11 @@ def test_a_real_static_package_serves_one_image_and_matches_the_eager_module(tmp
     decoder._compiled_call_impl = router
     with torch.inference_mode():
         one = torch.randn(1, 4, 8, 8)
-        decoder(one)  # warm-up: exported and compiled for exactly this shape
+        with caplog.at_level(logging.INFO, logger="inference.aot"):
+            decoder(one)  # warm-up: exported and compiled for exactly this shape
         assert router.count() == 1
+        assert any(r.getMessage().startswith("the decoder exported in") for r in caplog.records), \
+            "the build's parts were not logged"
         with router.serving():
             other = torch.randn(1, 4, 8, 8)
             torch.testing.assert_close(decoder(other), decoder._call_impl(other))
