@@ -3,7 +3,7 @@
 #
 # Here, with an index:      sh bench/gpu_device.sh wheels
 #   downloads into .gpu/whl (git-ignored) the wheels such a machine lacks: ../shared/gpu/wheels.txt
-#   (or $WHEELS_TXT) plus fpng, torchao and redis, for CPython 3.12 on x86-64.
+#   (or $WHEELS_TXT) plus fpng, pybase64, torchao and redis, for CPython 3.12 on x86-64.
 # There, with .gpu carried: sh bench/gpu_device.sh run python3 -m bench.gpu_e2e ...
 #   installs them into /tmp/site (no index, no dependencies) and runs the command with this
 #   checkout and /tmp/site on PYTHONPATH; results go where the command writes them ($OUT).
@@ -23,7 +23,7 @@ case "${1:-}" in
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
       --platform manylinux2014_x86_64 -d "$here/.gpu/whl" \
-      $(grep -v '^#' "$list") fpng torchao==0.18.0 lazy_loader redis
+      $(grep -v '^#' "$list") fpng pybase64 torchao==0.18.0 lazy_loader redis
     ls "$here/.gpu/whl" | wc -l | xargs echo "wheels in .gpu/whl:"
     ;;
   run)

@@ -32,7 +32,6 @@ How a new async dialect plugs in:
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
 import uuid
@@ -49,6 +48,7 @@ from gateway.fetch import AllowList, FetchPolicy, FetchRefused, resolve_checked
 from gateway.task_store_async import AsyncTaskStore
 from gateway.webhooks import WebhookSender
 from inference import EngineState, GenerationRequest
+from inference.encoder import b64_string
 from inference.errors import InvalidRequest
 from inference.tasks import COMPLETED, FINISHED, QUEUED, Job, StoredImage
 
@@ -281,7 +281,7 @@ class TaskService:
 
     async def data_uris(self, job: Job) -> list[str]:
         """A completed job's images as ``data:`` URIs (empty for any other state)."""
-        return [f"data:{img.media_type};base64," + base64.b64encode(data).decode("ascii")
+        return [f"data:{img.media_type};base64," + b64_string(data)
                 for img, data in await self.images(job)]
 
     async def media_urls(self, job: Job, request: Request | str) -> list[str]:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from inference.encoder import MEDIA_TYPES, encode_image
+from inference.encoder import MEDIA_TYPES, b64_string, encode_image
 from inference.request import GeneratedImage, OutputFormat
 
 SDXL_LATENT_RGB_FACTORS: tuple[tuple[float, float, float], ...] = (
@@ -60,10 +60,8 @@ def encode_preview(
     png_level: int = 1,
 ) -> GeneratedImage:
     """Upscale and encode one preview as a :class:`GeneratedImage` (worker thread, not executor)."""
-    import base64
-
     data = encode_image(upscale(small, width, height), fmt, compression=compression,
                         png_level=png_level)
-    b64 = base64.b64encode(data).decode("ascii") if want_base64 else None
+    b64 = b64_string(data) if want_base64 else None
     return GeneratedImage(data=data, media_type=MEDIA_TYPES[fmt], seed=seed, width=width,
                           height=height, b64=b64)

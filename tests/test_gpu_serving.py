@@ -6,6 +6,7 @@ guard/recompile machinery the UNet goes through."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import logging
 import time
@@ -605,10 +606,21 @@ def test_fast_png_is_lossless_and_valid():
     decoded = Image.open(io.BytesIO(image.data))
     assert decoded.format == "PNG" and decoded.size == (80, 48)
     assert np.array_equal(np.asarray(decoded.convert("RGB")), array)
-    assert image.b64 and image.seed == 7 and seconds >= 0
+    assert image.b64 == base64.b64encode(image.data).decode("ascii")
+    assert image.seed == 7 and seconds >= 0
     [(jpeg, _)] = pool.submit_many([(array, "jpeg", 80, 7, False)]).result(30)
     assert Image.open(io.BytesIO(jpeg.data)).format == "JPEG"
     pool.shutdown()
+
+
+def test_base64_is_the_standard_librarys_whichever_writes_it(monkeypatch):
+    from inference import encoder
+
+    data = np.random.default_rng(1).integers(0, 256, 3 * 1024 + 2, dtype=np.uint8).tobytes()
+    expected = base64.b64encode(data).decode("ascii")
+    assert encoder.b64_string(data) == expected
+    monkeypatch.setattr(encoder, "_b64_string", None)  # pybase64 not installed
+    assert encoder.b64_string(data) == expected
 
 
 # -- bounds the engine enforces for every dialect --------------------------------------------

@@ -33,6 +33,7 @@ from gateway.errors import ApiError, Failure, invalid
 from gateway.fetch import load_image
 from gateway.wire import decode_json, json_response, retry_headers
 from inference import GenerationRequest, GenerationResult, InitImage, Refine
+from inference.encoder import b64_string
 from inference.errors import UnknownSampler
 from inference.images import to_luma
 
@@ -655,7 +656,7 @@ class A1111Dialect(Dialect):
         preview = getattr(snap, "preview", None)
         current = None
         if preview and not skip_current_image:
-            current = base64.b64encode(preview).decode("ascii")
+            current = b64_string(preview)
         state = ProgressState(
             interrupted=stopped == "interrupted", skipped=stopped == "skipped",
             job="generate" if active else "", job_count=queued + (1 if active else 0),
