@@ -281,7 +281,7 @@ class AotRouter:
     # -- calls ------------------------------------------------------------------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """A UNet call: on this size's package when it covers the call, else on the eager UNet."""
+        """A call: on its size's package when that covers it, else on the eager module."""
         batch = _batch_of(args)
         if self.split and batch is not None and batch > self.max_batch:
             pieces = self._in_pieces(args, kwargs)
@@ -320,11 +320,12 @@ class AotRouter:
         """A batch above the package's size, as pieces of it on the package; None: run it whole.
 
         Only the first input is split (the decoder's latents; any other tensor input means a
-        call this was not written for), and only when the package of its size serves: each
-        piece then goes through :meth:`__call__`, with every check and fallback a call of the
-        package's own size gets. Why: on an H200 the one-image package decoded an image in
-        38 ms, against about 74 ms an image for the eager decoder at batches of 2-8
-        (docs/benchmarks.md §4.14's histograms), and one image at a time needs a fraction of a
+        call this was not written for), and only when the package of its size serves and
+        would take the pieces: each then goes through :meth:`__call__`, with every check and
+        fallback a call of the package's own size gets. A package that fails part-way leaves
+        the rest of the batch to one eager call. Why: on an H200 the one-image package decoded
+        an image in 38 ms, against about 74 ms an image for the eager decoder at batches of
+        mostly eight (docs/benchmarks.md §4.15), and one image at a time needs a fraction of a
         batch's activation memory.
         """
         import torch
@@ -333,16 +334,25 @@ class AotRouter:
         if not isinstance(first, torch.Tensor) or _has_adapters(self.module):
             return None
         size = (int(first.shape[-2]), int(first.shape[-1]))
-        if size not in self._packages:
+        package = self._packages.get(size)
+        if package is None or not _anchored(self.module, package.anchor):
             return None
-        rest, _ = _flatten(args[1:], kwargs)
-        if any(isinstance(value, torch.Tensor) for value in rest):
-            return None
+        pieces = [p if p.data_ptr() % ALIGNMENT == 0 else p.clone()
+                  for p in first.split(self.max_batch)]
+        leaves, spec = _flatten((pieces[0], *args[1:]), kwargs)
+        if not package.matches(leaves, spec, pieces[0].shape[0]) \
+                or any(isinstance(value, torch.Tensor) for value in leaves[1:]):
+            return None  # another layout, dtype or input: the eager decoder, whole
         outputs = []
-        for piece in first.split(self.max_batch):
-            if piece.data_ptr() % ALIGNMENT:
-                piece = piece.clone()
+        done = 0
+        for piece in pieces:
+            if size not in self._packages:  # dropped by a failure part-way
+                if self._serving:
+                    self._misses += 1
+                outputs.append(self.module._call_impl(first[done:], *args[1:], **kwargs))
+                break
             outputs.append(self(piece, *args[1:], **kwargs))
+            done += piece.shape[0]
         if not all(isinstance(out, torch.Tensor) for out in outputs):
             # Not the module this was written for: its batches run whole from now on.
             logger.warning("the %s returned %s, not a tensor: its batches run eagerly, whole",
@@ -640,8 +650,11 @@ def decoder_router(decoder: Any, folder: Path, **kwargs: Any) -> AotRouter:
     One image's decode is what a lone request waits for after its last step (50-100 ms eager
     on an H200, docs/benchmarks.md §4.12). A batch of several is decoded one image at a time
     on that package once it serves (38 ms an image, against about 74 ms eager in batches,
-    §4.14), and eagerly, whole, until then; one static graph rather than a batch-dynamic one,
-    which at 1024² needs 64-bit indexing at batch 8 (§4.7).
+    §4.15), and eagerly, whole, until then; one static graph rather than a batch-dynamic one,
+    which at 1024² needs 64-bit indexing at batch 8 (§4.7). So on a warm start warm-up's
+    largest batch decodes on the package too: a whole eager decode at that batch (after a
+    package is dropped) is first met on a request, where the executor's out-of-memory halving
+    covers it.
     """
     return AotRouter(decoder, folder, max_batch=1, min_batch=1, static=True, name="decoder",
                      split=True, count_outside=False, **kwargs)

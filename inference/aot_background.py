@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         failed = asyncio.run(warm_up_headless(config))
     if failed:
         # A status the server logs, pointing at this log and the traceback above.
-        logger.error("background AOT build failed in %.1fs: no package for %s",
+        logger.error("background AOT build failed in %.1fs: could not build or run %s",
                      time.perf_counter() - started, ", ".join(failed))
         return 1
     logger.info("background AOT build done in %.1fs", time.perf_counter() - started)

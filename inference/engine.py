@@ -569,7 +569,7 @@ class Engine:
         return self.state is EngineState.READY
 
     def failed_packages(self) -> list[str]:
-        """AOT packages (``name HxW``) this process could not build or load; they run eagerly."""
+        """AOT packages (``name HxW``) this process could not build, load or run; eager instead."""
         failed = getattr(self._executor.watch if self._executor else None, "failed", None)
         return failed() if callable(failed) else []
 

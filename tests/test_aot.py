@@ -335,6 +335,41 @@ def test_the_decoder_router_takes_one_image_and_a_batch_one_image_at_a_time(tmp_
     assert len(compiler.built) == 1
 
 
+def _decoder_with_package(tmp_path, compiler):
+    from inference.aot import decoder_router
+
+    decoder = StandInDecoder().eval().requires_grad_(False)
+    router = decoder_router(decoder, tmp_path, build=compiler.build, load=compiler.load)
+    decoder._compiled_call_impl = router
+    decoder(torch.randn(1, 4, 8, 8))  # warm-up builds the one-image package
+    return decoder, router
+
+
+def test_a_decoder_batch_the_package_would_not_take_runs_whole_and_uncounted(tmp_path):
+    compiler = StandInCompiler()
+    decoder, router = _decoder_with_package(tmp_path, compiler)
+    calls = compiler.package_calls
+    batch = torch.randn(4, 4, 8, 8).to(memory_format=torch.channels_last)
+    with router.serving():
+        torch.testing.assert_close(decoder(batch), decoder._call_impl(batch))
+    assert compiler.package_calls == calls and router.misses() == 0
+
+
+def test_a_decoder_package_failing_part_way_leaves_the_rest_of_the_batch_to_one_eager_call(
+        tmp_path, caplog):
+    compiler = StandInCompiler()
+    decoder, router = _decoder_with_package(tmp_path, compiler)
+    calls = compiler.package_calls
+    compiler.fail_run = RuntimeError("an illegal memory access")
+    batch = torch.randn(4, 4, 8, 8)
+    with router.serving(), caplog.at_level(logging.ERROR, logger="inference.aot"):
+        torch.testing.assert_close(decoder(batch), decoder._call_impl(batch))
+    # The first image tried the package and ran eagerly; the other three went in one call.
+    assert compiler.package_calls == calls + 1 and router.misses() == 2
+    assert router.failed() == [(8, 8)]
+    assert any("failed a call" in r.getMessage() for r in caplog.records)
+
+
 def test_a_decoder_batch_waiting_for_its_background_package_runs_whole_and_uncounted(tmp_path):
     from inference.aot import decoder_router
 
@@ -380,8 +415,12 @@ def test_a_real_static_package_serves_one_image_and_matches_the_eager_module(tmp
             other = torch.randn(1, 4, 8, 8)
             torch.testing.assert_close(decoder(other), decoder._call_impl(other))
             assert router.misses() == 0
+            package = router._packages[(8, 8)]
+            run, runs = package.run, []
+            package.run = lambda *a, **k: runs.append(a[0].shape[0]) or run(*a, **k)
             two = torch.randn(2, 4, 8, 8)  # one image at a time on the one-image package
             torch.testing.assert_close(decoder(two), decoder._call_impl(two))
+            assert runs == [1, 1], "the batch did not go through the package image by image"
         assert router.misses() == 0 and router.count() == 1
 
 
