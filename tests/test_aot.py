@@ -290,7 +290,11 @@ def test_a_package_whose_module_got_new_weight_tensors_is_dropped(tmp_path, capl
     compiler = StandInCompiler()
     unet, router = routed(tmp_path, build=compiler.build, load=compiler.load)
     unet(*inputs(2)[0], **inputs(2)[1])  # warm-up
+    # The old tensors kept alive, so that no new one can be allocated at a freed one's address.
+    old = [t.data for t in unet.state_dict(keep_vars=True).values()]
     unet.to(torch.float64).to(torch.float32)  # the same values in new tensors
+    assert all(o.data_ptr() != n.data_ptr()
+               for o, n in zip(old, unet.state_dict(keep_vars=True).values(), strict=True))
     calls = compiler.package_calls
     with caplog.at_level(logging.ERROR, logger="inference.aot"), router.serving():
         args, kwargs = inputs(2)
