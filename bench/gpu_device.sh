@@ -83,8 +83,9 @@ case "${1:-}" in
       # The default recipe since then (aot, the UNet and one image's decoder, built in the
       # background; §4.13): ready after an eager warm-up, three requests served eagerly while
       # the child builds, the time until its packages serve, then the served figures on them
-      # and the warm start (loads the packages). du: the same without the decoder's package.
-      d) phases=served,warm serve='--compile-method auto' more='--sizes 1024 --live-limit 560' ;;
+      # and the warm start (loads the packages), then the bare pipeline on those packages
+      # (barec: bare and served side by side). du: the same without the decoder's package.
+      d) phases=served,warm,barec serve='--compile-method auto' more='--sizes 1024 --live-limit 560' ;;
       du) phases=served,warm serve='--compile-method aot --compile-scope unet'
           more='--sizes 1024 --live-limit 560' ;;
       # The default recipe with cuDNN attention (+6.7% eager at batch 8, §4.7): the packages

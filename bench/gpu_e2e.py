@@ -16,6 +16,7 @@ lines to $OUT/results.jsonl as they go, so a run cut short still reports what it
             24 requests at concurrency 8; request-path compiles read from /metrics
   warm      the same server restarted on the warm compile cache: ready time
   barec     the bare pipeline compiled the same way, in this process: batch 1 and batch 8
+            (under aot on copies of the served phases' packages, when there are any)
   fp8       `--quantize fp8`: ready, one request, 24 at concurrency 8, and PSNR / mean absolute
             pixel difference against the bf16 server's images on fixed seeds
 
@@ -276,6 +277,27 @@ def _stop_servers_on_exit() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
+def seed_packages(cache: Path, folder: Path) -> list[str]:
+    """Copy the served phases' newest AOT packages into ``folder``; the names copied.
+
+    So the bare pipeline runs on the very packages the server served (bare and served side by
+    side on the default recipe) instead of building its own for minutes. Each package carries
+    the signature of the calls it was exported for: one that does not fit the bare pipeline's
+    calls is built again, in ``folder`` only.
+    """
+    import shutil
+
+    from inference.aot import packages_in
+
+    found = [d for d in (cache / "compile").glob("*/aot") if packages_in(d)]
+    if not found:
+        return []
+    newest = max(found, key=lambda d: max(p.stat().st_mtime for p in packages_in(d)))
+    for package in packages_in(newest):
+        shutil.copy2(package, folder / package.name)
+    return [p.name for p in packages_in(folder)]
+
+
 def main():
     _stop_servers_on_exit()
     ap = argparse.ArgumentParser()
@@ -430,15 +452,18 @@ def main():
         CompileCache(cache / "bare-compile").activate()
         prepare_for_compile(pipe, options)
         aot_folder = None
+        seeded: list[str] = []
         if options.method == "aot":
             # A folder of its own: AOT packages are named by size only, not by recipe or model.
             cache.mkdir(parents=True, exist_ok=True)
             aot_folder = Path(tempfile.mkdtemp(prefix="bare-aot-", dir=cache))
+            seeded = seed_packages(cache, aot_folder)
         apply_compile(pipe, options, max_batch=16, aot_folder=aot_folder)
         t = time.perf_counter()
         for b in (1, 8):
             bare_time(pipe, b, 2, size)
-        emit(phase="barec", compile_and_warm_s=round(time.perf_counter() - t, 1))
+        emit(phase="barec", compile_and_warm_s=round(time.perf_counter() - t, 1),
+             seeded_packages=seeded)
         b1 = min(bare_time(pipe, 1, steps, size) for _ in range(3))
         b8 = bare_time(pipe, 8, steps, size)
         emit(phase="barec", mode=f"compiled ({scope}, {shapes} shapes, {method})", b1_s=round(b1, 3), b8_s=round(b8, 3),
