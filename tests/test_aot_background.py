@@ -250,6 +250,11 @@ async def _wait_for(condition: Any, what: str, deadline_s: float = 120.0) -> Non
         await asyncio.sleep(0.05)
 
 
+async def _serves_one_image(engine: Engine) -> None:
+    result = await engine.generate(GenerationRequest(prompt="x", width=64, height=64, steps=2))
+    assert len(result.images) == 1, "the engine did not serve a plain request"
+
+
 @pytest.fixture
 def compile_env(monkeypatch):
     # The compile cache points inductor and Triton at its folder through the environment.
@@ -468,9 +473,7 @@ async def test_a_build_past_its_deadline_is_stopped_and_the_server_serves_on(
             assert stopped.is_set(), "the child was left running past its deadline"
             assert not engine._background.cancelled(), "the deadline cancelled the engine's task"
             assert metrics.registry.get_sample_value("imagegate_aot_pending_packages") == 0
-            result = await engine.generate(GenerationRequest(prompt="x", width=64, height=64,
-                                                             steps=2))
-            assert len(result.images) == 1
+            await _serves_one_image(engine)
         finally:
             await engine.drain(10)
     assert any("--aot-build-timeout-s" in r.getMessage() for r in caplog.records)
@@ -488,9 +491,7 @@ async def test_a_failed_build_leaves_the_server_serving_eagerly(tmp_path, compil
         try:
             await _wait_for(lambda: metrics.registry.get_sample_value(
                 "imagegate_aot_pending_packages") == 0, "the failed build to be reported")
-            result = await engine.generate(GenerationRequest(prompt="x", width=64, height=64,
-                                                             steps=2))
-            assert len(result.images) == 1
+            await _serves_one_image(engine)
         finally:
             await engine.drain(10)
     assert any("background AOT build failed" in r.getMessage() for r in caplog.records)
