@@ -319,14 +319,14 @@ class AotRouter:
     def _in_pieces(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A batch above the package's size, as pieces of it on the package; None: run it whole.
 
-        Only the first input is split (the decoder's latents; any other tensor input means a
-        call this was not written for), and only when the package of its size serves and
-        would take the pieces: each then goes through :meth:`__call__`, with every check and
-        fallback a call of the package's own size gets. A package that fails part-way leaves
-        the rest of the batch to one eager call. Why: on an H200 the one-image package decoded
-        an image in 38 ms, against about 74 ms an image for the eager decoder at batches of
-        mostly eight (docs/benchmarks.md §4.15), and one image at a time needs a fraction of a
-        batch's activation memory.
+        Only the first input is split (the decoder's latents), and only when the package of
+        its size serves and would take the pieces (the first piece with the call's other
+        inputs matches the package's example): each then goes through :meth:`__call__`, with
+        every check and fallback a call of the package's own size gets. A package that fails
+        part-way leaves the rest of the batch to one eager call. Why: on an H200 the one-image
+        package decoded an image in 38 ms, against about 74 ms an image for the eager decoder
+        at batches of mostly eight (docs/benchmarks.md §4.15), and one image at a time needs a
+        fraction of a batch's activation memory.
         """
         import torch
 
@@ -340,8 +340,7 @@ class AotRouter:
         pieces = [p if p.data_ptr() % ALIGNMENT == 0 else p.clone()
                   for p in first.split(self.max_batch)]
         leaves, spec = _flatten((pieces[0], *args[1:]), kwargs)
-        if not package.matches(leaves, spec, pieces[0].shape[0]) \
-                or any(isinstance(value, torch.Tensor) for value in leaves[1:]):
+        if not package.matches(leaves, spec, pieces[0].shape[0]):
             return None  # another layout, dtype or input: the eager decoder, whole
         outputs = []
         done = 0
